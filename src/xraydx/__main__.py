@@ -1,0 +1,3 @@
+from xraydx.cli import main
+
+raise SystemExit(main())

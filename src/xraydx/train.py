@@ -1,0 +1,547 @@
+"""The training loop: AdamW + warmup/cosine, class balancing, validation every epoch, best-by-macro-F1,
+early stopping, resume from the last epoch, and DDP under ``torchrun`` (gloo on CPU, NCCL on GPU).
+
+Only rank 0 writes files. Each epoch's data order, augmentation and dropout are seeded from
+(seed, epoch), so a resumed run repeats exactly what an uninterrupted one would have done.
+"""
+
+from __future__ import annotations
+
+import csv
+import io as _io
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from xraydx import __version__
+from xraydx.cache import load_many
+from xraydx.config import Config, ConfigError, validate
+from xraydx.data import CLASSES, Manifest, Record, discover
+from xraydx.evaluate import compute_metrics, fit_temperature, format_metrics
+from xraydx.fsutil import atomic_write_json, atomic_write_text
+from xraydx.models import count_parameters, create_model, normalization_for, save_checkpoint
+from xraydx.predict import batch_logits, resolve_device
+from xraydx.transforms import AugmentSpec, BatchAugment, Preprocessing
+
+LOG_COLUMNS = [
+    "epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "val_macro_f1",
+    "val_balanced_acc", "val_macro_auc", "seconds", "best",
+]  # fmt: skip
+
+
+class TrainError(RuntimeError):
+    pass
+
+
+# ---- distributed ---------------------------------------------------------------------------------
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def active(self) -> bool:
+        return self.world > 1
+
+
+def init_distributed(device_name: str) -> tuple[Dist, torch.device]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Dist(), resolve_device(device_name)
+    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = torch.cuda.is_available() and device_name in ("auto", "cuda") or device_name.startswith("cuda")
+    if use_cuda:
+        torch.cuda.set_device(local)
+        device = torch.device("cuda", local)
+    else:
+        device = torch.device("cpu")
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    return Dist(rank, world, local), device
+
+
+def gather_concat(x: torch.Tensor, d: Dist) -> torch.Tensor:
+    """Concatenate a CPU tensor across ranks (rank order)."""
+    if not d.active:
+        return x
+    parts: list[Any] = [None] * d.world
+    dist.all_gather_object(parts, x.cpu())
+    return torch.cat(parts)
+
+
+def broadcast_obj(obj: Any, d: Dist) -> Any:
+    if not d.active:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+# ---- data ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class SplitData:
+    records: list[Record]
+    images: np.ndarray  # uint8 (N, S, S)
+    labels: np.ndarray  # int64 (N,)
+
+
+def load_split(
+    records: list[Record], spec: Preprocessing, cache_dir: Path, name: str, progress: bool
+) -> tuple[SplitData, list[tuple[Record, str]]]:
+    masks = [r.mask for r in records] if spec.lung_mask != "none" else None
+    if masks is not None and any(m is None for m in masks):
+        missing = sum(m is None for m in masks)
+        raise TrainError(
+            f"lung_mask={spec.lung_mask}: {missing} of {len(records)} {name} images have no lung mask in the"
+            " dataset (use a dataset with masks, or lung_mask=none)"
+        )
+    arr, failures = load_many(
+        [r.path for r in records], spec, cache_dir=cache_dir, masks=masks, progress=progress, desc=f"load {name}"
+    )
+    bad = {i for i, _ in failures}
+    keep = [i for i in range(len(records)) if i not in bad]
+    recs = [records[i] for i in keep]
+    images = arr[keep] if bad else arr
+    labels = np.array([CLASSES.index(r.label) for r in recs], dtype=np.int64)
+    return SplitData(recs, images, labels), [(records[i], reason) for i, reason in failures]
+
+
+# ---- checkpoint metadata -------------------------------------------------------------------------
+
+
+def data_summary(manifest: Manifest) -> dict[str, Any]:
+    sources: dict[str, int] = {}
+    for r in manifest.records:
+        if r.source:
+            sources[r.source] = sources.get(r.source, 0) + 1
+    return {
+        "root": str(manifest.root),
+        "layout": manifest.layout,
+        "counts": manifest.counts(),
+        "sources": sources,
+        "notes": list(manifest.notes),
+    }
+
+
+def build_meta(cfg: Config, spec: Preprocessing, manifest: Manifest, extra: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "tool": "xraydx",
+        "tool_version": __version__,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "classes": list(CLASSES),
+        "architecture": {
+            "name": cfg.model.name,
+            "in_chans": cfg.model.in_chans,
+            "pretrained": cfg.model.pretrained,
+        },
+        "input_size": [cfg.model.in_chans, spec.size, spec.size],
+        "preprocessing": spec.to_dict(),
+        "training_data": data_summary(manifest),
+        "config": cfg.to_dict(),
+        **extra,
+    }
+
+
+# ---- optimiser state (for resume) as safetensors + JSON ------------------------------------------
+
+
+def save_train_state(path: Path, opt: torch.optim.Optimizer, sched: Any, info: dict[str, Any]) -> None:
+    from safetensors.torch import save_file
+
+    from xraydx.fsutil import atomic_write_with
+
+    sd = opt.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for idx, st in sd["state"].items():
+        for k, v in st.items():
+            if torch.is_tensor(v):
+                tensors[f"opt.{idx}.{k}"] = v.detach().cpu().contiguous()
+            else:
+                scalars.setdefault(str(idx), {})[k] = v
+    doc = {
+        "param_groups": sd["param_groups"],
+        "scalars": scalars,
+        "scheduler": sched.state_dict(),
+        "info": info,
+    }
+    if not tensors:
+        tensors["_empty"] = torch.zeros(1)
+    atomic_write_with(path, lambda tmp: save_file(tensors, str(tmp), metadata={"state": json.dumps(doc)}))
+
+
+def load_train_state(path: Path, opt: torch.optim.Optimizer, sched: Any) -> dict[str, Any]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as fh:
+        doc = json.loads(fh.metadata()["state"])
+        state: dict[int, dict[str, Any]] = {}
+        for key in fh.keys():  # noqa: SIM118 (safe_open is not a dict)
+            if key == "_empty":
+                continue
+            _, idx, name = key.split(".", 2)
+            state.setdefault(int(idx), {})[name] = fh.get_tensor(key)
+    for idx, sc in doc["scalars"].items():
+        state.setdefault(int(idx), {}).update(sc)
+    opt.load_state_dict({"state": state, "param_groups": doc["param_groups"]})
+    sched.load_state_dict(doc["scheduler"])
+    return doc["info"]
+
+
+# ---- the run -------------------------------------------------------------------------------------
+
+
+def new_run_dir(cfg: Config) -> Path:
+    name = cfg.name or f"{cfg.model.name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    run = Path(cfg.runs_dir) / name
+    if run.exists() and any(run.iterdir()):
+        raise TrainError(f"{run}: run folder already exists; use --resume to continue it or choose another --name")
+    return run
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    decay, no_decay = [], []
+    for _, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim <= 1 else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def lr_lambda(total_steps: int, warmup_steps: int) -> Any:
+    def f(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / max(1, warmup_steps)
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return f
+
+
+def epoch_order(n: int, labels: np.ndarray, cfg: Config, epoch: int, d: Dist) -> np.ndarray:
+    """This rank's sample indices for an epoch: a seeded permutation (or balanced draw), sharded by rank."""
+    g = torch.Generator().manual_seed(cfg.train.seed * 100_003 + epoch)
+    if cfg.train.balance == "sampler":
+        counts = np.bincount(labels, minlength=len(CLASSES)).astype(np.float64)
+        w = torch.as_tensor(1.0 / counts[labels])
+        order = torch.multinomial(w, n, replacement=True, generator=g).numpy()
+    else:
+        order = torch.randperm(n, generator=g).numpy()
+    if d.active:
+        per = math.ceil(n / d.world)
+        order = np.resize(order, per * d.world)  # pad by wrapping so every rank has the same count
+        order = order[d.rank :: d.world]
+    return order
+
+
+def run_training(cfg: Config | None, *, resume: Path | None = None, progress: bool = True) -> Path:
+    if resume is not None:
+        resume = Path(resume)
+        if not (resume / "config.yaml").is_file():
+            raise TrainError(f"{resume}: not a run folder (no config.yaml)")
+        cfg = Config.load(resume / "config.yaml")
+    if cfg is None:
+        raise TrainError("no config given")
+    validate(cfg)
+    d, device = init_distributed(cfg.train.device)
+    try:
+        return _run(cfg, d, device, resume, progress and d.main)
+    finally:
+        if d.active and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _run(cfg: Config, d: Dist, device: torch.device, resume: Path | None, progress: bool) -> Path:
+    threads = cfg.train.threads or (os.cpu_count() or 1)
+    if device.type == "cpu":
+        torch.set_num_threads(max(1, threads // d.world))
+    torch.manual_seed(cfg.train.seed)
+    torch.use_deterministic_algorithms(device.type == "cpu", warn_only=True)
+
+    run = resume if resume is not None else broadcast_obj(str(new_run_dir(cfg)) if d.main else None, d)
+    run = Path(run)
+    ckdir = run / "checkpoints"
+    if d.main:
+        ckdir.mkdir(parents=True, exist_ok=True)
+        if resume is None:
+            cfg.save(run / "config.yaml")
+
+    def log(msg: str) -> None:
+        if d.main:
+            tqdm.write(msg) if progress else print(msg, flush=True)
+            with open(run / "train.log", "a", encoding="utf-8") as fh:
+                fh.write(f"{datetime.now().isoformat(timespec='seconds')} {msg}\n")
+
+    manifest = discover(
+        cfg.data.path, val_fraction=cfg.data.val_fraction, test_fraction=cfg.data.test_fraction,
+        seed=cfg.data.split_seed,
+    )  # fmt: skip
+    if d.main:
+        manifest.to_csv(run / "manifest.csv")
+        for note in manifest.notes:
+            log(f"data: {note}")
+    mean, std = normalization_for(cfg.model.name, cfg.model.pretrained)
+    spec = Preprocessing(size=cfg.data.image_size, lung_mask=cfg.data.lung_mask, mean=mean, std=std)
+    cache_dir = Path(cfg.data.cache_dir) if cfg.data.cache_dir else Path(cfg.runs_dir) / ".cache"
+
+    splits: dict[str, SplitData] = {}
+    skipped: list[tuple[Record, str]] = []
+    for name in ("train", "val", "test"):
+        recs = manifest.split(name)
+        if not recs:
+            continue
+        splits[name], bad = load_split(recs, spec, cache_dir, name, progress)
+        skipped += bad
+    for rec, reason in skipped:
+        log(f"skipped unreadable {rec.path}: {reason}")
+    if d.main and skipped:
+        buf = _io.StringIO()
+        w = csv.writer(buf)
+        w.writerow(["path", "split", "reason"])
+        w.writerows([[str(r.path), r.split, reason] for r, reason in skipped])
+        atomic_write_text(run / "skipped.csv", buf.getvalue())
+    for name in ("train", "val"):
+        if name not in splits or len(splits[name].labels) == 0:
+            raise TrainError(f"{cfg.data.path}: no readable {name} images")
+    tr, va = splits["train"], splits["val"]
+    missing = [c for i, c in enumerate(CLASSES) if not (tr.labels == i).any()]
+    if missing:
+        raise TrainError(f"{cfg.data.path}: the train split has no images of class {', '.join(missing)}")
+
+    model = create_model(
+        cfg.model.name, len(CLASSES), in_chans=cfg.model.in_chans, pretrained=cfg.model.pretrained,
+        drop_rate=cfg.model.drop_rate,
+    ).to(device)  # fmt: skip
+    if device.type == "cuda" and cfg.train.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    log(
+        f"model {cfg.model.name} ({count_parameters(model) / 1e6:.2f} M params, pretrained={cfg.model.pretrained})"
+        f" on {device}{f' x{d.world} ranks' if d.active else ''}; train {len(tr.labels)}, val {len(va.labels)},"
+        f" test {len(splits['test'].labels) if 'test' in splits else 0} images at {spec.size} px"
+    )
+    train_model: nn.Module = model
+    if d.active:
+        train_model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
+    if cfg.train.compile:
+        train_model = torch.compile(train_model)  # type: ignore[assignment]
+
+    counts = np.bincount(tr.labels, minlength=len(CLASSES)).astype(np.float64)
+    weight = None
+    if cfg.train.balance == "loss":
+        weight = torch.tensor(counts.sum() / (len(CLASSES) * counts), dtype=torch.float32, device=device)
+    bs = cfg.train.batch_size
+    steps_per_epoch = math.ceil(math.ceil(len(tr.labels) / d.world) / bs)
+    total = steps_per_epoch * cfg.train.epochs
+    opt = torch.optim.AdamW(param_groups(model, cfg.train.weight_decay), lr=cfg.train.lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lr_lambda(total, int(cfg.train.warmup_epochs * steps_per_epoch))
+    )
+    aug_spec = AugmentSpec.preset(cfg.train.augment)
+    augment = BatchAugment(aug_spec) if aug_spec else None
+
+    start_epoch, best_f1, best_epoch, bad_epochs = 1, -1.0, 0, 0
+    rows: list[dict[str, Any]] = []
+    if resume is not None and (ckdir / "last.state.safetensors").is_file():
+        from safetensors.torch import load_file
+
+        model.load_state_dict(load_file(str(ckdir / "last.safetensors"), device=str(device)))
+        info = load_train_state(ckdir / "last.state.safetensors", opt, sched)
+        start_epoch = int(info["epoch"]) + 1
+        best_f1, best_epoch, bad_epochs = float(info["best_f1"]), int(info["best_epoch"]), int(info["bad_epochs"])
+        rows = list(info["rows"])
+        log(f"resumed {run} after epoch {info['epoch']} (best val macro-F1 {best_f1:.4f} at epoch {best_epoch})")
+        if info.get("stopped"):
+            start_epoch = cfg.train.epochs + 1
+
+    use_amp = device.type == "cuda" and cfg.train.amp
+    epochs_bar = tqdm(
+        range(start_epoch, cfg.train.epochs + 1), desc="epochs", disable=not progress, unit="ep",
+        initial=start_epoch - 1, total=cfg.train.epochs,
+    )  # fmt: skip
+    stopped = False
+    for epoch in epochs_bar:
+        t0 = time.perf_counter()
+        torch.manual_seed(cfg.train.seed * 1_000 + epoch)
+        gen = torch.Generator().manual_seed(cfg.train.seed * 7_919 + epoch)
+        order = epoch_order(len(tr.labels), tr.labels, cfg, epoch, d)
+        train_model.train()
+        loss_sum, correct, seen = 0.0, 0, 0
+        batches = tqdm(range(0, len(order), bs), desc=f"epoch {epoch}", leave=False, disable=not progress, unit="b")
+        for i in batches:
+            idx = np.sort(order[i : i + bs])
+            xb = torch.from_numpy(tr.images[idx]).unsqueeze(1).to(device, non_blocking=True)
+            yb = torch.from_numpy(tr.labels[idx]).to(device, non_blocking=True)
+            x = augment(xb, gen) if augment else xb.float().div_(255.0)
+            x = (x - spec.mean) / spec.std
+            if device.type == "cuda" and cfg.train.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+                logits = train_model(x)
+                loss = F.cross_entropy(logits.float(), yb, weight=weight, label_smoothing=cfg.train.label_smoothing)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            loss_sum += float(loss.detach()) * len(idx)
+            correct += int((logits.argmax(1) == yb).sum())
+            seen += len(idx)
+            batches.set_postfix(loss=f"{loss_sum / seen:.3f}")
+        stats = torch.tensor([loss_sum, correct, seen], dtype=torch.float64)
+        if d.active:
+            dist.all_reduce(stats)
+        val_logits = eval_logits(model, va.images, spec, device, d)
+        vm = compute_metrics(va.labels, torch.softmax(val_logits, 1).numpy(), CLASSES)
+        val_loss = float(F.cross_entropy(val_logits, torch.from_numpy(va.labels)))
+        improved = vm["macro_f1"] > best_f1 + 1e-6
+        if improved:
+            best_f1, best_epoch, bad_epochs = vm["macro_f1"], epoch, 0
+        else:
+            bad_epochs += 1
+        row = {
+            "epoch": epoch,
+            "lr": f"{sched.get_last_lr()[0]:.3e}",
+            "train_loss": round(float(stats[0] / stats[2]), 5),
+            "train_acc": round(float(stats[1] / stats[2]), 5),
+            "val_loss": round(val_loss, 5),
+            "val_acc": round(vm["accuracy"], 5),
+            "val_macro_f1": round(vm["macro_f1"], 5),
+            "val_balanced_acc": round(vm["balanced_accuracy"] or 0.0, 5),
+            "val_macro_auc": round(vm["macro_roc_auc"] or 0.0, 5),
+            "seconds": round(time.perf_counter() - t0, 2),
+            "best": int(improved),
+        }
+        rows.append(row)
+        stopped = bad_epochs >= cfg.train.patience and epoch < cfg.train.epochs
+        if d.main:
+            meta = build_meta(cfg, spec, manifest, {"epoch": epoch, "val_metrics": vm})
+            if improved:
+                save_checkpoint(ckdir / "best.safetensors", model, meta)
+            save_checkpoint(ckdir / "last.safetensors", model, meta)
+            info = {"epoch": epoch, "best_f1": best_f1, "best_epoch": best_epoch, "bad_epochs": bad_epochs,
+                    "rows": rows, "stopped": stopped}  # fmt: skip
+            save_train_state(ckdir / "last.state.safetensors", opt, sched, info)
+            write_log(run / "log.csv", rows)
+        log(
+            f"epoch {epoch}/{cfg.train.epochs}: train loss {row['train_loss']:.4f} acc {row['train_acc']:.3f} | "
+            f"val loss {row['val_loss']:.4f} acc {row['val_acc']:.3f} macro-F1 {row['val_macro_f1']:.3f}"
+            f"{' (best)' if improved else ''} | {row['seconds']:.1f}s"
+        )
+        if stopped:
+            log(f"early stopping: no better val macro-F1 for {cfg.train.patience} epochs (best {best_f1:.4f} at {best_epoch})")
+            break
+    epochs_bar.close()
+    if d.active:
+        dist.barrier()
+    if d.main:
+        finish_run(run, cfg, spec, manifest, splits, device, log, best_epoch)
+    if d.active:
+        dist.barrier()
+    return run
+
+
+def eval_logits(model: nn.Module, images: np.ndarray, spec: Preprocessing, device: torch.device, d: Dist) -> torch.Tensor:
+    """Validation logits for all images, computed in shards across ranks and gathered in order."""
+    if not d.active:
+        return batch_logits(model, images, spec, device)
+    idx = np.arange(d.rank, len(images), d.world)
+    part = batch_logits(model, images[idx], spec, device)
+    parts: list[Any] = [None] * d.world
+    dist.all_gather_object(parts, (idx, part))
+    out = torch.zeros((len(images), parts[0][1].shape[1]))
+    for ix, lg in parts:
+        if len(ix):
+            out[torch.as_tensor(ix)] = lg
+    return out
+
+
+def write_log(path: Path, rows: list[dict[str, Any]]) -> None:
+    buf = _io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=LOG_COLUMNS)
+    w.writeheader()
+    w.writerows(rows)
+    atomic_write_text(path, buf.getvalue())
+
+
+def finish_run(
+    run: Path,
+    cfg: Config,
+    spec: Preprocessing,
+    manifest: Manifest,
+    splits: dict[str, SplitData],
+    device: torch.device,
+    log: Any,
+    best_epoch: int,
+) -> None:
+    """Calibrate the best checkpoint on val, evaluate it on test, write metrics.json and predictions.csv."""
+    from xraydx.models import load_checkpoint, read_metadata
+    from xraydx.predict import Prediction, write_predictions
+
+    best_path = run / "checkpoints" / "best.safetensors"
+    model, meta = load_checkpoint(best_path, device)
+    va = splits["val"]
+    val_logits = batch_logits(model, va.images, spec, device)
+    temperature = 1.0
+    if cfg.train.calibrate:
+        temperature = fit_temperature(val_logits, torch.from_numpy(va.labels))
+    val_before = compute_metrics(va.labels, torch.softmax(val_logits, 1).numpy(), CLASSES)
+    val_after = compute_metrics(va.labels, torch.softmax(val_logits / temperature, 1).numpy(), CLASSES)
+    meta = read_metadata(best_path)
+    meta["calibration"] = {
+        "method": "temperature" if cfg.train.calibrate else "none",
+        "temperature": temperature,
+        "fit_on": "val",
+        "val_nll_before": val_before["nll"],
+        "val_nll_after": val_after["nll"],
+        "val_ece_before": val_before["ece"],
+        "val_ece_after": val_after["ece"],
+    }
+    meta["val_metrics"] = val_after
+    results: dict[str, Any] = {"best_epoch": best_epoch, "val": val_after, "calibration": meta["calibration"]}
+    if "test" in splits and len(splits["test"].labels):
+        te = splits["test"]
+        probs = torch.softmax(batch_logits(model, te.images, spec, device) / temperature, 1).numpy()
+        tm = compute_metrics(te.labels, probs, CLASSES)
+        results["test"] = tm
+        meta["test_metrics"] = tm
+        preds = [
+            Prediction(str(r.path), [float(v) for v in p], "ok", {"label": r.label, "source": r.source})
+            for r, p in zip(te.records, probs, strict=True)
+        ]
+        write_predictions(preds, run / "predictions.csv", CLASSES, overwrite=True, extra_columns=("label", "source"))
+        log(format_metrics(tm, title=f"test split (best epoch {best_epoch}, temperature {temperature:.3f})"))
+    save_checkpoint(best_path, model, meta)
+    atomic_write_json(run / "metrics.json", results)
+    log(f"run folder: {run}")
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, str]:
+    out = {}
+    for p in pairs:
+        if "=" not in p:
+            raise ConfigError(f"--set expects key=value, got {p!r}")
+        k, v = p.split("=", 1)
+        out[k.strip()] = v.strip()
+    return out

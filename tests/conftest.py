@@ -1,0 +1,61 @@
+"""Shared fixtures: the bundled sample of real chest X-rays, and tiny configs for fast training."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLE = ROOT / "data" / "sample"
+TINY_MODEL = "test_resnet"  # timm's 0.37 M-parameter test network: fast, real architecture
+
+
+def sample_images(split: str = "train", label: str | None = None) -> list[Path]:
+    pattern = f"{split}/{label or '*'}/*.png"
+    found = sorted(SAMPLE.glob(pattern))
+    if not found:
+        raise RuntimeError(f"bundled sample missing: {SAMPLE}/{pattern}")
+    return found
+
+
+@pytest.fixture(scope="session")
+def sample_dir() -> Path:
+    assert SAMPLE.is_dir(), f"bundled sample missing at {SAMPLE}"
+    return SAMPLE
+
+
+def tiny_config(data: Path | str, runs: Path, **train: object) -> object:
+    from xraydx.config import Config
+
+    cfg = Config()
+    cfg.data.path = str(data)
+    cfg.data.image_size = 64
+    cfg.runs_dir = str(runs)
+    cfg.name = "tiny"
+    cfg.model.name = TINY_MODEL
+    cfg.model.pretrained = "none"
+    cfg.train.epochs = 2
+    cfg.train.batch_size = 16
+    cfg.train.threads = 2
+    cfg.train.lr = 3e-3
+    for k, v in train.items():
+        setattr(cfg.train, k, v)
+    return cfg
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory: pytest.TempPathFactory, sample_dir: Path) -> Path:
+    """One tiny training run on the real sample, shared by the tests that need a checkpoint."""
+    from xraydx.train import run_training
+
+    runs = tmp_path_factory.mktemp("runs")
+    return run_training(tiny_config(sample_dir, runs, epochs=3), progress=False)
+
+
+@pytest.fixture(scope="session")
+def checkpoint(trained_run: Path) -> Path:
+    return trained_run / "checkpoints" / "best.safetensors"

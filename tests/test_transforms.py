@@ -1,0 +1,77 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from xraydx.transforms import (
+    AugmentSpec,
+    BatchAugment,
+    Preprocessing,
+    apply_lung_mask,
+    mask_bbox,
+    normalize,
+    preprocess,
+)
+
+
+def _img(h: int = 300, w: int = 240) -> np.ndarray:
+    y, x = np.mgrid[0:h, 0:w]
+    return ((x + y) % 256).astype(np.uint8)
+
+
+def test_preprocess_resizes_to_a_square_uint8() -> None:
+    out = preprocess(_img(), Preprocessing(size=128))
+    assert out.shape == (128, 128) and out.dtype == np.uint8
+    with pytest.raises(ValueError, match="2-D uint8"):
+        preprocess(np.zeros((10, 10, 3), np.uint8), Preprocessing(size=64))
+    with pytest.raises(ValueError, match="needs a lung mask"):
+        preprocess(_img(), Preprocessing(size=64, lung_mask="mask"))
+
+
+def test_masks_line_up_across_sizes() -> None:
+    """A mask made at 64 px applied to a 256 px image blanks the same anatomical region."""
+    img = np.full((256, 256), 200, np.uint8)
+    small = np.zeros((64, 64), np.uint8)
+    small[16:48, 8:24] = 255  # a 'left lung' box at 1/4 scale
+    masked = apply_lung_mask(img, small, "mask")
+    assert masked[128, 64] == 200  # inside the box (scaled x4)
+    assert masked[10, 10] == 0 and masked[128, 200] == 0  # outside, beyond the dilation
+    cropped = apply_lung_mask(img, small, "crop")
+    box = mask_bbox(np.kron(small > 0, np.ones((4, 4), bool)))
+    assert box is not None
+    assert cropped.shape[0] == pytest.approx(box[1] - box[0], abs=2)
+    assert cropped.shape[1] == pytest.approx(box[3] - box[2], abs=2)
+
+
+def test_empty_mask_keeps_the_image() -> None:
+    img = _img(100, 100)
+    assert np.array_equal(apply_lung_mask(img, np.zeros((100, 100), np.uint8), "mask"), img)
+
+
+def test_normalize_and_augment_shapes_and_determinism() -> None:
+    batch = torch.from_numpy(np.stack([_img(64, 64)] * 4)).unsqueeze(1)
+    x = normalize(batch, 0.5, 0.25)
+    assert x.shape == (4, 1, 64, 64) and x.dtype == torch.float32
+    spec = AugmentSpec.preset("light")
+    assert spec is not None and AugmentSpec.preset("none") is None
+    aug = BatchAugment(spec)
+    a = aug(batch, torch.Generator().manual_seed(1))
+    b = aug(batch, torch.Generator().manual_seed(1))
+    c = aug(batch, torch.Generator().manual_seed(2))
+    assert a.shape == (4, 1, 64, 64) and float(a.min()) >= 0 and float(a.max()) <= 1
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    # samples in one batch get different transforms
+    assert not torch.equal(a[0], a[1])
+
+
+def test_augment_never_flips_left_right() -> None:
+    """A bright blob on the image's left stays on the left under the light preset."""
+    img = np.zeros((64, 64), np.uint8)
+    img[20:44, 4:20] = 255
+    batch = torch.from_numpy(np.stack([img] * 32)).unsqueeze(1)
+    spec = AugmentSpec.preset("light")
+    assert spec is not None
+    out = BatchAugment(spec)(batch, torch.Generator().manual_seed(0))[:, 0]
+    left, right = out[:, :, :32].sum(dim=(1, 2)), out[:, :, 32:].sum(dim=(1, 2))
+    assert bool((left > right).all())
