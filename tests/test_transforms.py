@@ -75,3 +75,16 @@ def test_augment_never_flips_left_right() -> None:
     out = BatchAugment(spec)(batch, torch.Generator().manual_seed(0))[:, 0]
     left, right = out[:, :, :32].sum(dim=(1, 2)), out[:, :, 32:].sum(dim=(1, 2))
     assert bool((left > right).all())
+
+
+def test_equalize_spreads_a_low_contrast_image_and_ignores_black_background() -> None:
+    rng = np.random.default_rng(0)
+    img = rng.integers(100, 120, size=(80, 80), dtype=np.uint8)
+    out = preprocess(img, Preprocessing(size=80, intensity="equalize"))
+    assert int(out.max()) - int(out.min()) > 200
+    masked = img.copy()
+    masked[:, :40] = 0
+    eq = preprocess(masked, Preprocessing(size=80, intensity="equalize"))
+    assert (eq[:, :40] == 0).all() and int(eq[:, 40:].max()) - int(eq[:, 40:].min()) > 200
+    with pytest.raises(ValueError, match="intensity"):
+        preprocess(img, Preprocessing(size=80, intensity="clahe"))

@@ -58,6 +58,8 @@ TRAIN_FLAGS = {
     "lr": ("train.lr", float, "peak learning rate"),
     "image_size": ("data.image_size", int, "input size in pixels"),
     "lung_mask": ("data.lung_mask", str, "none | crop | mask"),
+    "intensity": ("data.intensity", str, "none | equalize"),
+    "holdout_source": ("data.holdout_source", str, "evaluate on this source only, never train on it"),
     "augment": ("train.augment", str, "none | light | strong"),
     "seed": ("train.seed", int, "random seed"),
     "device": ("train.device", str, "auto | cpu | cuda | cuda:N"),
@@ -87,6 +89,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     else:
         run = run_training(build_config(args), progress=not args.quiet)
     print(f"run folder: {run}")
+    skipped = run / "skipped.csv"
+    if skipped.is_file():  # written by train when images could not be read (training went on without them)
+        import csv
+
+        with open(skipped, encoding="utf-8", errors="surrogateescape", newline="") as fh:
+            n = sum(1 for _ in csv.reader(fh)) - 1
+        print(f"xraydx: {n} unreadable image files were skipped; they are listed in {skipped}", file=sys.stderr)
+        return EXIT_PARTIAL
     return EXIT_OK
 
 
@@ -95,18 +105,20 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def evaluate_checkpoint(
     checkpoint: Path, data: str, split: str, out: Path, *, device: str = "auto", overwrite: bool = False,
-    progress: bool = True,
+    progress: bool = True, audit: bool = False,
 ) -> dict[str, Any]:  # fmt: skip
-    """Evaluate on one split of a dataset; write metrics.json and predictions.csv into ``out``."""
+    """Evaluate on one split of a dataset; write metrics.json, report.html and predictions.csv into ``out``."""
     import numpy as np
 
     from xraydx.cache import load_many
     from xraydx.data import CLASSES, discover
-    from xraydx.evaluate import compute_metrics
+    from xraydx.evaluate import softmax
     from xraydx.fsutil import atomic_write_json, refuse_overwrite
-    from xraydx.predict import Prediction, Predictor, write_predictions
+    from xraydx.predict import Prediction, Predictor, batch_logits, write_predictions
+    from xraydx.report import evaluate_and_report, write_html
 
     refuse_overwrite(out / "metrics.json", overwrite)
+    refuse_overwrite(out / "report.html", overwrite)
     pred = Predictor(checkpoint, device)
     dcfg = pred.meta.get("config", {}).get("data", {})
     manifest = discover(
@@ -118,27 +130,45 @@ def evaluate_checkpoint(
         raise UsageError(f"{data}: no images in split {split!r} (splits present: {sorted(manifest.counts())})")
     masks = [r.mask for r in recs] if pred.spec.lung_mask != "none" else None
     arr, failures = load_many(
-        [r.path for r in recs], pred.spec, cache_dir=None, masks=masks, progress=progress, desc=f"load {split}"
-    )
+        [r.path for r in recs], pred.spec, cache_dir=None, masks=masks, progress=progress, desc=f"load {split}",
+        mask_fn=pred.lung_mask if masks is not None else None,
+    )  # fmt: skip
     bad = {i for i, _ in failures}
     keep = [i for i in range(len(recs)) if i not in bad]
-    probs = pred.probs(arr[keep])
+    logits = batch_logits(pred.model, arr[keep], pred.spec, pred.device).numpy()
+    probs = softmax(logits, pred.temperature)
     labels = np.array([CLASSES.index(recs[i].label) for i in keep])
-    metrics = compute_metrics(labels, probs, pred.classes)
+    audit_result = None
+    if audit:
+        from xraydx.audit import run_audit
+
+        audit_result = run_audit(checkpoint, data, split, device=device, progress=progress)
+    metrics, html = evaluate_and_report(
+        model=pred.model, spec=pred.spec, images=arr[keep], labels=labels, logits=logits, classes=pred.classes,
+        temperature=pred.temperature, paths=[str(recs[i].path) for i in keep], sources=[recs[i].source for i in keep],
+        abstention=pred.abstention, title=f"xraydx evaluation: {Path(str(data)).name} [{split}]",
+        meta={"checkpoint": str(checkpoint), "data": str(data), "split": split}, audit=audit_result,
+    )  # fmt: skip
+    if audit_result is not None:
+        metrics["audit"] = {k: v for k, v in audit_result.items() if k != "examples"}
     metrics["split"] = split
     metrics["data"] = str(data)
     metrics["checkpoint"] = str(checkpoint)
     metrics["unreadable"] = [{"path": str(recs[i].path), "reason": r} for i, r in failures]
+
+    def info(i: int) -> dict[str, str]:
+        return {"label": recs[i].label, "source": recs[i].source}
+
     rows = [
-        Prediction(str(recs[i].path), [float(v) for v in p], "ok", {"label": recs[i].label, "source": recs[i].source})
+        Prediction(str(recs[i].path), [float(v) for v in p], "ok", {**info(i), "flag": pred.flag(p)})
         for i, p in zip(keep, probs, strict=True)
-    ] + [
-        Prediction(str(recs[i].path), None, f"error: {r}", {"label": recs[i].label, "source": recs[i].source})
-        for i, r in failures
-    ]
+    ] + [Prediction(str(recs[i].path), None, f"error: {r}", info(i)) for i, r in failures]
     out.mkdir(parents=True, exist_ok=True)
-    write_predictions(rows, out / "predictions.csv", pred.classes, overwrite=True, extra_columns=("label", "source"))
+    write_predictions(
+        rows, out / "predictions.csv", pred.classes, overwrite=True, extra_columns=("label", "source", "flag")
+    )
     atomic_write_json(out / "metrics.json", metrics)
+    write_html(out / "report.html", html, overwrite=True)
     return metrics
 
 
@@ -148,10 +178,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     ckpt = _checkpoint(args)
     out = Path(args.out) if args.out else _default_eval_dir(ckpt, args.split)
     m = evaluate_checkpoint(
-        ckpt, args.data, args.split, out, device=args.device, overwrite=args.overwrite, progress=not args.quiet
-    )
+        ckpt, args.data, args.split, out, device=args.device, overwrite=args.overwrite, progress=not args.quiet,
+        audit=args.audit,
+    )  # fmt: skip
     print(format_metrics(m, title=f"{args.data} [{args.split}] with {ckpt}"))
-    print(f"\nwrote {out / 'metrics.json'} and {out / 'predictions.csv'}")
+    if m.get("audit"):
+        print(f"\nshortcut audit: {m['audit']['verdict']['text']}")
+    print(f"\nwrote {out / 'metrics.json'}, {out / 'report.html'} and {out / 'predictions.csv'}")
     return EXIT_PARTIAL if m["unreadable"] else EXIT_OK
 
 
@@ -179,6 +212,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
     todo = [p for p in paths if str(p) not in skip]
     pred = Predictor(_checkpoint(args), args.device)
     stream = pred.predict_files(todo, batch_size=args.batch_size, progress=not args.quiet, total=len(todo))
+    if args.heatmaps:
+        from xraydx.explain import with_heatmaps
+
+        stream = with_heatmaps(pred, stream, Path(args.heatmaps), overwrite=args.overwrite or args.resume)
     missing_rows = [Prediction(str(p), None, f"error: {reason}") for p, reason in missing if str(p) not in skip]
 
     def all_rows() -> Any:
@@ -188,6 +225,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     counts = write_predictions(
         all_rows(), out, pred.classes, fmt=args.format, overwrite=args.overwrite, resume=args.resume,
         meta={"checkpoint": str(pred.checkpoint), "architecture": pred.meta["architecture"]},
+        extra_columns=("flag", "heatmap") if args.heatmaps else ("flag",),
     )  # fmt: skip
     done = f" ({len(skip)} already done)" if skip else ""
     print(f"wrote {out}: {counts['ok']} predicted, {counts['error']} unreadable{done}", file=sys.stderr)
@@ -271,6 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--out", help="output folder (default: <run>/eval-<split>-<time>)")
     ev.add_argument("--device", default="auto")
     ev.add_argument("--overwrite", action="store_true")
+    ev.add_argument("--audit", action="store_true", help="also run the shortcut audit (in report.html)")
     common(ev)
     ev.set_defaults(func=cmd_evaluate)
 
@@ -283,6 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--device", default="auto")
     pr.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     pr.add_argument("--resume", action="store_true", help="carry on a killed run: skip paths already in --out")
+    pr.add_argument("--heatmaps", metavar="DIR", help="also write a Grad-CAM overlay per image into DIR")
     common(pr)
     pr.set_defaults(func=cmd_predict)
 
@@ -292,7 +332,22 @@ def build_parser() -> argparse.ArgumentParser:
     de.add_argument("--epochs", type=int, default=8)
     common(de)
     de.set_defaults(func=cmd_demo)
+
+    # stages that own their sub-command: each module has add_cli(sub) -> None
+    import importlib
+
+    for name in STAGE_MODULES:
+        try:
+            mod = importlib.import_module(f"xraydx.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name != f"xraydx.{name}":
+                raise
+            continue
+        mod.add_cli(sub)
     return p
+
+
+STAGE_MODULES = ("export", "explain", "audit", "segment", "serve")
 
 
 def _sample_dir() -> Path:

@@ -22,7 +22,9 @@ class DataConfig:
     test_fraction: float = 0.15  # used only where the dataset has no test split
     split_seed: int = 0
     image_size: int = 224  # every image is resized to image_size x image_size (no letterbox borders)
-    lung_mask: str = "none"  # none | crop | mask (uses the dataset's lung masks where present)
+    lung_mask: str = "none"  # none | crop | mask (the dataset's lung masks, else the shipped segmenter)
+    intensity: str = "none"  # none | equalize (per-image histogram equalisation)
+    holdout_source: str = ""  # move this source's images to an 'external' split, evaluated at the end
     cache_dir: str = ""  # "" = <run folder's parent>/.cache ; decoded uint8 arrays live here
 
 
@@ -156,6 +158,7 @@ def _coerce(value: Any, typ: Any, key: str) -> Any:
 
 CHOICES: dict[str, tuple[str, ...]] = {
     "data.lung_mask": ("none", "crop", "mask"),
+    "data.intensity": ("none", "equalize"),
     "model.pretrained": ("offline", "timm", "none"),
     "train.balance": ("loss", "sampler", "none"),
     "train.augment": ("none", "light", "strong"),

@@ -97,6 +97,8 @@ __all__ = [
 
 CLASSES: tuple[str, ...] = ("covid", "non_covid", "normal")
 SPLITS: tuple[str, ...] = ("train", "val", "test")
+#: a split for a source never trained on (train --holdout-source, or a CSV split column)
+ALL_SPLITS: tuple[str, ...] = (*SPLITS, "external")
 LAYOUTS: tuple[str, ...] = ("covid-qu-ex", "radiography-db", "class-folders", "split-class-folders", "csv")
 
 #: Folder names / label values (normalised: lower case, runs of ``-``, ``_``, space → ``_``).
@@ -134,6 +136,7 @@ SPLIT_ALIASES: dict[str, str] = {
     "dev": "val",
     "test": "test",
     "testing": "test",
+    "external": "external",
 }
 
 #: Canonical CSV column -> accepted header names (normalised), in order of preference.
@@ -181,7 +184,7 @@ class Record:
 
 
 def _sort_key(r: Record) -> tuple[int, int, str]:
-    return (SPLITS.index(r.split), CLASSES.index(r.label), os.fspath(r.path))
+    return (ALL_SPLITS.index(r.split), CLASSES.index(r.label), os.fspath(r.path))
 
 
 @dataclass
@@ -193,14 +196,14 @@ class Manifest:
     notes: list[str] = field(default_factory=list)
 
     def split(self, name: str) -> list[Record]:
-        if name not in SPLITS:
-            raise ValueError(f"unknown split {name!r}; expected one of {', '.join(SPLITS)}")
+        if name not in ALL_SPLITS:
+            raise ValueError(f"unknown split {name!r}; expected one of {', '.join(ALL_SPLITS)}")
         return [r for r in self.records if r.split == name]
 
     def counts(self) -> dict[str, dict[str, int]]:
         out = {s: dict.fromkeys(CLASSES, 0) for s in SPLITS}
         for r in self.records:
-            out[r.split][r.label] += 1
+            out.setdefault(r.split, dict.fromkeys(CLASSES, 0))[r.label] += 1
         return out
 
     def to_csv(self, path: Path) -> None:

@@ -213,19 +213,21 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
 def _read_safetensors_header(p: Path) -> dict[str, Any]:
     try:
         with open(p, "rb") as fh:
-            head = fh.read(8)
-            if len(head) < 8:
+            head = fh.read(9)
+            if len(head) < 9:
                 raise CheckpointError(f"{p}: not a checkpoint (file too short)")
-            if head[:2] == b"\x80\x02" or head[:1] == b"\x80" or head[:2] == b"PK":
-                raise CheckpointError(
-                    f"{p}: refusing a pickle/zip file (torch.save format); xraydx only loads safetensors"
-                    " checkpoints, because unpickling can run arbitrary code"
-                )
-            (n,) = struct.unpack("<Q", head)
+            if head[8:9] != b"{":  # safetensors: 8-byte header length, then the JSON header
+                if (head[:1] == b"\x80" and 2 <= head[1] <= 5) or head[:4] == b"PK\x03\x04":
+                    raise CheckpointError(
+                        f"{p}: refusing a pickle/zip file (torch.save format); xraydx only loads safetensors"
+                        " checkpoints, because unpickling can run arbitrary code"
+                    )
+                raise CheckpointError(f"{p}: not a safetensors checkpoint")
+            (n,) = struct.unpack("<Q", head[:8])
             size = p.stat().st_size
             if n <= 1 or n > min(size - 8, 100 * 2**20):
                 raise CheckpointError(f"{p}: not a safetensors checkpoint (bad header length)")
-            blob = fh.read(n)
+            blob = b"{" + fh.read(n - 1)
     except FileNotFoundError as exc:
         raise CheckpointError(f"{p}: checkpoint not found") from exc
     except IsADirectoryError as exc:

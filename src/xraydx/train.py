@@ -26,13 +26,13 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from xraydx import __version__
-from xraydx.cache import load_many
+from xraydx.cache import available_cpus, iter_batches, load_many
 from xraydx.config import Config, ConfigError, validate
 from xraydx.data import CLASSES, Manifest, Record, discover
 from xraydx.evaluate import compute_metrics, fit_temperature, format_metrics
-from xraydx.fsutil import atomic_write_json, atomic_write_text
+from xraydx.fsutil import atomic_write_bytes, atomic_write_json, atomic_write_text
 from xraydx.models import count_parameters, create_model, normalization_for, save_checkpoint
-from xraydx.predict import batch_logits, resolve_device
+from xraydx.predict import batch_logits, printable_path, resolve_device
 from xraydx.transforms import AugmentSpec, BatchAugment, Preprocessing
 
 LOG_COLUMNS = [
@@ -116,13 +116,13 @@ def load_split(
             f"lung_mask={spec.lung_mask}: {missing} of {len(records)} {name} images have no lung mask in the"
             " dataset (use a dataset with masks, or lung_mask=none)"
         )
-    arr, failures = load_many(
-        [r.path for r in records], spec, cache_dir=cache_dir, masks=masks, progress=progress, desc=f"load {name}"
-    )
+    # compact=True: only the readable images, and no in-RAM copy when the cache returns a memmap
+    images, failures = load_many(
+        [r.path for r in records], spec, cache_dir=cache_dir, masks=masks, progress=progress, desc=f"load {name}",
+        compact=True,
+    )  # fmt: skip
     bad = {i for i, _ in failures}
-    keep = [i for i in range(len(records)) if i not in bad]
-    recs = [records[i] for i in keep]
-    images = arr[keep] if bad else arr
+    recs = [records[i] for i in range(len(records)) if i not in bad]
     labels = np.array([CLASSES.index(r.label) for r in recs], dtype=np.int64)
     return SplitData(recs, images, labels), [(records[i], reason) for i, reason in failures]
 
@@ -212,6 +212,19 @@ def load_train_state(path: Path, opt: torch.optim.Optimizer, sched: Any) -> dict
 # ---- the run -------------------------------------------------------------------------------------
 
 
+def hold_out_source(manifest: Manifest, source: str) -> Manifest:
+    """Move every image of one source (hospital / collection) to an 'external' split: a test of
+    generalisation to a source the model never saw, which a random split cannot give."""
+    import dataclasses
+
+    known = sorted({r.source for r in manifest.records if r.source})
+    if source not in known:
+        raise TrainError(f"holdout_source {source!r} not in the data; sources: {', '.join(known) or 'none recorded'}")
+    recs = [dataclasses.replace(r, split="external") if r.source == source else r for r in manifest.records]
+    note = f"held out source {source!r}: {sum(r.split == 'external' for r in recs)} images in split 'external'"
+    return dataclasses.replace(manifest, records=recs, notes=[*manifest.notes, note])
+
+
 def new_run_dir(cfg: Config) -> Path:
     name = cfg.name or f"{cfg.model.name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
     run = Path(cfg.runs_dir) / name
@@ -273,7 +286,7 @@ def run_training(cfg: Config | None, *, resume: Path | None = None, progress: bo
 
 
 def _run(cfg: Config, d: Dist, device: torch.device, resume: Path | None, progress: bool) -> Path:
-    threads = cfg.train.threads or (os.cpu_count() or 1)
+    threads = cfg.train.threads or available_cpus()
     if device.type == "cpu":
         torch.set_num_threads(max(1, threads // d.world))
     torch.manual_seed(cfg.train.seed)
@@ -289,6 +302,7 @@ def _run(cfg: Config, d: Dist, device: torch.device, resume: Path | None, progre
 
     def log(msg: str) -> None:
         if d.main:
+            msg = printable_path(msg)  # file names that are not UTF-8: \xNN, not a UnicodeEncodeError
             tqdm.write(msg) if progress else print(msg, flush=True)
             with open(run / "train.log", "a", encoding="utf-8") as fh:
                 fh.write(f"{datetime.now().isoformat(timespec='seconds')} {msg}\n")
@@ -297,21 +311,29 @@ def _run(cfg: Config, d: Dist, device: torch.device, resume: Path | None, progre
         cfg.data.path, val_fraction=cfg.data.val_fraction, test_fraction=cfg.data.test_fraction,
         seed=cfg.data.split_seed,
     )  # fmt: skip
+    if cfg.data.holdout_source:
+        manifest = hold_out_source(manifest, cfg.data.holdout_source)
     if d.main:
         manifest.to_csv(run / "manifest.csv")
         for note in manifest.notes:
             log(f"data: {note}")
     mean, std = normalization_for(cfg.model.name, cfg.model.pretrained)
-    spec = Preprocessing(size=cfg.data.image_size, lung_mask=cfg.data.lung_mask, mean=mean, std=std)
+    spec = Preprocessing(
+        size=cfg.data.image_size, lung_mask=cfg.data.lung_mask, mean=mean, std=std, intensity=cfg.data.intensity
+    )
     cache_dir = Path(cfg.data.cache_dir) if cfg.data.cache_dir else Path(cfg.runs_dir) / ".cache"
 
     splits: dict[str, SplitData] = {}
     skipped: list[tuple[Record, str]] = []
-    for name in ("train", "val", "test"):
+    for name in ("train", "val", "test", "external"):
         recs = manifest.split(name)
         if not recs:
             continue
+        if d.active and not d.main:
+            dist.barrier()  # wait for rank 0 to fill the cache; then every entry is a hit
         splits[name], bad = load_split(recs, spec, cache_dir, name, progress)
+        if d.active and d.main:
+            dist.barrier()
         skipped += bad
     for rec, reason in skipped:
         log(f"skipped unreadable {rec.path}: {reason}")
@@ -320,7 +342,7 @@ def _run(cfg: Config, d: Dist, device: torch.device, resume: Path | None, progre
         w = csv.writer(buf)
         w.writerow(["path", "split", "reason"])
         w.writerows([[str(r.path), r.split, reason] for r, reason in skipped])
-        atomic_write_text(run / "skipped.csv", buf.getvalue())
+        atomic_write_bytes(run / "skipped.csv", buf.getvalue().encode("utf-8", "surrogateescape"))
     for name in ("train", "val"):
         if name not in splits or len(splits[name].labels) == 0:
             raise TrainError(f"{cfg.data.path}: no readable {name} images")
@@ -389,11 +411,12 @@ def _run(cfg: Config, d: Dist, device: torch.device, resume: Path | None, progre
         order = epoch_order(len(tr.labels), tr.labels, cfg, epoch, d)
         train_model.train()
         loss_sum, correct, seen = 0.0, 0, 0
-        batches = tqdm(range(0, len(order), bs), desc=f"epoch {epoch}", leave=False, disable=not progress, unit="b")
-        for i in batches:
-            idx = np.sort(order[i : i + bs])
-            xb = torch.from_numpy(tr.images[idx]).unsqueeze(1).to(device, non_blocking=True)
-            yb = torch.from_numpy(tr.labels[idx]).to(device, non_blocking=True)
+        # one batch gathered ahead in a thread; pinned memory + non_blocking copies on CUDA
+        batches = tqdm(
+            iter_batches(tr.images, tr.labels, order, bs, device), total=math.ceil(len(order) / bs),
+            desc=f"epoch {epoch}", leave=False, disable=not progress, unit="b",
+        )  # fmt: skip
+        for xb, yb in batches:
             x = augment(xb, gen) if augment else xb.float().div_(255.0)
             x = (x - spec.mean) / spec.std
             if device.type == "cuda" and cfg.train.channels_last:
@@ -405,9 +428,9 @@ def _run(cfg: Config, d: Dist, device: torch.device, resume: Path | None, progre
             loss.backward()
             opt.step()
             sched.step()
-            loss_sum += float(loss.detach()) * len(idx)
+            loss_sum += float(loss.detach()) * len(yb)
             correct += int((logits.argmax(1) == yb).sum())
-            seen += len(idx)
+            seen += len(yb)
             batches.set_postfix(loss=f"{loss_sum / seen:.3f}")
         stats = torch.tensor([loss_sum, correct, seen], dtype=torch.float64)
         if d.active:
@@ -495,9 +518,12 @@ def finish_run(
     log: Any,
     best_epoch: int,
 ) -> None:
-    """Calibrate the best checkpoint on val, evaluate it on test, write metrics.json and predictions.csv."""
+    """Calibrate the best checkpoint on val, choose its abstention threshold on val, evaluate it on test,
+    write metrics.json, report.html and predictions.csv."""
+    from xraydx.evaluate import abstention_flags, choose_abstention
     from xraydx.models import load_checkpoint, read_metadata
-    from xraydx.predict import Prediction, write_predictions
+    from xraydx.predict import UNCERTAIN_FLAG, Prediction, write_predictions
+    from xraydx.report import evaluate_and_report, write_html
 
     best_path = run / "checkpoints" / "best.safetensors"
     model, meta = load_checkpoint(best_path, device)
@@ -519,19 +545,48 @@ def finish_run(
         "val_ece_after": val_after["ece"],
     }
     meta["val_metrics"] = val_after
-    results: dict[str, Any] = {"best_epoch": best_epoch, "val": val_after, "calibration": meta["calibration"]}
-    if "test" in splits and len(splits["test"].labels):
-        te = splits["test"]
-        probs = torch.softmax(batch_logits(model, te.images, spec, device) / temperature, 1).numpy()
-        tm = compute_metrics(te.labels, probs, CLASSES)
+    val_probs = torch.softmax(val_logits / temperature, 1).numpy()
+    meta["abstention"] = choose_abstention(va.labels, val_probs)
+    log(
+        f"abstention: flag 'uncertain' below top probability {meta['abstention']['threshold']:.3f} (on val: keeps "
+        f"{meta['abstention']['val_coverage']:.0%} at accuracy {meta['abstention']['val_accuracy_accepted']:.3f})"
+    )
+    results: dict[str, Any] = {"best_epoch": best_epoch, "val": val_after, "calibration": meta["calibration"],
+                               "abstention": meta["abstention"]}  # fmt: skip
+    # report.html describes the test split (or val, calibrated on itself, when there is no test split)
+    has_test = "test" in splits and len(splits["test"].labels) > 0
+    rep_name, rep = ("test", splits["test"]) if has_test else ("val", va)
+    rep_logits = (val_logits if rep_name == "val" else batch_logits(model, rep.images, spec, device)).numpy()
+    tm, html = evaluate_and_report(
+        model=model, spec=spec, images=rep.images, labels=rep.labels, logits=rep_logits, classes=CLASSES,
+        temperature=temperature, paths=[str(r.path) for r in rep.records], sources=[r.source for r in rep.records],
+        abstention=meta["abstention"], title=f"xraydx run {run.name}: {rep_name} split",
+        meta={"run": str(run), "data": cfg.data.path, "split": rep_name, "best epoch": best_epoch},
+    )  # fmt: skip
+    write_html(run / "report.html", html, overwrite=True)
+    if rep_name == "test":
+        probs = torch.softmax(torch.from_numpy(rep_logits) / temperature, 1).numpy()
         results["test"] = tm
-        meta["test_metrics"] = tm
+        meta["test_metrics"] = {k: v for k, v in tm.items() if k not in ("roc_curves", "coverage_curve")}
+        flags = abstention_flags(probs, meta["abstention"]["threshold"])
         preds = [
-            Prediction(str(r.path), [float(v) for v in p], "ok", {"label": r.label, "source": r.source})
-            for r, p in zip(te.records, probs, strict=True)
-        ]
-        write_predictions(preds, run / "predictions.csv", CLASSES, overwrite=True, extra_columns=("label", "source"))
+            Prediction(str(r.path), [float(v) for v in p], "ok",
+                       {"label": r.label, "source": r.source, "flag": UNCERTAIN_FLAG if f else ""})
+            for r, p, f in zip(rep.records, probs, flags, strict=True)
+        ]  # fmt: skip
+        write_predictions(
+            preds, run / "predictions.csv", CLASSES, overwrite=True, extra_columns=("label", "source", "flag")
+        )
         log(format_metrics(tm, title=f"test split (best epoch {best_epoch}, temperature {temperature:.3f})"))
+    else:
+        results["val_report"] = tm
+    if "external" in splits and len(splits["external"].labels):
+        ex = splits["external"]
+        probs = torch.softmax(batch_logits(model, ex.images, spec, device) / temperature, 1).numpy()
+        xm = compute_metrics(ex.labels, probs, CLASSES)
+        xm["source"] = cfg.data.holdout_source
+        results["external"] = meta["external_metrics"] = xm
+        log(format_metrics(xm, title=f"held-out source {cfg.data.holdout_source!r} (never seen in training)"))
     save_checkpoint(best_path, model, meta)
     atomic_write_json(run / "metrics.json", results)
     log(f"run folder: {run}")

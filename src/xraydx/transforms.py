@@ -18,9 +18,10 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageOps
 
 LUNG_MASK_MODES = ("none", "crop", "mask")
+INTENSITY_MODES = ("none", "equalize")
 CROP_MARGIN = 0.08  # of the lung box's size, each side
 MASK_DILATE = 0.02  # of the image size, so the pleura and costophrenic angles stay visible
 
@@ -32,17 +33,18 @@ class Preprocessing:
     mean: float = 0.449
     std: float = 0.226
     resize: str = "bilinear-antialias"
+    intensity: str = "none"  # none | equalize (per-image histogram equalisation, against source style)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Preprocessing:
-        known = {k: d[k] for k in ("size", "lung_mask", "mean", "std", "resize") if k in d}
+        known = {k: d[k] for k in ("size", "lung_mask", "mean", "std", "resize", "intensity") if k in d}
         return cls(**known)
 
     def cache_key(self) -> str:
-        return f"s{self.size}-{self.lung_mask}-{self.resize}"
+        return f"s{self.size}-{self.lung_mask}-{self.resize}-{self.intensity}"
 
 
 def resize_uint8(img: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
@@ -93,14 +95,29 @@ def apply_lung_mask(img: np.ndarray, mask: np.ndarray, mode: str) -> np.ndarray:
     return np.where(dil, img, 0).astype(np.uint8)
 
 
+def equalize(img: np.ndarray) -> np.ndarray:
+    """Per-image histogram equalisation; black (0) pixels, e.g. outside a lung mask, do not count."""
+    pil = Image.fromarray(img)
+    fg = img > 0
+    if fg.all() or not fg.any():
+        return np.asarray(ImageOps.equalize(pil), dtype=np.uint8)
+    out = np.asarray(ImageOps.equalize(pil, mask=Image.fromarray(fg.astype(np.uint8) * 255)), dtype=np.uint8)
+    return np.where(fg, out, 0).astype(np.uint8)
+
+
 def preprocess(img: np.ndarray, spec: Preprocessing, mask: np.ndarray | None = None) -> np.ndarray:
-    """The single preprocessing function: lung masking (if asked), then resize. Returns uint8 (S, S)."""
+    """The single preprocessing function: lung masking (if asked), intensity normalisation (if asked),
+    then resize. Returns uint8 (S, S)."""
     if img.ndim != 2 or img.dtype != np.uint8:
         raise ValueError(f"expected a 2-D uint8 image, got {img.dtype} {img.shape}")
     if spec.lung_mask != "none":
         if mask is None:
             raise ValueError(f"lung_mask={spec.lung_mask!r} needs a lung mask for every image")
         img = apply_lung_mask(img, mask, spec.lung_mask)
+    if spec.intensity == "equalize":
+        img = equalize(img)
+    elif spec.intensity != "none":
+        raise ValueError(f"intensity must be one of {INTENSITY_MODES}; got {spec.intensity!r}")
     return resize_uint8(img, spec.size)
 
 
