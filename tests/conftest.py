@@ -40,7 +40,7 @@ def tiny_config(data: Path | str, runs: Path, **train: object) -> object:
     cfg.model.pretrained = "none"
     cfg.train.epochs = 2
     cfg.train.batch_size = 16
-    cfg.train.threads = 2
+    cfg.train.threads = 1
     cfg.train.lr = 3e-3
     for k, v in train.items():
         setattr(cfg.train, k, v)

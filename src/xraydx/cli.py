@@ -95,7 +95,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
         with open(skipped, encoding="utf-8", errors="surrogateescape", newline="") as fh:
             n = sum(1 for _ in csv.reader(fh)) - 1
-        print(f"xraydx: {n} unreadable image files were skipped; they are listed in {skipped}", file=sys.stderr)
+        print(f"xraydx: {n} unreadable image files were skipped; listed in {skipped}", file=sys.stderr)
         return EXIT_PARTIAL
     return EXIT_OK
 
@@ -210,7 +210,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
         raise UsageError("no image files found in the inputs given")
     skip = done_paths(out) if args.resume else set()
     todo = [p for p in paths if str(p) not in skip]
-    pred = Predictor(_checkpoint(args), args.device)
+    pred = Predictor(_checkpoint(args), args.device, engine=args.engine)
+    if args.heatmaps and pred.model is None:
+        raise UsageError("--heatmaps needs the PyTorch model (Grad-CAM): pass the .safetensors, not .onnx")
     stream = pred.predict_files(todo, batch_size=args.batch_size, progress=not args.quiet, total=len(todo))
     if args.heatmaps:
         from xraydx.explain import with_heatmaps
@@ -320,6 +322,10 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--format", choices=["csv", "json"], default="csv")
     pr.add_argument("--batch-size", type=int, default=32)
     pr.add_argument("--device", default="auto")
+    pr.add_argument(
+        "--engine", choices=["torch", "onnx"], default="torch",
+        help="torch, or onnx (onnxruntime; --checkpoint may then be an exported .onnx file)",
+    )  # fmt: skip
     pr.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     pr.add_argument("--resume", action="store_true", help="carry on a killed run: skip paths already in --out")
     pr.add_argument("--heatmaps", metavar="DIR", help="also write a Grad-CAM overlay per image into DIR")

@@ -110,16 +110,16 @@ def load_split(
     records: list[Record], spec: Preprocessing, cache_dir: Path, name: str, progress: bool
 ) -> tuple[SplitData, list[tuple[Record, str]]]:
     masks = [r.mask for r in records] if spec.lung_mask != "none" else None
+    mask_fn = None
     if masks is not None and any(m is None for m in masks):
-        missing = sum(m is None for m in masks)
-        raise TrainError(
-            f"lung_mask={spec.lung_mask}: {missing} of {len(records)} {name} images have no lung mask in the"
-            " dataset (use a dataset with masks, or lung_mask=none)"
-        )
+        # images without a mask in the dataset get the shipped segmenter's, exactly as Predictor.lung_mask does
+        from xraydx.segment import LungSegmenter
+
+        mask_fn = LungSegmenter.default()  # callable img -> mask; its cache_tag names the weights
     # compact=True: only the readable images, and no in-RAM copy when the cache returns a memmap
     images, failures = load_many(
-        [r.path for r in records], spec, cache_dir=cache_dir, masks=masks, progress=progress, desc=f"load {name}",
-        compact=True,
+        [r.path for r in records], spec, cache_dir=cache_dir, masks=masks, mask_fn=mask_fn, progress=progress,
+        desc=f"load {name}", compact=True,
     )  # fmt: skip
     bad = {i for i, _ in failures}
     recs = [records[i] for i in range(len(records)) if i not in bad]
@@ -387,10 +387,16 @@ def _run(cfg: Config, d: Dist, device: torch.device, resume: Path | None, progre
     start_epoch, best_f1, best_epoch, bad_epochs = 1, -1.0, 0, 0
     rows: list[dict[str, Any]] = []
     if resume is not None and (ckdir / "last.state.safetensors").is_file():
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        model.load_state_dict(load_file(str(ckdir / "last.safetensors"), device=str(device)))
-        info = load_train_state(ckdir / "last.state.safetensors", opt, sched)
+        try:  # safetensors only: a planted pickle is refused here, never unpickled
+            model.load_state_dict(load_file(str(ckdir / "last.safetensors"), device=str(device)))
+            info = load_train_state(ckdir / "last.state.safetensors", opt, sched)
+        except (SafetensorError, OSError, RuntimeError, KeyError, ValueError) as exc:
+            raise TrainError(
+                f"{ckdir}: cannot resume from last.safetensors / last.state.safetensors ({str(exc)[:200]})"
+            ) from exc
         start_epoch = int(info["epoch"]) + 1
         best_f1, best_epoch, bad_epochs = float(info["best_f1"]), int(info["best_epoch"]), int(info["bad_epochs"])
         rows = list(info["rows"])

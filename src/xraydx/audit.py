@@ -1,0 +1,578 @@
+"""Shortcut audit: does the model read the lungs, or markers, borders and source style?
+
+``xraydx audit --checkpoint CKPT [--checkpoint CKPT2] --data PATH [--split test] --out DIR`` writes
+``audit.json`` and a self-contained ``audit.html``. For every checkpoint it measures, on one split:
+
+a. saliency: the share of Grad-CAM mass (of the predicted class) inside the lung field;
+b. balanced accuracy / accuracy / macro-F1 with everything outside the lungs blacked out
+   (``lungs_only``) and with the lungs blacked out (``lungs_hidden``);
+c. the same with a border band (``BORDER`` of the side) and the corners (``CORNER`` squares) blacked
+   out (``border_blanked``); plus the unmodified ``baseline``.
+
+All edits are made on the preprocessed image, exactly what the model sees. The lung field is, per
+image: the dataset's lung mask (Record.mask) where there is one; else the trained segmenter of
+``xraydx.segment`` where it is installed with a shipped model; else a fixed anatomical prior (two
+ellipses, :data:`PRIOR_ELLIPSES`). The verdict rules and thresholds are below and in docs/trust.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from xraydx.data import DatasetError
+from xraydx.transforms import Preprocessing, apply_lung_mask, resize_uint8
+
+# Two ellipses (centre x, centre y, radius x, radius y) as fractions of the image width / height, for a
+# frontal CXR as displayed (the patient's right lung on the image's left). Fitted to the 250 lung masks
+# of ../shared/data/lungseg by moments (median over images of each lung's centroid and 2 x standard
+# deviation); Dice with those masks: mean 0.77 (docs/trust.md has the command).
+PRIOR_ELLIPSES: tuple[tuple[float, float, float, float], ...] = (
+    (0.28, 0.46, 0.19, 0.34),
+    (0.71, 0.48, 0.19, 0.37),
+)
+
+BORDER = 0.12  # border band width, fraction of the side
+CORNER = 0.20  # corner squares, fraction of the side
+VARIANTS = ("baseline", "lungs_only", "lungs_hidden", "border_blanked")
+
+# Verdict thresholds (balanced accuracy; chance = 1 / number of classes)
+HIDDEN_MARGIN = 0.15  # lungs hidden: the 95% CI's lower bound above chance + this -> reads shortcuts
+BORDER_DROP = 0.15  # border and corners blanked: a drop larger than this -> reads shortcuts
+LUNGS_ONLY_DROP = 0.15  # only the lungs visible: a drop larger than this -> possible shortcuts
+SALIENCY_MIN = 0.5  # mean Grad-CAM share inside the lung field below this -> possible shortcuts
+BASELINE_MARGIN = 0.05  # baseline CI lower bound within chance + this -> inconclusive
+
+
+class AuditError(DatasetError):
+    """Nothing to audit (no images in the split, none readable)."""
+
+
+def prior_lung_mask(h: int, w: int) -> np.ndarray:
+    """The anatomical prior lung field for an (h, w) frontal CXR: uint8, 255 inside the two ellipses."""
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float64)
+    xx = (xx + 0.5) / w
+    yy = (yy + 0.5) / h
+    out = np.zeros((h, w), dtype=bool)
+    for cx, cy, rx, ry in PRIOR_ELLIPSES:
+        out |= ((xx - cx) / rx) ** 2 + ((yy - cy) / ry) ** 2 <= 1.0
+    return out.astype(np.uint8) * 255
+
+
+def border_mask(size: int, border: float = BORDER, corner: float = CORNER) -> np.ndarray:
+    """True where the border-and-corners variant blanks the (size, size) image."""
+    b = int(round(border * size))
+    c = int(round(corner * size))
+    m = np.zeros((size, size), dtype=bool)
+    if b:
+        m[:b], m[-b:], m[:, :b], m[:, -b:] = True, True, True, True
+    if c:
+        m[:c, :c], m[:c, -c:], m[-c:, :c], m[-c:, -c:] = True, True, True, True
+    return m
+
+
+def _fg(mask: np.ndarray) -> np.ndarray:
+    return mask > 127 if mask.dtype == np.uint8 and mask.max() > 1 else mask > 0
+
+
+def aligned_lungs(mask: np.ndarray, image_shape: tuple[int, int], spec: Preprocessing) -> np.ndarray:
+    """The lung mask carried through the same geometry as ``preprocess`` (lung crop, resize): bool (S, S)."""
+    m = _fg(mask).astype(np.uint8) * 255
+    if m.shape != tuple(image_shape):
+        m = resize_uint8(m, image_shape)
+    if spec.lung_mask == "crop":
+        m = apply_lung_mask(m, m, "crop")
+    return resize_uint8(m, spec.size) > 127
+
+
+@dataclass
+class AuditData:
+    images: np.ndarray  # uint8 (N, S, S), preprocessed as the model expects
+    lungs: np.ndarray  # bool (N, S, S), the lung field in the same geometry
+    labels: np.ndarray  # int (N,)
+    paths: list[str]
+    lung_field: dict[str, int]  # how many images got their lung field from: dataset / segmenter / prior
+    failures: list[tuple[str, str]]
+
+
+def load_audit_data(
+    records: Sequence[Any], spec: Preprocessing, classes: Sequence[str], progress: bool = False
+) -> AuditData:
+    from tqdm.auto import tqdm
+
+    from xraydx.io import ImageReadError, read_image
+    from xraydx.predict import load_lung_segmenter
+    from xraydx.transforms import preprocess
+
+    segmenter = None if all(r.mask is not None for r in records) else load_lung_segmenter()
+    s = spec.size
+    images = np.zeros((len(records), s, s), dtype=np.uint8)
+    lungs = np.zeros((len(records), s, s), dtype=bool)
+    keep: list[int] = []
+    counts = {"dataset": 0, "segmenter": 0, "prior": 0}
+    failures: list[tuple[str, str]] = []
+    for i, r in enumerate(tqdm(records, desc="audit: load", unit="img", disable=not progress, leave=False)):
+        try:
+            img = read_image(r.path)
+        except ImageReadError as exc:
+            failures.append((str(r.path), exc.reason))
+            continue
+        mask, kind = None, "prior"
+        if r.mask is not None:
+            try:
+                m = read_image(r.mask)
+                if _fg(m).any():
+                    mask, kind = m, "dataset"
+            except ImageReadError:
+                mask = None
+        if mask is None and segmenter is not None:
+            try:
+                m = np.asarray(segmenter.predict_mask(img))
+                if _fg(m).any():
+                    mask, kind = m, "segmenter"
+            except (ValueError, RuntimeError):
+                mask = None
+        if mask is None:
+            mask = prior_lung_mask(*img.shape)
+        try:
+            images[i] = preprocess(img, spec, mask if spec.lung_mask != "none" else None)
+        except ValueError as exc:
+            failures.append((str(r.path), str(exc)))
+            continue
+        lungs[i] = aligned_lungs(mask, img.shape, spec)
+        counts[kind] += 1
+        keep.append(i)
+    return AuditData(
+        images=images[keep],
+        lungs=lungs[keep],
+        labels=np.array([list(classes).index(records[i].label) for i in keep], dtype=int),
+        paths=[str(records[i].path) for i in keep],
+        lung_field=counts,
+        failures=failures,
+    )
+
+
+def variant(images: np.ndarray, lungs: np.ndarray, name: str, blank: np.ndarray | None = None) -> np.ndarray:
+    if name == "baseline":
+        return images
+    if name == "lungs_only":
+        return np.where(lungs, images, 0).astype(np.uint8)
+    if name == "lungs_hidden":
+        return np.where(lungs, 0, images).astype(np.uint8)
+    if name == "border_blanked":
+        assert blank is not None
+        return np.where(blank[None], 0, images).astype(np.uint8)
+    raise ValueError(f"unknown audit variant {name!r}")
+
+
+def audit_arrays(
+    model: torch.nn.Module,
+    spec: Preprocessing,
+    data: AuditData,
+    classes: Sequence[str],
+    *,
+    temperature: float = 1.0,
+    device: torch.device | None = None,
+    border: float = BORDER,
+    corner: float = CORNER,
+    n_boot: int = 1000,
+    seed: int = 0,
+    batch_size: int = 64,
+) -> dict[str, Any]:
+    """The audit's measurements on loaded arrays (see the module docstring); adds ``verdict``."""
+    from xraydx.evaluate import bootstrap_ci, compute_metrics
+    from xraydx.explain import GradCAM, lung_share
+    from xraydx.predict import batch_logits
+
+    if len(data.labels) == 0:
+        raise AuditError("no readable images to audit")
+    dev = device or next(model.parameters()).device
+    blank = border_mask(spec.size, border, corner)
+    k = len(classes)
+    out: dict[str, Any] = {"n": len(data.labels), "classes": list(classes), "chance": 1.0 / k, "variants": {}}
+    base_pred = None
+    for name in VARIANTS:
+        probs_all = []
+        for i in range(0, len(data.labels), batch_size):
+            x = variant(data.images[i : i + batch_size], data.lungs[i : i + batch_size], name, blank)
+            lg = batch_logits(model, x, spec, dev, batch_size)
+            probs_all.append(torch.softmax(lg / temperature, 1).numpy())
+        probs = np.concatenate(probs_all)
+        preds = probs.argmax(axis=1)
+        m = compute_metrics(data.labels, probs, classes)
+        ci = bootstrap_ci(data.labels, probs, classes, n_boot=n_boot, seed=seed)
+        if base_pred is None:
+            base_pred = preds
+        out["variants"][name] = {
+            "accuracy": m["accuracy"],
+            "balanced_accuracy": m["balanced_accuracy"],
+            "macro_f1": m["macro_f1"],
+            "ci": {key: ci[key] for key in ("accuracy", "balanced_accuracy", "macro_f1")},
+            "agreement_with_baseline": float((preds == base_pred).mean()),
+            "predicted_counts": {c: int((preds == j).sum()) for j, c in enumerate(classes)},
+        }
+    cam = GradCAM(model, spec, temperature=temperature)
+    shares = []
+    for i in range(0, len(data.labels), batch_size):
+        heats, _ = cam.batch(data.images[i : i + batch_size])
+        shares += [lung_share(h, m) for h, m in zip(heats, data.lungs[i : i + batch_size], strict=True)]
+    sh = np.array(shares, dtype=np.float64)
+    ok = np.isfinite(sh)
+    out["saliency"] = {
+        "method": "Grad-CAM of the predicted class, last feature map, upsampled bilinearly",
+        "n": int(ok.sum()),
+        "n_empty": int((~ok).sum()),
+        "mean_lung_share": float(sh[ok].mean()) if ok.any() else None,
+        "median_lung_share": float(np.median(sh[ok])) if ok.any() else None,
+        "share_of_images_below_half": float((sh[ok] < 0.5).mean()) if ok.any() else None,
+        "lung_area": float(data.lungs.mean()),
+    }
+    out["settings"] = {
+        "border": border,
+        "corner": corner,
+        "n_boot": n_boot,
+        "seed": seed,
+        "fill": 0,
+        "thresholds": {
+            "hidden_margin": HIDDEN_MARGIN,
+            "border_drop": BORDER_DROP,
+            "lungs_only_drop": LUNGS_ONLY_DROP,
+            "saliency_min": SALIENCY_MIN,
+            "baseline_margin": BASELINE_MARGIN,
+        },
+    }
+    out["lung_field"] = dict(data.lung_field)
+    out["verdict"] = verdict(out)
+    return out
+
+
+def _lung_field_text(lf: dict[str, int]) -> str:
+    parts = []
+    if lf.get("dataset"):
+        parts.append(f"{lf['dataset']} dataset masks")
+    if lf.get("segmenter"):
+        parts.append(f"{lf['segmenter']} from the lung segmenter")
+    if lf.get("prior"):
+        parts.append(f"{lf['prior']} from the two-ellipse prior")
+    return ", ".join(parts) or "none"
+
+
+def verdict(a: dict[str, Any]) -> dict[str, Any]:
+    """Plain-language verdict from an audit's measurements; the rules are the constants above."""
+    chance = float(a["chance"])
+    v = a["variants"]
+
+    def bal(name: str) -> float:
+        return float(v[name]["balanced_accuracy"] or 0.0)
+
+    def lo(name: str) -> float:
+        ci = v[name]["ci"]["balanced_accuracy"]
+        return float(ci[0]) if ci else bal(name)
+
+    def hi(name: str) -> float:
+        ci = v[name]["ci"]["balanced_accuracy"]
+        return float(ci[1]) if ci else bal(name)
+
+    base, hid, bor, only = bal("baseline"), bal("lungs_hidden"), bal("border_blanked"), bal("lungs_only")
+    share = a["saliency"]["mean_lung_share"]
+    lf = a.get("lung_field", {})
+    caveat = ""
+    if lf.get("prior"):
+        caveat = (
+            " The lung field of "
+            + ("all" if not (lf.get("dataset") or lf.get("segmenter")) else f"{lf['prior']} of the")
+            + " images is a fixed two-ellipse prior (Dice about 0.77 with real masks), so some lung can stay"
+            " visible when 'hidden'."
+        )
+    if lo("baseline") <= chance + BASELINE_MARGIN:
+        return {
+            "level": "inconclusive",
+            "text": f"Inconclusive: the model itself scores {base:.2f} balanced accuracy, close to chance "
+            f"{chance:.2f}; there is little to audit.",
+        }
+    strong = []
+    if lo("lungs_hidden") > chance + HIDDEN_MARGIN:
+        strong.append(
+            f"with the lungs hidden it still scores {hid:.2f} balanced accuracy (95% CI {lo('lungs_hidden'):.2f}"
+            f"\u2013{hi('lungs_hidden'):.2f}), far above chance {chance:.2f}"
+        )
+    if base - bor > BORDER_DROP:
+        strong.append(
+            f"blanking the image border and corners drops its balanced accuracy from {base:.2f} to {bor:.2f}"
+        )
+    if strong:
+        return {"level": "shortcut", "text": "Reads shortcuts: " + "; ".join(strong) + "." + caveat}
+    soft = []
+    if hid > chance + HIDDEN_MARGIN:
+        soft.append(
+            f"with the lungs hidden it scores {hid:.2f} balanced accuracy (chance {chance:.2f}), though the 95% CI"
+            f" reaches down to {lo('lungs_hidden'):.2f}"
+        )
+    if share is not None and share < SALIENCY_MIN:
+        soft.append(f"only {share:.0%} of its Grad-CAM mass lies inside the lung field")
+    if base - only > LUNGS_ONLY_DROP:
+        soft.append(f"with only the lungs visible its balanced accuracy drops from {base:.2f} to {only:.2f}")
+    if soft:
+        return {"level": "possible", "text": "Possible shortcuts: " + "; ".join(soft) + "." + caveat}
+    share_txt = f"{share:.0%}" if share is not None else "n/a"
+    return {
+        "level": "none_found",
+        "text": f"No shortcut found by these checks: with the lungs hidden it scores {hid:.2f} balanced accuracy "
+        f"(chance {chance:.2f}), blanking the border and corners changes it by {bor - base:+.2f}, and {share_txt} of "
+        "its Grad-CAM mass lies inside the lung field. These checks cannot rule out shortcuts inside the lungs "
+        "(source-specific contrast, processing or patient age)." + caveat,
+    }
+
+
+def _manifest_records(meta: dict[str, Any], data: str | Path, split: str) -> list[Any]:
+    from xraydx.data import discover
+
+    dcfg = meta.get("config", {}).get("data", {})
+    manifest = discover(
+        data, val_fraction=float(dcfg.get("val_fraction", 0.15)), test_fraction=float(dcfg.get("test_fraction", 0.15)),
+        seed=int(dcfg.get("split_seed", 0)),
+    )  # fmt: skip
+    if dcfg.get("holdout_source"):
+        from xraydx.train import TrainError, hold_out_source
+
+        with contextlib.suppress(TrainError):  # that source is not in this data set: nothing to hold out
+            manifest = hold_out_source(manifest, str(dcfg["holdout_source"]))
+    recs = manifest.split(split)
+    if not recs:
+        raise AuditError(f"{data}: no images in split {split!r}")
+    return recs
+
+
+def _examples(
+    data: AuditData, model: Any, spec: Preprocessing, temperature: float, border: float, corner: float
+) -> dict[str, str]:
+    """Base64 PNGs of the first image under each variant, and its Grad-CAM with the lung field outlined."""
+    from xraydx.explain import GradCAM, overlay
+    from xraydx.report import gray_png, png_uri
+
+    img, lung = data.images[:1], data.lungs[:1]
+    blank = border_mask(spec.size, border, corner)
+    out = {name: png_uri(gray_png(variant(img, lung, name, blank)[0])) for name in VARIANTS}
+    heat, _ = GradCAM(model, spec, temperature=temperature)(img[0])
+    rgb = overlay(img[0], heat)
+    m = lung[0]
+    inner = m & np.roll(m, 1, 0) & np.roll(m, -1, 0) & np.roll(m, 1, 1) & np.roll(m, -1, 1)
+    rgb[m & ~inner] = (255, 255, 255)  # the lung field's outline
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, format="PNG")
+    out["gradcam"] = png_uri(buf.getvalue())
+    return out
+
+
+def run_audit(
+    checkpoint: str | Path,
+    data: str | Path,
+    split: str = "test",
+    *,
+    device: str = "auto",
+    border: float = BORDER,
+    corner: float = CORNER,
+    n_boot: int = 1000,
+    seed: int = 0,
+    batch_size: int = 64,
+    progress: bool = False,
+    examples: bool = True,
+) -> dict[str, Any]:
+    """Audit one checkpoint on one split of a dataset. Returns a JSON-ready dict (``examples``, where
+    asked, holds data: URIs of illustration images for the HTML)."""
+    from xraydx.predict import Predictor
+
+    pred = Predictor(checkpoint, device)
+    recs = _manifest_records(pred.meta, data, split)
+    d = load_audit_data(recs, pred.spec, pred.classes, progress=progress)
+    if len(d.labels) == 0:
+        raise AuditError(f"{data}: none of the {len(recs)} images in split {split!r} could be read")
+    a = audit_arrays(
+        pred.model, pred.spec, d, pred.classes, temperature=pred.temperature, device=pred.device, border=border,
+        corner=corner, n_boot=n_boot, seed=seed, batch_size=batch_size,
+    )  # fmt: skip
+    notes = []
+    if pred.spec.lung_mask != "none" and d.lung_field.get("prior"):
+        notes.append(
+            f"the model was trained with lung_mask={pred.spec.lung_mask}; for {d.lung_field['prior']} images without"
+            " a dataset mask its own input was masked with the two-ellipse prior"
+        )
+    result: dict[str, Any] = {
+        "checkpoint": str(checkpoint),
+        "architecture": pred.meta.get("architecture", {}).get("name"),
+        "lung_mask": pred.spec.lung_mask,
+        "data": str(data),
+        "split": split,
+        **a,
+        "lung_field_text": _lung_field_text(d.lung_field),
+        "unreadable": [{"path": p, "reason": r} for p, r in d.failures],
+        "notes": notes,
+    }
+    if examples:
+        result["examples"] = _examples(d, pred.model, pred.spec, pred.temperature, border, corner)
+    return result
+
+
+# ---- HTML ----------------------------------------------------------------------------------------
+
+_VARIANT_TEXT = {
+    "baseline": "unmodified",
+    "lungs_only": "only the lungs visible",
+    "lungs_hidden": "lungs blacked out",
+    "border_blanked": "border band and corners blacked out",
+}
+_LEVEL_CLASS = {"shortcut": "bad", "possible": "warn", "none_found": "good", "inconclusive": "warn"}
+
+
+def _name(a: dict[str, Any]) -> str:
+    return f"{Path(a['checkpoint']).parent.parent.name or Path(a['checkpoint']).name} (lung_mask={a['lung_mask']})"
+
+
+def audit_section(audits: dict[str, Any] | Sequence[dict[str, Any]]) -> str:
+    """The audit as an HTML section (one column per checkpoint), for audit.html and report.html."""
+    from xraydx.report import esc, fmt, fmt_ci, table
+
+    items = [audits] if isinstance(audits, dict) else list(audits)
+    verdicts = "".join(
+        f'<div class="{_LEVEL_CLASS.get(a["verdict"]["level"], "warn")}"><b>'
+        f"{'' if len(items) == 1 else f'model {i + 1}: '}{esc(_name(a))}</b>: {esc(a['verdict']['text'])}</div>"
+        for i, a in enumerate(items)
+    )
+    rows = []
+    for name in VARIANTS:
+        cells = [f"{esc(name)}<br><span class=muted>{esc(_VARIANT_TEXT[name])}</span>"]
+        for a in items:
+            r = a["variants"][name]
+            cells.append(
+                f"{fmt_ci(r['balanced_accuracy'], r['ci']['balanced_accuracy'], 2)}<br>"
+                f"<span class=muted>acc {fmt(r['accuracy'], 2)} &middot; macro-F1 {fmt(r['macro_f1'], 2)}"
+                f" &middot; same as baseline {r['agreement_with_baseline']:.0%}</span>"
+            )
+        rows.append(cells)
+    sal = ["Grad-CAM mass inside the lung field<br><span class=muted>mean (median); lung area share</span>"]
+    for a in items:
+        s = a["saliency"]
+        sal.append(
+            f"{fmt(s['mean_lung_share'], 2)} ({fmt(s['median_lung_share'], 2)}); {fmt(s['lung_area'], 2)}"
+        )
+    rows.append(sal)
+    rows.append(["lung field"] + [esc(a["lung_field_text"]) for a in items])
+    rows.append(["checkpoint"] + [f"<code>{esc(a['checkpoint'])}</code>" for a in items])
+    label = [
+        esc(_name(a)) if len(items) == 1 else f"model {i + 1}: {esc(_name(a))}" for i, a in enumerate(items)
+    ]
+    header = ["check (balanced accuracy, 95% CI)", *label]
+    first = items[0]
+    st = first["settings"]
+    ex = first.get("examples")
+    pics = ""
+    if ex:
+        figs = "".join(
+            f'<figure><img src="{ex[k]}" alt="{esc(k)}" width=150><figcaption>{esc(k)}</figcaption></figure>'
+            for k in (*VARIANTS, "gradcam")
+            if k in ex
+        )
+        pics = f"<p>What the model is shown in each check (first image; Grad-CAM with the lung field outlined):</p><div class=thumbs>{figs}</div>"
+    notes = "".join(f"<li>{esc(n)}</li>" for a in items for n in a.get("notes", []))
+    return (
+        "<section id=audit><h2>Shortcut audit</h2>"
+        + verdicts
+        + table(header, rows)
+        + pics
+        + (f"<ul>{notes}</ul>" if notes else "")
+        + f"<p class=muted>{esc(first['data'])} [{esc(first['split'])}], n = {first['n']}; chance = "
+        f"{first['chance']:.2f}. Blacked-out pixels are set to 0 after preprocessing. Border band "
+        f"{st['border']:.0%} of the side, corner squares {st['corner']:.0%}. Verdict: <i>reads shortcuts</i> when the "
+        f"95% CI of balanced accuracy with the lungs hidden lies above chance + {HIDDEN_MARGIN:.2f}, or blanking the "
+        f"border and corners costs more than {BORDER_DROP:.2f}; <i>possible shortcuts</i> when the point estimate with "
+        f"the lungs hidden is above chance + {HIDDEN_MARGIN:.2f}, under {SALIENCY_MIN:.0%} of the Grad-CAM mass is in "
+        f"the lungs, or showing only the lungs costs more than {LUNGS_ONLY_DROP:.2f}. See docs/trust.md.</p></section>"
+    )
+
+
+def render_audit_html(audits: Sequence[dict[str, Any]], title: str = "xraydx shortcut audit") -> str:
+    from xraydx.report import RESEARCH_NOTE, esc, html_page
+
+    body = f"<h1>{esc(title)}</h1>" + audit_section(audits) + f"<p class=muted>{esc(RESEARCH_NOTE)}</p>"
+    return html_page(title, body)
+
+
+def write_audit(audits: Sequence[dict[str, Any]], out: Path, overwrite: bool = False) -> None:
+    """audit.json (without the illustration images) and audit.html into ``out``, atomically."""
+    from xraydx import __version__
+    from xraydx.fsutil import atomic_write_json, refuse_overwrite
+    from xraydx.report import write_html
+
+    out = Path(out)
+    refuse_overwrite(out / "audit.json", overwrite)
+    refuse_overwrite(out / "audit.html", overwrite)
+    doc = {
+        "tool": "xraydx",
+        "tool_version": __version__,
+        "audits": [{k: v for k, v in a.items() if k != "examples"} for a in audits],
+    }
+    atomic_write_json(out / "audit.json", doc)
+    write_html(out / "audit.html", render_audit_html(audits), overwrite=True)
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    from xraydx.cli import EXIT_OK, EXIT_PARTIAL, UsageError
+    from xraydx.fsutil import refuse_overwrite
+
+    out = Path(args.out)
+    for name in ("audit.json", "audit.html"):
+        refuse_overwrite(out / name, args.overwrite)  # before the work, not after
+    if not 0 <= args.border < 0.5 or not 0 <= args.corner < 0.5:
+        raise UsageError("--border and --corner must be fractions of the side in [0, 0.5)")
+    audits = []
+    for ck in args.checkpoint:
+        a = run_audit(
+            ck, args.data, args.split, device=args.device, border=args.border, corner=args.corner,
+            n_boot=args.n_boot, seed=args.seed, progress=not args.quiet,
+        )  # fmt: skip
+        audits.append(a)
+        print(f"{_name(a)}: {a['verdict']['text']}")
+        for name in VARIANTS:
+            r = a["variants"][name]
+            print(
+                f"  {name:<15} balanced accuracy {r['balanced_accuracy'] or 0:.3f}  accuracy {r['accuracy']:.3f}"
+            )
+        print(f"  Grad-CAM mass inside the lung field: {a['saliency']['mean_lung_share'] or float('nan'):.3f}"
+              f" (lung field: {a['lung_field_text']})")  # fmt: skip
+    write_audit(audits, out, overwrite=args.overwrite)
+    print(f"wrote {out / 'audit.json'} and {out / 'audit.html'}")
+    return EXIT_PARTIAL if any(a["unreadable"] for a in audits) else EXIT_OK
+
+
+def add_cli(sub: argparse._SubParsersAction) -> None:
+    au = sub.add_parser(
+        "audit",
+        help="shortcut audit: does the model read the lungs or the borders / markers?",
+        description="Measures Grad-CAM mass inside the lungs and accuracy with the lungs, the outside, or the "
+        "border and corners blacked out; writes audit.json and audit.html. Repeat --checkpoint to compare models "
+        "(e.g. one trained with --lung-mask mask).",
+    )
+    au.add_argument(
+        "--checkpoint", action="append", required=True, help="checkpoint (repeat to compare models)"
+    )
+    au.add_argument("--data", required=True)
+    au.add_argument("--split", default="test", choices=["train", "val", "test", "external"])
+    au.add_argument("--out", required=True, help="output folder")
+    au.add_argument("--border", type=float, default=BORDER, help="border band, fraction of the side")
+    au.add_argument("--corner", type=float, default=CORNER, help="corner squares, fraction of the side")
+    au.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples for the CIs")
+    au.add_argument("--seed", type=int, default=0)
+    au.add_argument("--device", default="auto")
+    au.add_argument("--overwrite", action="store_true")
+    au.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    au.set_defaults(func=cmd_audit)

@@ -1,0 +1,534 @@
+"""Out-of-distribution guard: is this input a frontal chest X-ray at all?
+
+Method (one forward pass of the shipped lung segmenter, :mod:`xraydx.segment`, per image):
+
+1. **Feature distance.** The segmenter's encoder (ImageNet MobileNetV2, fine-tuned on chest X-rays)
+   gives a 1696-d descriptor: the global means of its 1/16 and 1/32 feature maps and the 1/32 map
+   averaged over a 2 x 2 grid (so that a rotated chest, whose parts are in the wrong places, moves
+   the descriptor too). The descriptor is standardised and scored by its Mahalanobis distance under a
+   probabilistic-PCA model of real chest X-rays (``k`` principal directions with their own variances,
+   one shared variance for the rest): ``m = sum_i y_i^2 / l_i + |residual|^2 / s2``, reported as
+   ``sqrt(m / D)``. The model is fit on real CXRs (cxr3's fit split by patient group, plus the lungseg
+   train split), and the threshold is a high percentile (99.5th by default) of the distance on a
+   separate calibration split of real CXRs.
+2. **Lung-field rules** from the segmenter's cleaned mask (model resolution): lung area between
+   calibrated bounds, two lung fields found, lying side by side (one on each half, overlapping
+   vertically). Their bounds are set from the same calibration CXRs with a margin.
+3. **Image rules**: an (almost) constant image is blank; where the file is at hand, a *colour*
+   image (Hasler-Suesstrunk colourfulness of the file's RGB pixels above :data:`COLOURFUL_MAX`) is
+   not a radiograph (gray images saved as RGB have colourfulness 0). :func:`read_image` returns gray,
+   so this is read from the file separately (:func:`colourfulness_of_file` /
+   :func:`colourfulness_of_bytes`).
+
+``score`` is the largest of the normalised signals, each 1.0 at its threshold: the feature distance
+over its threshold, and for a broken rule its own ratio (e.g. the minimum lung area over the area
+found), at least :data:`RULE_SCORE`. ``is_cxr`` is False when the score is above 1; ``reasons``
+says which signals fired.
+
+An **inverted** chest X-ray (bone dark, air bright) is flagged on purpose: DICOM MONOCHROME1 is
+inverted correctly by :mod:`xraydx.io`, so an inverted PNG/JPEG is an unusual export, and the
+classifier was never trained on one.
+
+Fit (needs the segmenter and the data; writes ``weights/ood.safetensors``)::
+
+    python -m xraydx.ood fit --cxr3 /work/shared/data/cxr3 --lungseg /work/shared/data/lungseg \\
+        --out src/xraydx/weights/ood.safetensors
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from xraydx.io import ImageReadError, read_image
+from xraydx.models import CheckpointError, read_metadata
+from xraydx.segment import LungSegmenter, SegAnalysis
+
+__all__ = [
+    "DEFAULT_GUARD",
+    "OOD_KIND",
+    "OODError",
+    "OODGuard",
+    "OODResult",
+    "colourfulness",
+    "colourfulness_of_bytes",
+    "colourfulness_of_file",
+    "fit_guard",
+    "lung_signals",
+]
+
+OOD_KIND = "ood-guard"
+DEFAULT_GUARD = Path(__file__).parent / "weights" / "ood.safetensors"
+COLOURFUL_MAX = 12.0  # Hasler-Suesstrunk "slightly colourful" starts at ~15; a tinted scan stays below
+BLANK_STD = 4.0  # gray levels (0-255): standard deviation of a 64 x 64 thumbnail
+RULE_SCORE = 1.5  # the least score a broken rule gives, so rule rejections sort after borderline distances
+
+
+class OODError(CheckpointError):
+    pass
+
+
+@dataclass
+class OODResult:
+    is_cxr: bool
+    score: float  # 1.0 at the threshold; higher = less like a frontal chest X-ray
+    reasons: list[str]
+    details: dict[str, float] = field(default_factory=dict)
+    mask: np.ndarray | None = field(default=None, repr=False)  # the segmenter's lung mask (image size)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "is_cxr": self.is_cxr,
+            "score": round(self.score, 4),
+            "reasons": list(self.reasons),
+            "details": {k: round(float(v), 4) for k, v in self.details.items()},
+        }
+
+
+# ---- colour ----------------------------------------------------------------------------------------
+
+
+def colourfulness(rgb: np.ndarray) -> float:
+    """Hasler & Suesstrunk (2003) colourfulness of an RGB uint8 array (0 for any gray image)."""
+    x = rgb.astype(np.float32)
+    rg = x[..., 0] - x[..., 1]
+    yb = 0.5 * (x[..., 0] + x[..., 1]) - x[..., 2]
+    return float(np.hypot(rg.std(), yb.std()) + 0.3 * np.hypot(rg.mean(), yb.mean()))
+
+
+def _pil_colourfulness(im: Any) -> float:
+    from PIL import Image
+
+    if im.mode in ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F"):
+        return 0.0
+    if im.format == "JPEG":
+        im.draft("RGB", (256, 256))
+    im = im.convert("RGB")
+    im.thumbnail((256, 256), Image.Resampling.BILINEAR)
+    return colourfulness(np.asarray(im))
+
+
+def colourfulness_of_file(path: str | Path) -> float | None:
+    """Colourfulness of an image file's own pixels, or None where Pillow cannot read it (e.g. DICOM)."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            return _pil_colourfulness(im)
+    except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError):
+        return None
+
+
+def colourfulness_of_bytes(data: bytes) -> float | None:
+    import io
+
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            return _pil_colourfulness(im)
+    except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError):
+        return None
+
+
+# ---- signals ---------------------------------------------------------------------------------------
+
+
+def thumb_std(img: np.ndarray) -> float:
+    from xraydx.transforms import resize_uint8
+
+    return float(resize_uint8(img, 64).astype(np.float32).std())
+
+
+def lung_signals(clean: np.ndarray, threshold: float = 0.5) -> dict[str, float]:
+    """Shape of the cleaned segmentation at model resolution: area, components, side-by-side-ness."""
+    from scipy import ndimage
+
+    fg = clean > threshold
+    lab, n = ndimage.label(fg)
+    out = {"lung_fraction": float(fg.mean()), "components": float(n), "side_by_side": 0.0, "area_ratio": 0.0}
+    if n < 2:
+        return out
+    h, w = fg.shape
+    parts = []
+    for i in (1, 2):
+        ys, xs = np.nonzero(lab == i)
+        parts.append((xs.mean() / w, ys.min() / h, (ys.max() + 1) / h, ys.size))
+    (cx_a, t_a, b_a, n_a), (cx_b, t_b, b_b, n_b) = sorted(parts)
+    overlap = max(0.0, min(b_a, b_b) - max(t_a, t_b)) / max(1e-6, min(b_a - t_a, b_b - t_b))
+    out["side_by_side"] = float(cx_a < 0.5 < cx_b) * overlap
+    out["area_ratio"] = min(n_a, n_b) / max(n_a, n_b)
+    return out
+
+
+# ---- the guard -------------------------------------------------------------------------------------
+
+_GUARDS: dict[tuple[str, str], OODGuard] = {}
+_LOCK = threading.Lock()
+
+
+class OODGuard:
+    """Scores uint8 gray images for 'is this a frontal chest X-ray'. See the module doc for the method."""
+
+    def __init__(
+        self, segmenter: LungSegmenter, tensors: dict[str, torch.Tensor], meta: dict[str, Any]
+    ) -> None:
+        self.segmenter = segmenter
+        self.meta = meta
+        t = {k: v.double().numpy() for k, v in tensors.items()}
+        self.mean, self.scale = t["mean"], t["scale"]
+        self.components, self.eigvals = t["components"], t["eigenvalues"]
+        self.sigma2 = float(meta["sigma2"])
+        self.threshold = float(meta["threshold"])
+        rules = meta["rules"]
+        self.min_lung, self.max_lung = float(rules["min_lung_fraction"]), float(rules["max_lung_fraction"])
+        self.min_side = float(rules["min_side_by_side"])
+        want = meta.get("segmenter_sha256_16")
+        if want and segmenter.path is not None and segmenter.identity != want:
+            raise OODError(
+                f"OOD statistics were fit on segmenter {want}, but the segmenter loaded is {segmenter.identity};"
+                " refit them with `python -m xraydx.ood fit`"
+            )
+
+    @classmethod
+    def load(
+        cls, path: str | Path, segmenter: LungSegmenter | None = None, device: str | torch.device = "cpu"
+    ) -> OODGuard:
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        meta = read_metadata(path)
+        if meta.get("kind") != OOD_KIND:
+            raise OODError(
+                f"{path}: an xraydx file, but not OOD-guard statistics (kind={meta.get('kind')!r})"
+            )
+        try:
+            tensors = load_file(str(path), device="cpu")
+        except (SafetensorError, OSError) as exc:
+            raise OODError(f"{path}: cannot read the statistics ({exc})") from exc
+        missing = {"mean", "scale", "components", "eigenvalues"} - set(tensors)
+        if missing:
+            raise OODError(f"{path}: statistics missing {sorted(missing)}")
+        return cls(segmenter or LungSegmenter.default(device), tensors, meta)
+
+    @classmethod
+    def default(cls, device: str | torch.device = "cpu") -> OODGuard:
+        """The shipped guard (shipped segmenter + statistics), loaded once per device."""
+        if not DEFAULT_GUARD.is_file():
+            raise OODError(
+                f"{DEFAULT_GUARD}: the shipped OOD statistics are missing from this installation; fit them with"
+                " `python -m xraydx.ood fit` (see docs/lungs_and_ood.md)"
+            )
+        key = (str(DEFAULT_GUARD), str(torch.device(device)))
+        with _LOCK:
+            if key not in _GUARDS:
+                _GUARDS[key] = cls.load(DEFAULT_GUARD, LungSegmenter.default(device), device)
+            return _GUARDS[key]
+
+    # -- scoring --
+
+    def distance(self, features: np.ndarray) -> np.ndarray:
+        """sqrt(PPCA Mahalanobis / D) of (N, D) descriptors; about 1 for typical training CXRs."""
+        z = (np.atleast_2d(features).astype(np.float64) - self.mean) / self.scale
+        y = z @ self.components.T
+        inside = (y**2 / self.eigvals).sum(1)
+        resid = np.maximum((z**2).sum(1) - (y**2).sum(1), 0.0)
+        return np.sqrt((inside + resid / self.sigma2) / z.shape[1])
+
+    def _result(self, img: np.ndarray, a: SegAnalysis, colour: float | None) -> OODResult:
+        reasons: list[str] = []
+        scores: list[float] = []
+        det: dict[str, float] = {}
+        d = float(self.distance(a.features)[0])
+        det["feature_distance"] = d
+        scores.append(d / self.threshold)
+        if d > self.threshold:
+            reasons.append(
+                f"looks unlike the chest X-rays the guard was fit on (feature distance {d:.2f}, threshold"
+                f" {self.threshold:.2f})"
+            )
+        sd = thumb_std(img)
+        det["thumb_std"] = sd
+        if sd < BLANK_STD:
+            reasons.append(f"blank or nearly constant image (gray-level spread {sd:.1f})")
+            scores.append(max(RULE_SCORE, BLANK_STD / max(sd, 0.1)))
+        if colour is not None:
+            det["colourfulness"] = colour
+            if colour > COLOURFUL_MAX:
+                reasons.append(f"colour image (colourfulness {colour:.0f}); radiographs are gray")
+                scores.append(max(RULE_SCORE, colour / COLOURFUL_MAX))
+        sig = lung_signals(a.clean, self.segmenter.threshold)
+        det.update(sig)
+        f = sig["lung_fraction"]
+        if f < self.min_lung:
+            reasons.append(
+                f"no clear lung fields (lung area {100 * f:.1f}% of the image; chest X-rays: "
+                f"{100 * self.min_lung:.0f}-{100 * self.max_lung:.0f}%)"
+            )
+            scores.append(max(RULE_SCORE, self.min_lung / max(f, 1e-3)))
+        elif f > self.max_lung:
+            reasons.append(f"lung area {100 * f:.0f}% of the image, more than any chest X-ray seen")
+            scores.append(max(RULE_SCORE, f / self.max_lung))
+        elif sig["components"] < 2:
+            reasons.append("only one lung field found")
+            scores.append(RULE_SCORE)
+        elif sig["side_by_side"] < self.min_side:
+            reasons.append("the two lung fields are not side by side (rotated or not a frontal view?)")
+            scores.append(RULE_SCORE)
+        score = max(scores)
+        return OODResult(not reasons, score, reasons, det, a.mask)
+
+    def check(self, img: np.ndarray, colourfulness: float | None = None) -> OODResult:
+        """Score one uint8 (H, W) gray image; pass the file's colourfulness where known."""
+        return self._result(img, self.segmenter.analyze(img), colourfulness)
+
+    def check_many(
+        self, imgs: Sequence[np.ndarray], colours: Sequence[float | None] | None = None, batch_size: int = 16
+    ) -> list[OODResult]:
+        cols = list(colours) if colours is not None else [None] * len(imgs)
+        return [
+            self._result(im, a, c)
+            for im, a, c in zip(imgs, self.segmenter.analyze_many(imgs, batch_size), cols, strict=True)
+        ]
+
+    def check_file(self, path: str | Path) -> OODResult:
+        """Read a file (raises ImageReadError) and score it, colour included."""
+        return self.check(read_image(path), colourfulness_of_file(path))
+
+
+# ---- fitting ---------------------------------------------------------------------------------------
+
+
+def _features(
+    seg: LungSegmenter, paths: Sequence[Path], desc: str, progress: bool = True
+) -> tuple[np.ndarray, np.ndarray]:
+    """Descriptors (N, D) and lung signals (N, 4) for readable files (unreadable ones are skipped)."""
+    from tqdm.auto import tqdm
+
+    feats, sigs = [], []
+    batch: list[np.ndarray] = []
+
+    def flush() -> None:
+        for a in seg.analyze_many(batch):
+            feats.append(a.features)
+            s = lung_signals(a.clean, seg.threshold)
+            sigs.append([s["lung_fraction"], s["components"], s["side_by_side"], s["area_ratio"]])
+        batch.clear()
+
+    for p in tqdm(paths, desc=desc, disable=not progress, leave=False):
+        try:
+            batch.append(read_image(p))
+        except ImageReadError as exc:
+            print(f"xraydx: skipped {exc}", file=sys.stderr)
+            continue
+        if len(batch) >= 32:
+            flush()
+    if batch:
+        flush()
+    return np.array(feats, np.float32), np.array(sigs, np.float64)
+
+
+def cached_features(
+    seg: LungSegmenter, paths: Sequence[Path], desc: str, cache: Path | None, progress: bool = True
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`_features`, kept in an ``.npz`` per file list and segmenter (reused when both match)."""
+    import hashlib
+
+    key = hashlib.sha1(("\n".join(map(str, paths)) + seg.identity).encode()).hexdigest()[:16]
+    f = None if cache is None else Path(cache) / f"{desc}-{key}.npz"
+    if f is not None and f.is_file():
+        with np.load(f, allow_pickle=False) as z:
+            return z["features"], z["signals"]
+    feats, sigs = _features(seg, paths, desc, progress)
+    if f is not None:
+        f.parent.mkdir(parents=True, exist_ok=True)
+        tmp = f.with_name(f".{f.name}.tmp.npz")
+        np.savez(tmp, features=feats, signals=sigs)
+        tmp.replace(f)
+    return feats, sigs
+
+
+def _group_split3(groups: Sequence[str], seed: int, fractions: tuple[float, float]) -> list[str]:
+    """'fit' / 'calib' / 'test' per item, whole groups together (seeded)."""
+    rng = np.random.default_rng(seed)
+    uniq = sorted(set(groups))
+    rng.shuffle(uniq)
+    cut1, cut2 = int(round(fractions[0] * len(uniq))), int(round((fractions[0] + fractions[1]) * len(uniq)))
+    part = {g: ("fit" if i < cut1 else "calib" if i < cut2 else "test") for i, g in enumerate(uniq)}
+    return [part[g] for g in groups]
+
+
+def cxr3_parts(
+    root: Path, seed: int = 0, fractions: tuple[float, float] = (0.6, 0.2)
+) -> dict[str, list[Path]]:
+    """cxr3 (manifest.csv with file, patient_group) split by patient group into fit / calib / test."""
+    with open(root / "manifest.csv", encoding="utf-8", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    where = _group_split3([r["patient_group"] for r in rows], seed, fractions)
+    out: dict[str, list[Path]] = {"fit": [], "calib": [], "test": []}
+    for r, w in zip(rows, where, strict=True):
+        out[w].append(root / r["file"])
+    return out
+
+
+def lungseg_parts(root: Path, seed: int = 0) -> dict[str, list[Path]]:
+    """The lungseg images by the segmenter's own patient split: train -> fit, val -> calib, test -> test."""
+    from xraydx.segment import collect_samples
+
+    samples, _ = collect_samples([root], seed=seed)
+    names = {"train": "fit", "val": "calib", "test": "test"}
+    out: dict[str, list[Path]] = {"fit": [], "calib": [], "test": []}
+    for s in samples:
+        out[names[s.split]].append(s.image)
+    return out
+
+
+def fit_guard(
+    seg: LungSegmenter,
+    fit_feats: np.ndarray,
+    calib_feats: np.ndarray,
+    calib_sigs: np.ndarray,
+    *,
+    k: int = 64,
+    percentile: float = 99.5,
+    rule_margin: float = 0.7,
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """PPCA statistics from fit descriptors; the distance threshold and the lung-rule bounds from calibration."""
+    x = fit_feats.astype(np.float64)
+    mean = x.mean(0)
+    sd = x.std(0)
+    scale = np.maximum(sd, 0.05 * float(np.median(sd)) + 1e-6)
+    z = (x - mean) / scale
+    _, s, vt = np.linalg.svd(z, full_matrices=False)
+    lam = s**2 / max(1, len(z) - 1)
+    k = min(k, len(lam) - 1)
+    d = z.shape[1]
+    sigma2 = float(lam[k:].sum() / (d - k))
+    tensors = {
+        "mean": torch.from_numpy(mean.astype(np.float32)),
+        "scale": torch.from_numpy(scale.astype(np.float32)),
+        "components": torch.from_numpy(vt[:k].astype(np.float32)),
+        "eigenvalues": torch.from_numpy(lam[:k].astype(np.float32)),
+    }
+    meta: dict[str, Any] = {
+        "sigma2": sigma2,
+        "threshold": 1.0,
+        "rules": {"min_lung_fraction": 0.0, "max_lung_fraction": 1.0, "min_side_by_side": 0.0},
+    }
+    probe = OODGuard(seg, tensors, meta)
+    dist = probe.distance(calib_feats)
+    thr = float(np.percentile(dist, percentile))
+    frac, side = calib_sigs[:, 0], calib_sigs[:, 2]
+    rules = {
+        "min_lung_fraction": float(np.percentile(frac, 0.1) * rule_margin),
+        "max_lung_fraction": float(min(0.95, np.percentile(frac, 99.9) / rule_margin)),
+        "min_side_by_side": float(np.percentile(side, 0.1) * rule_margin),
+    }
+    meta.update(
+        {
+            "threshold": thr,
+            "rules": rules,
+            "k": k,
+            "percentile": percentile,
+            "rule_margin": rule_margin,
+            "descriptor_dim": d,
+            "fit_n": len(fit_feats),
+            "calib_n": len(calib_feats),
+            "calib_distance_quantiles": {
+                str(q): float(np.percentile(dist, q)) for q in (50, 90, 99, 99.5, 99.9, 100)
+            },
+        }
+    )
+    return tensors, meta
+
+
+def save_guard(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    from safetensors.torch import save_file
+
+    from xraydx.fsutil import atomic_write_with
+    from xraydx.models import FORMAT, FORMAT_VERSION
+
+    doc = {"format": FORMAT, "format_version": FORMAT_VERSION, "kind": OOD_KIND, **meta}
+    header = {"xraydx": json.dumps(doc, default=str)}
+    atomic_write_with(
+        Path(path),
+        lambda tmp: save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=header),
+    )
+
+
+def _cmd_fit(args: argparse.Namespace) -> int:
+    from xraydx.fsutil import refuse_overwrite
+
+    out = Path(args.out)
+    refuse_overwrite(out, args.overwrite)
+    torch.set_num_threads(args.threads)
+    seg = LungSegmenter.load(args.segmenter) if args.segmenter else LungSegmenter.default()
+    sets = {f"cxr3-{k}": v for k, v in cxr3_parts(Path(args.cxr3), args.seed).items() if k != "test"}
+    if args.lungseg:
+        sets.update(
+            {
+                f"lungseg-{k}": v
+                for k, v in lungseg_parts(Path(args.lungseg), args.seed).items()
+                if k != "test"
+            }
+        )
+    cache = Path(args.features_cache) if args.features_cache else None
+    got = {name: cached_features(seg, paths, name, cache) for name, paths in sets.items()}
+    ff = np.concatenate([f for name, (f, _) in got.items() if name.endswith("-fit")])
+    cf = np.concatenate([f for name, (f, _) in got.items() if name.endswith("-calib")])
+    cs = np.concatenate([s for name, (_, s) in got.items() if name.endswith("-calib")])
+    tensors, meta = fit_guard(seg, ff, cf, cs, k=args.k, percentile=args.percentile)
+    meta.update(
+        {
+            "segmenter_sha256_16": seg.identity,
+            "fit_data": {
+                "cxr3": str(args.cxr3),
+                "lungseg": str(args.lungseg or ""),
+                "seed": args.seed,
+                "cxr3_split": "patient_group 60/20/20 fit/calib/test",
+                "lungseg_split": "segmenter train/val/test",
+            },
+            "command": "python -m xraydx.ood " + " ".join(sys.argv[1:]),
+        }
+    )
+    save_guard(out, tensors, meta)
+    print(
+        f"wrote {out}: threshold {meta['threshold']:.3f} (calibration {args.percentile}th percentile, n={len(cf)}),"
+        f" rules {meta['rules']}"
+    )
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m xraydx.ood", description="fit the OOD guard's statistics")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    f = sub.add_parser("fit")
+    f.add_argument("--cxr3", required=True, help="cxr3-style folder (manifest.csv with file, patient_group)")
+    f.add_argument(
+        "--lungseg", help="lungseg folder: its segmenter-train split joins the fit set, val the calibration"
+    )
+    f.add_argument("--segmenter", help="segmenter checkpoint (default: the shipped one)")
+    f.add_argument("--out", required=True)
+    f.add_argument("--k", type=int, default=64)
+    f.add_argument("--percentile", type=float, default=99.5)
+    f.add_argument("--seed", type=int, default=0)
+    f.add_argument("--threads", type=int, default=2)
+    f.add_argument("--overwrite", action="store_true")
+    f.add_argument("--features-cache", help="folder to keep the computed descriptors in (reused on a rerun)")
+    f.set_defaults(func=_cmd_fit)
+    args = p.parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,950 @@
+"""Lung-field segmentation: a small U-Net on an ImageNet-pretrained encoder, shipped in the package.
+
+The model (:class:`LungUNet`) is the feature stages of a timm MobileNetV2 (or EfficientNet-Lite0)
+with a light decoder: at each of four steps the coarser map is upsampled x2, concatenated with the
+encoder's map of that resolution and passed through two 3x3 conv-BN-ReLU layers; a 1x1 conv gives
+one logit map at half the input resolution, upsampled bilinearly to the input. Input: the gray
+image resized (aspect not kept, like the classifier's preprocessing) to ``S x S`` (256 by default)
+and normalised with the encoder's ImageNet statistics. Loss: BCE + soft Dice.
+
+Post-processing (:func:`postprocess`): threshold the probability at 0.5, keep the two largest
+connected components (the second only if it is at least :data:`SECOND_COMPONENT_MIN` of the
+first: one lung may be hidden by a white-out), fill holes; the cleaned probability map is then
+resized to the input image's own size and thresholded, so the mask lines up with the image at any
+size.
+
+Checkpoints are safetensors files with the JSON metadata of :mod:`xraydx.models` (``format``
+``xraydx-checkpoint``) and ``"kind": "lung-segmenter"``; :func:`load_segmenter` reads them (never
+unpickling). :func:`xraydx.models.load_checkpoint` refuses them with a CheckpointError (their
+architecture is not a timm classifier).
+
+CLI::
+
+    xraydx segment train --data /work/shared/data/lungseg [--data COVID-QU-Ex] --out runs/lungseg
+    xraydx segment [--checkpoint SEG] INPUTS... --out DIR      # masks/ and overlays/ PNGs + segment.csv
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import hashlib
+import io as _io
+import math
+import os
+import shlex
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+
+from xraydx.io import ImageReadError, read_image
+from xraydx.models import CheckpointError, create_model, normalization_for, read_metadata, save_checkpoint
+from xraydx.transforms import resize_uint8
+
+__all__ = [
+    "DEFAULT_SEGMENTER",
+    "SEG_KIND",
+    "LungSegmenter",
+    "LungUNet",
+    "SegAnalysis",
+    "SegmenterError",
+    "SegSample",
+    "add_cli",
+    "dice_iou",
+    "load_segmenter",
+    "postprocess",
+    "train_segmenter",
+]
+
+SEG_KIND = "lung-segmenter"
+DEFAULT_SEGMENTER = Path(__file__).parent / "weights" / "lungseg.safetensors"
+ENCODERS = ("mobilenetv2_100", "tf_efficientnet_lite0")
+DECODER_CHANNELS = (96, 48, 32, 16)
+THRESHOLD = 0.5
+SECOND_COMPONENT_MIN = 0.05  # the second lung is kept if its area is at least this share of the first's
+
+
+class SegmenterError(CheckpointError):
+    """A segmenter checkpoint or segmentation dataset that cannot be used (names the file and why)."""
+
+
+# ---- model ---------------------------------------------------------------------------------------
+
+
+def _conv_bn_relu(cin: int, cout: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)
+    )
+
+
+class LungUNet(nn.Module):
+    """U-Net-style segmenter over the feature stages of a timm MobileNetV2 / EfficientNet-Lite."""
+
+    def __init__(
+        self,
+        encoder: str = "mobilenetv2_100",
+        pretrained: str = "none",
+        decoder_channels: Sequence[int] = DECODER_CHANNELS,
+    ) -> None:
+        super().__init__()
+        if encoder not in ENCODERS:
+            raise SegmenterError(f"encoder must be one of {', '.join(ENCODERS)}; got {encoder!r}")
+        base = create_model(encoder, 3, in_chans=1, pretrained=pretrained)  # head dropped below
+        info = base.feature_info  # timm: the blocks where resolution halves (reductions 2, 4, 8, 16, 32)
+        idx = [int(f["module"].split(".")[1]) for f in info]
+        chs = [int(f["num_chs"]) for f in info]
+        if len(idx) != 5 or len(decoder_channels) != 4:
+            raise SegmenterError(f"{encoder}: expected 5 feature stages and 4 decoder widths")
+        self.encoder_name = encoder
+        self.stem = nn.Sequential(base.conv_stem, base.bn1)
+        self.blocks = nn.Sequential(*list(base.blocks)[: idx[-1] + 1])
+        self.skip_at = tuple(idx)
+        self.feature_channels = tuple(chs)
+        dec: list[nn.Module] = []
+        cin = chs[-1]
+        for skip_ch, cout in zip(reversed(chs[:-1]), decoder_channels, strict=True):
+            dec.append(nn.Sequential(_conv_bn_relu(cin + skip_ch, cout), _conv_bn_relu(cout, cout)))
+            cin = cout
+        self.decoder = nn.ModuleList(dec)
+        self.head = nn.Conv2d(cin, 1, 1)
+        self.decoder_channels = tuple(int(c) for c in decoder_channels)
+
+    def encode(self, x: torch.Tensor) -> list[torch.Tensor]:
+        feats = []
+        x = self.stem(x)
+        for i, blk in enumerate(self.blocks):
+            x = blk(x)
+            if i in self.skip_at:
+                feats.append(x)
+        return feats
+
+    def decode(self, feats: list[torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
+        x = feats[-1]
+        for blk, skip in zip(self.decoder, reversed(feats[:-1]), strict=True):
+            x = F.interpolate(x, size=skip.shape[-2:], mode="bilinear", align_corners=False)
+            x = blk(torch.cat([x, skip], 1))
+        return F.interpolate(self.head(x), size=size, mode="bilinear", align_corners=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.decode(self.encode(x), (x.shape[-2], x.shape[-1]))
+
+    def forward_with_features(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        feats = self.encode(x)
+        return self.decode(feats, (x.shape[-2], x.shape[-1])), feats
+
+
+# ---- post-processing and metrics -----------------------------------------------------------------
+
+
+def postprocess(prob: np.ndarray, threshold: float = THRESHOLD) -> np.ndarray:
+    """Cleaned probability map: components other than the two largest zeroed, holes set to 1.
+
+    ``prob``: float (H, W) in [0, 1]. Thresholding the result at ``threshold`` gives a mask with at
+    most two components and no holes; resizing it first (bilinear) gives smooth edges at any size.
+    """
+    from scipy import ndimage
+
+    fg = prob > threshold
+    lab, n = ndimage.label(fg)
+    if n == 0:
+        return np.zeros_like(prob, dtype=np.float32)
+    areas = np.bincount(lab.ravel(), minlength=n + 1)[1:]
+    order = np.argsort(areas)[::-1]
+    keep = [int(order[0]) + 1]
+    if n > 1 and areas[order[1]] >= SECOND_COMPONENT_MIN * areas[order[0]]:
+        keep.append(int(order[1]) + 1)
+    kept = np.isin(lab, keep)
+    filled = ndimage.binary_fill_holes(kept)
+    out = np.where(kept, prob, 0.0).astype(np.float32)
+    out[filled & ~kept] = 1.0
+    return out
+
+
+def dice_iou(pred: np.ndarray, truth: np.ndarray) -> tuple[float, float]:
+    """Dice and IoU of two binary masks (any truthy foreground). Both empty counts as perfect."""
+    p, t = pred > 0, truth > 0
+    inter = float(np.logical_and(p, t).sum())
+    ps, ts = float(p.sum()), float(t.sum())
+    if ps + ts == 0:
+        return 1.0, 1.0
+    union = ps + ts - inter
+    return 2 * inter / (ps + ts), inter / union
+
+
+# ---- checkpoint ----------------------------------------------------------------------------------
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def read_segmenter_metadata(path: str | Path) -> dict[str, Any]:
+    meta = read_metadata(path)
+    if meta.get("kind") != SEG_KIND:
+        raise SegmenterError(
+            f"{path}: an xraydx checkpoint, but not a lung segmenter (kind={meta.get('kind', 'classifier')!r})"
+        )
+    return meta
+
+
+def load_segmenter(path: str | Path, device: str | torch.device = "cpu") -> tuple[LungUNet, dict[str, Any]]:
+    """Rebuild a :class:`LungUNet` from a lung-segmenter checkpoint (weights cast to float32)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    meta = read_segmenter_metadata(path)
+    arch = meta.get("architecture", {})
+    try:
+        model = LungUNet(
+            str(arch.get("encoder", "")), pretrained="none", decoder_channels=tuple(arch["decoder_channels"])
+        )
+    except (KeyError, TypeError) as exc:
+        raise SegmenterError(f"{path}: segmenter metadata lacks a usable architecture ({exc})") from exc
+    try:
+        state = load_file(str(path), device="cpu")
+    except (SafetensorError, OSError) as exc:
+        raise SegmenterError(f"{path}: cannot read weights ({exc})") from exc
+    state = {k: (v.float() if v.is_floating_point() else v) for k, v in state.items()}
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise SegmenterError(f"{path}: weights do not match the segmenter: {str(exc)[:300]}") from exc
+    model.to(device).eval()
+    return model, meta
+
+
+# ---- inference -----------------------------------------------------------------------------------
+
+
+@dataclass
+class SegAnalysis:
+    """One image's segmentation: the mask at the image's size and what the OOD guard reads."""
+
+    mask: np.ndarray  # uint8 (H, W), 0 or 255
+    prob: np.ndarray  # float32 (S, S): the raw probability at the model's input size
+    clean: np.ndarray  # float32 (S, S): after post-processing
+    features: np.ndarray  # float32 (D,): pooled encoder features (see LungSegmenter.pooled_features)
+
+
+_DEFAULT_CACHE: dict[tuple[str, str], LungSegmenter] = {}
+_DEFAULT_LOCK = threading.Lock()
+
+
+class LungSegmenter:
+    """A loaded lung segmenter: uint8 gray images in, uint8 {0, 255} lung masks of the same size out."""
+
+    def __init__(
+        self,
+        model: LungUNet,
+        meta: dict[str, Any],
+        device: str | torch.device = "cpu",
+        path: Path | None = None,
+    ) -> None:
+        self.model = model.eval()
+        self.meta = meta
+        self.device = torch.device(device)
+        self.path = path
+        self.size = int(meta["input_size"])
+        norm = meta["normalization"]
+        self.mean, self.std = float(norm["mean"]), float(norm["std"])
+        self.threshold = float(meta.get("threshold", THRESHOLD))
+        self._identity: str | None = None
+
+    @classmethod
+    def load(cls, path: str | Path, device: str | torch.device = "cpu") -> LungSegmenter:
+        model, meta = load_segmenter(path, device)
+        return cls(model, meta, device, Path(path))
+
+    @classmethod
+    def default(cls, device: str | torch.device = "cpu") -> LungSegmenter:
+        """The segmenter shipped in the package (loaded once per device and shared)."""
+        if not DEFAULT_SEGMENTER.is_file():
+            raise SegmenterError(
+                f"{DEFAULT_SEGMENTER}: the shipped lung segmenter is missing from this installation; train one"
+                " with `xraydx segment train --data PATH --out DIR` and load it with LungSegmenter.load(path)"
+            )
+        key = (str(DEFAULT_SEGMENTER), str(torch.device(device)))
+        with _DEFAULT_LOCK:
+            if key not in _DEFAULT_CACHE:
+                _DEFAULT_CACHE[key] = cls.load(DEFAULT_SEGMENTER, device)
+            return _DEFAULT_CACHE[key]
+
+    @property
+    def identity(self) -> str:
+        """A short id of the weights (sha256 of the checkpoint file), for cache keys and OOD statistics."""
+        if self._identity is None:
+            self._identity = "unsaved" if self.path is None else file_sha256(self.path)[:16]
+        return self._identity
+
+    @property
+    def cache_tag(self) -> str:
+        """Read by xraydx.cache when this segmenter is the ``mask_fn``: cached masked images are keyed by it."""
+        return f"lungseg-{self.identity}-t{self.threshold:g}"
+
+    def __call__(self, img: np.ndarray) -> np.ndarray:
+        """Same as :meth:`predict_mask`, so the segmenter itself can be passed as ``mask_fn``."""
+        return self.predict_mask(img)
+
+    def _input(self, imgs: Sequence[np.ndarray]) -> torch.Tensor:
+        arr = np.stack(
+            [
+                _check_gray(im)
+                if im.shape == (self.size, self.size)
+                else resize_uint8(_check_gray(im), self.size)
+                for im in imgs
+            ]
+        )
+        x = torch.from_numpy(arr).to(self.device).unsqueeze(1).float().div_(255.0)
+        return (x - self.mean) / self.std
+
+    @torch.inference_mode()
+    def analyze_many(self, imgs: Sequence[np.ndarray], batch_size: int = 16) -> list[SegAnalysis]:
+        out: list[SegAnalysis] = []
+        for i in range(0, len(imgs), batch_size):
+            chunk = imgs[i : i + batch_size]
+            logits, feats = self.model.forward_with_features(self._input(chunk))
+            probs = torch.sigmoid(logits[:, 0].float()).cpu().numpy()
+            pooled = self.pooled_features(feats).cpu().numpy()
+            for im, p, f in zip(chunk, probs, pooled, strict=True):
+                clean = postprocess(p, self.threshold)
+                out.append(SegAnalysis(self._to_size(clean, im.shape), p, clean, f))
+        return out
+
+    def analyze(self, img: np.ndarray) -> SegAnalysis:
+        return self.analyze_many([img])[0]
+
+    def predict_mask(self, img: np.ndarray) -> np.ndarray:
+        """uint8 (H, W) gray image -> uint8 (H, W) mask, 255 = lung."""
+        return self.analyze(img).mask
+
+    def predict_masks(self, imgs: Sequence[np.ndarray], batch_size: int = 16) -> list[np.ndarray]:
+        return [a.mask for a in self.analyze_many(imgs, batch_size)]
+
+    @staticmethod
+    def pooled_features(feats: list[torch.Tensor]) -> torch.Tensor:
+        """(N, D) descriptor: global mean of the /16 and /32 encoder maps, and the /32 map averaged over a
+        2 x 2 grid (so where things are counts, not only what they are)."""
+        f16, f32 = feats[-2].float(), feats[-1].float()
+        grid = F.adaptive_avg_pool2d(f32, 2).flatten(1)
+        return torch.cat([f16.mean(dim=(2, 3)), f32.mean(dim=(2, 3)), grid], 1)
+
+    def _to_size(self, clean: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+        h, w = int(shape[0]), int(shape[1])
+        if (h, w) == clean.shape:
+            big = clean
+        else:
+            t = torch.from_numpy(clean)[None, None]
+            big = F.interpolate(t, size=(h, w), mode="bilinear", align_corners=False)[0, 0].numpy()
+        return np.where(big > self.threshold, 255, 0).astype(np.uint8)
+
+
+def _check_gray(img: np.ndarray) -> np.ndarray:
+    if not isinstance(img, np.ndarray) or img.ndim != 2 or img.dtype != np.uint8:
+        desc = f"{img.dtype} {img.shape}" if isinstance(img, np.ndarray) else type(img).__name__
+        raise ValueError(f"expected a 2-D uint8 gray image, got {desc}")
+    return img
+
+
+# ---- training data -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SegSample:
+    image: Path
+    mask: Path
+    group: str  # patient id: every group on one side of the split
+    split: str  # train | val | test
+    source: str
+
+
+def _is_lungseg_folder(p: Path) -> bool:
+    m = p / "manifest.csv" if p.is_dir() else p
+    if not m.is_file() or m.suffix.lower() != ".csv":
+        return False
+    with open(m, encoding="utf-8", newline="") as fh:
+        header = next(csv.reader(fh), [])
+    return "image" in header and "mask" in header
+
+
+def _group_split(
+    groups: list[str], sizes: dict[str, int], seed: int, val_f: float, test_f: float
+) -> dict[str, str]:
+    """Seeded patient-level split: groups shuffled, then taken for test until test_f of the images, then val."""
+    rng = np.random.default_rng(seed)
+    order = sorted(set(groups))
+    rng.shuffle(order)
+    total = sum(sizes.values())
+    out: dict[str, str] = {}
+    n_test = n_val = 0
+    for g in order:
+        if n_test < test_f * total:
+            out[g], n_test = "test", n_test + sizes[g]
+        elif n_val < val_f * total:
+            out[g], n_val = "val", n_val + sizes[g]
+        else:
+            out[g] = "train"
+    return out
+
+
+def _read_lungseg(p: Path, seed: int, val_f: float, test_f: float) -> list[SegSample]:
+    m = p / "manifest.csv" if p.is_dir() else p
+    base = m.parent
+    with open(m, encoding="utf-8", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    if not rows:
+        raise SegmenterError(f"{m}: no rows")
+    gcol = next((c for c in ("patientid", "patient_id", "group", "patient") if c in rows[0]), None)
+    groups = [r[gcol] if gcol and r.get(gcol) else r["image"] for r in rows]
+    sizes: dict[str, int] = {}
+    for g in groups:
+        sizes[g] = sizes.get(g, 0) + 1
+    has_split = "split" in rows[0] and all(r.get("split") in ("train", "val", "test") for r in rows)
+    assign = {} if has_split else _group_split(groups, sizes, seed, val_f, test_f)
+    out = []
+    for r, g in zip(rows, groups, strict=True):
+        img, msk = base / r["image"], base / r["mask"]
+        for f in (img, msk):
+            if not f.is_file():
+                raise SegmenterError(f"{m}: listed file {f} does not exist")
+        split = r["split"] if has_split else assign[g]
+        out.append(SegSample(img, msk, f"{m}:{g}", split, r.get("source_repo") or base.name))
+    return out
+
+
+def collect_samples(
+    paths: Sequence[str | Path], seed: int = 0, val_fraction: float = 0.15, test_fraction: float = 0.15
+) -> tuple[list[SegSample], list[str]]:
+    """Image/mask pairs from lungseg-style manifests (``image,mask[,patientid]`` CSV: split here by
+    patient, seeded) and from any dataset :func:`xraydx.data.discover` reads (records with a mask; the
+    dataset's own splits and groups)."""
+    from xraydx.data import discover
+
+    samples: list[SegSample] = []
+    notes: list[str] = []
+    for raw in paths:
+        p = Path(raw)
+        if not p.exists():
+            raise SegmenterError(f"{p}: not found")
+        if _is_lungseg_folder(p):
+            got = _read_lungseg(p, seed, val_fraction, test_fraction)
+            notes.append(
+                f"{p}: {len(got)} image/mask pairs (lungseg manifest, split by patient, seed {seed})"
+            )
+        else:
+            man = discover(p, val_fraction=val_fraction, test_fraction=test_fraction, seed=seed)
+            with_mask = [r for r in man.records if r.mask is not None]
+            if not with_mask:
+                raise SegmenterError(
+                    f"{p}: layout {man.layout}, but none of its {len(man.records)} images has a lung mask"
+                )
+            got = [
+                SegSample(r.path, r.mask, f"{p}:{r.group}", r.split, r.source or man.layout)
+                for r in with_mask
+            ]  # type: ignore[arg-type]
+            notes.append(
+                f"{p}: {len(got)} of {len(man.records)} images have lung masks ({man.layout}, its own splits)"
+            )
+        samples += got
+    return samples, notes
+
+
+def _load_pairs(samples: Sequence[SegSample], size: int) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    imgs = np.zeros((len(samples), size, size), np.uint8)
+    masks = np.zeros((len(samples), size, size), np.uint8)
+    bad: list[str] = []
+    for i, s in enumerate(samples):
+        try:
+            im, mk = read_image(s.image), read_image(s.mask)
+        except ImageReadError as exc:
+            bad.append(str(exc))
+            continue
+        imgs[i] = resize_uint8(im, size)
+        masks[i] = resize_uint8(np.where(mk > 127, 255, 0).astype(np.uint8), size) > 127
+    return imgs, masks, bad
+
+
+# ---- training ------------------------------------------------------------------------------------
+
+
+class SegAugment:
+    """One random affine (rotation, anisotropic scale, shift) applied identically to image and mask,
+    then gamma / contrast / brightness on the image only. No left-right flip (see xraydx.transforms)."""
+
+    def __init__(
+        self,
+        rotate_deg: float = 10.0,
+        scale: tuple[float, float] = (0.88, 1.12),
+        translate: float = 0.06,
+        gamma: tuple[float, float] = (0.75, 1.33),
+        contrast: float = 0.2,
+        brightness: float = 0.1,
+    ) -> None:
+        self.rotate_deg, self.scale, self.translate = rotate_deg, scale, translate
+        self.gamma, self.contrast, self.brightness = gamma, contrast, brightness
+
+    def __call__(
+        self, img: torch.Tensor, mask: torch.Tensor, gen: torch.Generator
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """img uint8 (B, 1, S, S), mask {0,1} (B, 1, S, S) -> float image in [0, 1], float mask {0, 1}."""
+        b = img.shape[0]
+
+        def u(lo: float, hi: float) -> torch.Tensor:
+            return torch.rand(b, generator=gen) * (hi - lo) + lo
+
+        ang = u(-self.rotate_deg, self.rotate_deg) * (math.pi / 180)
+        sx, sy = u(*self.scale), u(*self.scale)
+        tx, ty = u(-self.translate, self.translate) * 2, u(-self.translate, self.translate) * 2
+        cos, sin = torch.cos(ang), torch.sin(ang)
+        theta = torch.stack(
+            [torch.stack([cos / sx, -sin / sx, tx], 1), torch.stack([sin / sy, cos / sy, ty], 1)], 1
+        )
+        x = torch.cat([img.float() / 255.0, mask.float()], 1)
+        grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+        x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+        im, mk = x[:, :1], (x[:, 1:] > 0.5).float()
+        gam = torch.exp(u(math.log(self.gamma[0]), math.log(self.gamma[1]))).view(b, 1, 1, 1)
+        im = im.clamp(0, 1).pow(gam)
+        mean = im.mean(dim=(1, 2, 3), keepdim=True)
+        con = u(1 - self.contrast, 1 + self.contrast).view(b, 1, 1, 1)
+        bri = u(-self.brightness, self.brightness).view(b, 1, 1, 1)
+        return ((im - mean) * con + mean + bri).clamp(0, 1), mk
+
+
+def seg_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """BCE + (1 - soft Dice), Dice per image then averaged."""
+    bce = F.binary_cross_entropy_with_logits(logits, target)
+    p = torch.sigmoid(logits)
+    inter = (p * target).sum(dim=(1, 2, 3))
+    denom = p.sum(dim=(1, 2, 3)) + target.sum(dim=(1, 2, 3))
+    dice = (2 * inter + 1.0) / (denom + 1.0)
+    return bce + (1 - dice).mean()
+
+
+@torch.inference_mode()
+def _val_dice(model: LungUNet, imgs: np.ndarray, masks: np.ndarray, mean: float, std: float) -> float:
+    model.eval()
+    scores = []
+    for i in range(0, len(imgs), 16):
+        x = (torch.from_numpy(imgs[i : i + 16]).unsqueeze(1).float() / 255.0 - mean) / std
+        pred = (torch.sigmoid(model(x)) > THRESHOLD).numpy()[:, 0]
+        scores += [dice_iou(p, t)[0] for p, t in zip(pred, masks[i : i + 16], strict=True)]
+    return float(np.mean(scores)) if scores else float("nan")
+
+
+def evaluate_segmenter(seg: LungSegmenter, samples: Sequence[SegSample]) -> dict[str, Any]:
+    """Dice / IoU of the full pipeline (post-processing, mask at the image's own size) against each mask file."""
+    dices, ious, per = [], [], []
+    for s in samples:
+        img, truth = read_image(s.image), read_image(s.mask)
+        if truth.shape != img.shape:
+            truth = resize_uint8(np.where(truth > 127, 255, 0).astype(np.uint8), img.shape)
+        d, j = dice_iou(seg.predict_mask(img), truth > 127)
+        dices.append(d)
+        ious.append(j)
+        per.append({"image": str(s.image), "dice": round(d, 5), "iou": round(j, 5)})
+    arr = np.array(dices) if dices else np.array([np.nan])
+    return {
+        "n": len(dices),
+        "dice_mean": float(np.mean(arr)),
+        "dice_median": float(np.median(arr)),
+        "dice_min": float(np.min(arr)),
+        "iou_mean": float(np.mean(ious)) if ious else float("nan"),
+        "per_image": per,
+    }
+
+
+def train_segmenter(
+    data: Sequence[str | Path],
+    out: Path,
+    *,
+    encoder: str = "mobilenetv2_100",
+    pretrained: str = "offline",
+    size: int = 256,
+    epochs: int = 40,
+    batch_size: int = 8,
+    lr: float = 1e-3,
+    weight_decay: float = 1e-4,
+    seed: int = 0,
+    val_fraction: float = 0.15,
+    test_fraction: float = 0.15,
+    threads: int = 0,
+    half: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+    command: str = "",
+) -> dict[str, Any]:
+    """Train, keep the best epoch by val Dice, evaluate it on the held-out test split, write
+    ``out/lungseg.safetensors``, ``out/log.csv``, ``out/split.csv`` and ``out/metrics.json``."""
+    from xraydx.fsutil import atomic_write_json, atomic_write_text, refuse_overwrite
+
+    out = Path(out)
+    ckpt = out / "lungseg.safetensors"
+    refuse_overwrite(ckpt, overwrite)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(threads or max(1, min(4, os.cpu_count() or 1)))
+    torch.manual_seed(seed)
+
+    def log(msg: str) -> None:
+        line = f"{datetime.now().isoformat(timespec='seconds')} {msg}"
+        print(line, flush=True)
+        with open(out / "train.log", "a", encoding="utf-8") as fh:
+            fh.write(line + "\n")
+
+    samples, notes = collect_samples(data, seed, val_fraction, test_fraction)
+    for n in notes:
+        log(f"data: {n}")
+    by = {s: [x for x in samples if x.split == s] for s in ("train", "val", "test")}
+    if not by["train"] or not by["val"]:
+        raise SegmenterError(
+            f"need train and val images with masks; got {[(k, len(v)) for k, v in by.items()]}"
+        )
+    leaked = {x.group for x in by["train"]} & ({x.group for x in by["val"]} | {x.group for x in by["test"]})
+    if leaked:
+        raise SegmenterError(
+            f"{len(leaked)} patient groups are in train and in val/test, e.g. {sorted(leaked)[0]}"
+        )
+    buf = _io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["image", "mask", "group", "split", "source"])
+    w.writerows([[s.image, s.mask, s.group, s.split, s.source] for s in samples])
+    atomic_write_text(out / "split.csv", buf.getvalue())
+
+    t0 = time.perf_counter()
+    tr_x, tr_y, bad_tr = _load_pairs(by["train"], size)
+    va_x, va_y, bad_va = _load_pairs(by["val"], size)
+    for b in bad_tr + bad_va:
+        log(f"skipped unreadable {b}")
+    log(
+        f"loaded {len(tr_x)} train, {len(va_x)} val, {len(by['test'])} test pairs at {size} px "
+        f"in {time.perf_counter() - t0:.1f}s"
+    )
+
+    mean, std = normalization_for(encoder, pretrained)
+    model = LungUNet(encoder, pretrained=pretrained)
+    n_params = sum(p.numel() for p in model.parameters())
+    log(f"LungUNet({encoder}, pretrained={pretrained}): {n_params / 1e6:.2f} M parameters")
+    decay = [p for p in model.parameters() if p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.ndim <= 1]
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=lr
+    )
+    steps = math.ceil(len(tr_x) / batch_size)
+    total, warm = steps * epochs, steps
+
+    def lr_at(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        return 0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    aug = SegAugment()
+    best, best_epoch = -1.0, 0
+    best_state: dict[str, torch.Tensor] = {}
+    rows = []
+    for epoch in range(1, epochs + 1):
+        te = time.perf_counter()
+        model.train()
+        gen = torch.Generator().manual_seed(seed * 7919 + epoch)
+        order = torch.randperm(len(tr_x), generator=gen).numpy()
+        loss_sum = 0.0
+        for i in range(0, len(order), batch_size):
+            idx = np.sort(order[i : i + batch_size])
+            if len(idx) < 2:
+                continue  # BatchNorm needs two samples
+            xi = torch.from_numpy(tr_x[idx]).unsqueeze(1)
+            yi = torch.from_numpy(tr_y[idx]).unsqueeze(1)
+            x, y = aug(xi, yi, gen)
+            loss = seg_loss(model((x - mean) / std), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            loss_sum += float(loss.detach()) * len(idx)
+        vd = _val_dice(model, va_x, va_y, mean, std)
+        improved = vd > best
+        if improved:
+            best, best_epoch = vd, epoch
+            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        rows.append(
+            {
+                "epoch": epoch,
+                "lr": f"{sched.get_last_lr()[0]:.3e}",
+                "train_loss": round(loss_sum / len(tr_x), 5),
+                "val_dice": round(vd, 5),
+                "seconds": round(time.perf_counter() - te, 1),
+                "best": int(improved),
+            }
+        )
+        log(
+            f"epoch {epoch}/{epochs}: train loss {rows[-1]['train_loss']:.4f} | val Dice {vd:.4f}"
+            f"{' (best)' if improved else ''} | {rows[-1]['seconds']:.0f}s"
+        )
+        lbuf = _io.StringIO()
+        lw = csv.DictWriter(lbuf, fieldnames=list(rows[0]))
+        lw.writeheader()
+        lw.writerows(rows)
+        atomic_write_text(out / "log.csv", lbuf.getvalue())
+
+    model.load_state_dict(best_state)
+    model.eval()
+    if half:
+        model.half()
+    meta: dict[str, Any] = {
+        "kind": SEG_KIND,
+        "tool": "xraydx",
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "classes": ["lung"],
+        "architecture": {
+            "name": f"lungunet-{encoder}",
+            "encoder": encoder,
+            "decoder_channels": list(model.decoder_channels),
+            "pretrained": pretrained,
+            "parameters": n_params,
+            "dtype": "float16" if half else "float32",
+        },
+        "input_size": size,
+        "normalization": {"mean": mean, "std": std},
+        "threshold": THRESHOLD,
+        "postprocess": {"components": 2, "second_component_min": SECOND_COMPONENT_MIN, "fill_holes": True},
+        "training": {
+            "epochs": epochs,
+            "batch_size": batch_size,
+            "lr": lr,
+            "weight_decay": weight_decay,
+            "seed": seed,
+            "val_fraction": val_fraction,
+            "test_fraction": test_fraction,
+            "best_epoch": best_epoch,
+            "loss": "BCE + soft Dice",
+            "augment": vars(aug),
+        },
+        "training_data": {
+            "sources": [str(p) for p in data],
+            "notes": notes,
+            "counts": {k: len(v) for k, v in by.items()},
+        },
+        "val_metrics": {"dice_mean_at_input_size": best},
+        "command": command,
+    }
+    save_checkpoint(ckpt, model, meta)
+    seg = LungSegmenter.load(ckpt)
+    results: dict[str, Any] = {"best_epoch": best_epoch, "val_dice_at_input_size": best}
+    results["val"] = evaluate_segmenter(seg, by["val"])
+    if by["test"]:
+        results["test"] = evaluate_segmenter(seg, by["test"])
+        meta["test_metrics"] = {k: v for k, v in results["test"].items() if k != "per_image"}
+    meta["val_metrics"].update({k: v for k, v in results["val"].items() if k != "per_image"})
+    save_checkpoint(ckpt, model, meta)
+    atomic_write_json(out / "metrics.json", results)
+    te_m = results.get("test", {})
+    log(
+        f"best epoch {best_epoch}; test (patient-held-out, n={te_m.get('n', 0)}): Dice {te_m.get('dice_mean', float('nan')):.4f}"
+        f" IoU {te_m.get('iou_mean', float('nan')):.4f}; wrote {ckpt} ({ckpt.stat().st_size / 1e6:.1f} MB)"
+    )
+    return results
+
+
+# ---- writing masks and overlays ------------------------------------------------------------------
+
+
+def overlay(img: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """RGB uint8: the gray image with the lungs tinted and their outline drawn."""
+    from scipy import ndimage
+
+    fg = mask > 127
+    rgb = np.repeat(img[..., None], 3, axis=2).astype(np.float32)
+    tint = np.array([0.0, 200.0, 255.0], np.float32)
+    rgb[fg] = 0.7 * rgb[fg] + 0.3 * tint
+    k = max(1, round(max(img.shape) / 300))
+    edge = fg & ~ndimage.binary_erosion(fg, iterations=k)
+    rgb[edge] = (255.0, 220.0, 0.0)
+    return rgb.clip(0, 255).astype(np.uint8)
+
+
+def _save_png(path: Path, arr: np.ndarray) -> None:
+    from xraydx.fsutil import atomic_open
+
+    with atomic_open(path, "wb") as fh:
+        Image.fromarray(arr).save(fh, format="PNG")
+
+
+def _out_names(paths: Sequence[Path]) -> list[str]:
+    seen: dict[str, int] = {}
+    names = []
+    for p in paths:
+        stem = p.stem or "image"
+        k = seen.get(stem, 0)
+        seen[stem] = k + 1
+        names.append(stem if k == 0 else f"{stem}-{k + 1}")
+    return names
+
+
+def segment_files(
+    seg: LungSegmenter,
+    inputs: Sequence[str],
+    out: Path,
+    *,
+    overlays: bool = True,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> dict[str, int]:
+    """Write ``out/masks/<stem>.png`` (0/255, the input's size), ``out/overlays/<stem>.png`` and
+    ``out/segment.csv`` (path, mask, overlay, lung_fraction, status). Returns {"ok": n, "error": n}."""
+    from tqdm.auto import tqdm
+
+    from xraydx.fsutil import atomic_write_text, refuse_overwrite
+    from xraydx.predict import expand_inputs
+
+    paths, missing = expand_inputs(inputs)
+    if not paths and not missing:
+        raise SegmenterError("no image files found in the inputs given")
+    names = _out_names(paths)
+    refuse_overwrite(out / "segment.csv", overwrite)
+    for n in names:
+        refuse_overwrite(out / "masks" / f"{n}.png", overwrite)
+        if overlays:
+            refuse_overwrite(out / "overlays" / f"{n}.png", overwrite)
+    rows = [[str(p), "", "", "", f"error: {why}"] for p, why in missing]
+    counts = {"ok": 0, "error": len(missing)}
+    for p, n in tqdm(list(zip(paths, names, strict=True)), desc="segment", disable=not progress, leave=False):
+        try:
+            img = read_image(p)
+        except ImageReadError as exc:
+            rows.append([str(p), "", "", "", f"error: {exc.reason}"])
+            counts["error"] += 1
+            print(f"xraydx: {exc}", file=sys.stderr)
+            continue
+        mask = seg.predict_mask(img)
+        mpath = out / "masks" / f"{n}.png"
+        _save_png(mpath, mask)
+        opath = ""
+        if overlays:
+            _save_png(out / "overlays" / f"{n}.png", overlay(img, mask))
+            opath = str(out / "overlays" / f"{n}.png")
+        rows.append([str(p), str(mpath), opath, f"{float((mask > 0).mean()):.4f}", "ok"])
+        counts["ok"] += 1
+    buf = _io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["path", "mask", "overlay", "lung_fraction", "status"])
+    w.writerows(rows)
+    atomic_write_text(out / "segment.csv", buf.getvalue())
+    return counts
+
+
+# ---- CLI -----------------------------------------------------------------------------------------
+
+_TRAIN_ONLY = (
+    "data",
+    "epochs",
+    "image_size",
+    "batch_size",
+    "lr",
+    "seed",
+    "encoder",
+    "pretrained",
+    "threads",
+    "half",
+    "val_fraction",
+    "test_fraction",
+)
+
+
+def add_cli(sub: argparse._SubParsersAction) -> None:
+    sp = sub.add_parser(
+        "segment",
+        help="lung masks and overlays for images; `segment train` trains a segmenter",
+        description="xraydx segment [--checkpoint SEG] INPUTS... --out DIR   (masks/, overlays/, segment.csv)\n"
+        "xraydx segment train --data PATH [--data PATH ...] --out DIR    (lungseg manifests or datasets with masks)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sp.add_argument("inputs", nargs="+", help="image files, folders or .txt lists; or the word `train`")
+    sp.add_argument("--out", help="output folder (required)")
+    sp.add_argument("--overwrite", action="store_true")
+    sp.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    g = sp.add_argument_group("segmenting")
+    g.add_argument("--checkpoint", help="lung-segmenter checkpoint (default: the shipped one)")
+    g.add_argument("--device", default="cpu")
+    g.add_argument("--no-overlay", action="store_true", help="write masks only")
+    t = sp.add_argument_group("training (xraydx segment train ...)")
+    t.add_argument(
+        "--data", action="append", help="lungseg folder/manifest or any dataset with lung masks (repeatable)"
+    )
+    t.add_argument("--epochs", type=int)
+    t.add_argument("--image-size", type=int)
+    t.add_argument("--batch-size", type=int)
+    t.add_argument("--lr", type=float)
+    t.add_argument("--seed", type=int)
+    t.add_argument("--encoder", choices=ENCODERS)
+    t.add_argument("--pretrained", choices=("offline", "none"))
+    t.add_argument("--threads", type=int)
+    t.add_argument("--half", action="store_true", default=None, help="store float16 weights")
+    t.add_argument("--val-fraction", type=float)
+    t.add_argument("--test-fraction", type=float)
+    sp.set_defaults(func=cmd_segment)
+
+
+def cmd_segment(args: argparse.Namespace) -> int:
+    from xraydx.cli import EXIT_OK, EXIT_PARTIAL, UsageError
+
+    if not args.out:
+        raise UsageError("segment: --out DIR is required")
+    if args.inputs[0] == "train":
+        if len(args.inputs) > 1:
+            raise UsageError(
+                f"segment train takes no inputs (got {' '.join(args.inputs[1:])}); use --data PATH"
+            )
+        if not args.data:
+            raise UsageError("segment train: --data PATH is required")
+        opts = {k: getattr(args, k) for k in _TRAIN_ONLY if k != "data" and getattr(args, k) is not None}
+        if "image_size" in opts:
+            opts["size"] = opts.pop("image_size")
+        command = "xraydx " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else ""
+        res = train_segmenter(
+            args.data,
+            Path(args.out),
+            overwrite=args.overwrite,
+            progress=not args.quiet,
+            command=command,
+            **opts,
+        )
+        te = res.get("test")
+        if te:
+            print(
+                f"test split (patient-held-out, n={te['n']}): Dice {te['dice_mean']:.4f}, IoU {te['iou_mean']:.4f}"
+            )
+        return EXIT_OK
+    given = [k for k in _TRAIN_ONLY if getattr(args, k) not in (None, False)]
+    if given:
+        raise UsageError(
+            f"segment: --{given[0].replace('_', '-')} is a training option (xraydx segment train ...)"
+        )
+    seg = (
+        LungSegmenter.load(args.checkpoint, args.device)
+        if args.checkpoint
+        else LungSegmenter.default(args.device)
+    )
+    counts = segment_files(
+        seg,
+        args.inputs,
+        Path(args.out),
+        overlays=not args.no_overlay,
+        overwrite=args.overwrite,
+        progress=not args.quiet,
+    )
+    print(f"wrote {args.out}: {counts['ok']} masks, {counts['error']} unreadable", file=sys.stderr)
+    return EXIT_PARTIAL if counts["error"] else EXIT_OK
