@@ -5,7 +5,7 @@ Usage (from the repository root)::
 
     OMP_NUM_THREADS=2 PYTHONPATH=src python benchmarks/bench_ood.py \\
         --cxr3 /work/shared/data/cxr3 --adult /work/shared/data/cxr3_adult_pneumonia \\
-        --lungseg /work/shared/data/lungseg --json benchmarks/results/ood.json
+        --lungseg /work/shared/data/lungseg --json benchmarks/results/bench_ood.json
 
 Real CXRs: every cxr3 image (reported per part of the guard's own patient split: ``fit`` = the guard
 saw it, ``calib`` = its threshold was set on it, ``test`` = held out), the bundled sample
@@ -334,6 +334,58 @@ def cxr_sets(args: argparse.Namespace) -> dict[str, list[Path]]:
     return sets
 
 
+def leave_source_out(args: argparse.Namespace, seg: object) -> dict[str, dict[str, float]]:
+    """Refit and recalibrate the guard with one source left out; acceptance on that source's images."""
+    from xraydx.ood import Descriptors, OODGuard, cached_features, cxr3_parts, fit_guard, lungseg_parts
+
+    cache = Path(args.features_cache) if args.features_cache else None
+    sets = {f"cxr3-{k}": v for k, v in cxr3_parts(Path(args.cxr3), 0).items()}
+    sets.update({f"lungseg-{k}": v for k, v in lungseg_parts(Path(args.lungseg), 0).items()})
+    sets["adult"] = sorted(Path(args.adult).glob("*/*.png"))
+    d = {n: cached_features(seg, p, n, cache, variants=True) for n, p in sets.items()}  # type: ignore[arg-type]
+
+    def sub(x: Descriptors, keep: np.ndarray) -> Descriptors:
+        assert x.variants is not None
+        return Descriptors(x.features[keep], x.signals[keep], x.variants[keep])
+
+    def cat(xs: list[Descriptors]) -> Descriptors:
+        return Descriptors(
+            *(np.concatenate([getattr(x, a) for x in xs]) for a in ("features", "signals", "variants"))
+        )
+
+    def rejected(g: OODGuard, x: Descriptors) -> np.ndarray:
+        assert x.variants is not None
+        dist = g.distance(x.features)
+        dv = g.distance(x.variants.reshape(len(dist) * 4, -1)).reshape(len(dist), 4)
+        r, f = g.meta["rules"], x.signals[:, 0]
+        return (
+            (dist > g.threshold)
+            | (dist - dv[:, :3].min(1) > r["rotation_gap"])
+            | (dist - dv[:, 3] > r["inversion_gap"])
+            | (f < r["min_lung_fraction"])
+            | (f > r["max_lung_fraction"])
+        )
+
+    out: dict[str, dict[str, float]] = {}
+    for name in ("kermany", "nihcxr8", "radiographydb", "ieee8023"):
+        if name == "ieee8023":  # lungseg + adult pneumonia: fit on cxr3 alone
+            fit, cal = d["cxr3-fit"], d["cxr3-calib"]
+            held = cat([d["lungseg-fit"], d["lungseg-calib"], d["lungseg-test"], d["adult"]])
+        else:
+
+            def m(n: str, pre: str = f"{name}__") -> np.ndarray:
+                return np.array([p.name.startswith(pre) for p in sets[n]])
+
+            fit = cat([sub(d["cxr3-fit"], ~m("cxr3-fit")), d["lungseg-fit"]])
+            cal = cat([sub(d["cxr3-calib"], ~m("cxr3-calib")), d["lungseg-calib"]])
+            held = cat([sub(d[n], m(n)) for n in ("cxr3-fit", "cxr3-calib", "cxr3-test")])
+        tensors, meta = fit_guard(seg, fit, cal)  # type: ignore[arg-type]
+        rej = rejected(OODGuard(seg, tensors, meta), held)  # type: ignore[arg-type]
+        out[name] = {"n": int(len(rej)), "accept_rate": float(1 - rej.mean())}
+        print(f"  left out {name}: {len(rej) - int(rej.sum())}/{len(rej)} accepted", file=sys.stderr)
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cxr3")
@@ -346,9 +398,20 @@ def main() -> int:
         "--transformed", type=int, default=40, help="real CXRs (sample test split) to rotate / invert"
     )
     ap.add_argument("--guard", help="OOD statistics file (default: the shipped one)")
-    ap.add_argument("--segmenter", help="lung-segmenter checkpoint the statistics were fit with (default: shipped)")
+    ap.add_argument(
+        "--segmenter", help="lung-segmenter checkpoint the statistics were fit with (default: shipped)"
+    )
     ap.add_argument("--json", help="write all figures (and every rejected real CXR / accepted non-CXR) here")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument(
+        "--leave-source-out",
+        action="store_true",
+        help="also refit with each source left out and measure acceptance on it (needs --cxr3, --lungseg,"
+        " --adult; computes rotated/inverted descriptors of every image)",
+    )
+    ap.add_argument(
+        "--features-cache", help="folder for descriptors (python -m xraydx.ood fit --features-cache)"
+    )
     args = ap.parse_args()
 
     import torch
@@ -426,6 +489,10 @@ def main() -> int:
         "accept_rate": cx_a / max(1, cx_n),
         "note": "all sets except the bundled sample (its images are copies of cxr3 ones)",
     }
+    if args.leave_source_out:
+        if not (args.cxr3 and args.lungseg and args.adult):
+            ap.error("--leave-source-out needs --cxr3, --lungseg and --adult")
+        results["leave_source_out"] = leave_source_out(args, guard.segmenter)
     results["seconds"] = round(time.perf_counter() - t0, 1)
 
     print("\n| real chest X-rays | n | accepted |\n|---|---:|---:|")
@@ -436,6 +503,8 @@ def main() -> int:
     for k, v in sorted(by_cat.items()):
         print(f"| {k} | {v['n']} | {100 * float(v['reject_rate']):.1f}% |")  # type: ignore[arg-type]
     print(f"| **all** | {tot_n} | {100 * tot_r / max(1, tot_n):.1f}% |")
+    for k, v in dict(results.get("leave_source_out", {})).items():  # type: ignore[call-overload]
+        print(f"| left out of the fit: {k} | {v['n']} | {100 * v['accept_rate']:.1f}% accepted |")
     if accepted:
         print("\naccepted non-CXRs: " + ", ".join(f"{a['name']} ({a['score']})" for a in accepted))
     if args.json:

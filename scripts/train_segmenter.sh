@@ -21,8 +21,9 @@ $PY -m xraydx segment train --data "$LUNGSEG" --out "$OUT" --image-size 224 --ep
 
 # 2. OOD statistics with that segmenter (fit on cxr3's fit part + lungseg train; threshold on calibration)
 $PY -m xraydx.ood fit --segmenter "$OUT/lungseg.safetensors" --cxr3 "$CXR3" --lungseg "$LUNGSEG" \
-    --out "$OUT/ood.safetensors" --k 64 --percentile 99.5 --seed 0
+    --out "$OUT/ood.safetensors" --k 64 --percentile 99.5 --seed 0 --threads 1 --features-cache "$OUT/features"
 
 # 3. the benchmark (acceptance on real CXRs, rejection of non-CXRs)
 $PY benchmarks/bench_ood.py --segmenter "$OUT/lungseg.safetensors" --guard "$OUT/ood.safetensors" \
-    --cxr3 "$CXR3" --adult "$ADULT" --lungseg "$LUNGSEG" --json "$OUT/bench_ood.json"
+    --cxr3 "$CXR3" --adult "$ADULT" --lungseg "$LUNGSEG" --json "$OUT/bench_ood.json" --threads 1 \
+    --leave-source-out --features-cache "$OUT/features"

@@ -62,13 +62,11 @@ def png_bomb(width: int = 100_000, height: int = 100_000) -> bytes:
     )
 
 
-def dicom_bytes(pixels: np.ndarray | None, transfer_syntax: str = "1.2.840.10008.1.2.1") -> bytes:
-    """A DX DICOM file of a 12-bit image (``pixels`` uint16); ``None`` leaves out the pixel data.
-    A compressed ``transfer_syntax`` is encoded through pydicom (JPEG 2000 needs pylibjpeg-openjpeg)."""
+def dx_dataset():  # -> pydicom Dataset
+    """An empty uncompressed DX DICOM dataset with its file meta: the skeleton every test DICOM shares."""
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
-    shape = (224, 224) if pixels is None else pixels.shape
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
     meta.MediaStorageSOPInstanceUID = generate_uid()
@@ -78,6 +76,16 @@ def dicom_bytes(pixels: np.ndarray | None, transfer_syntax: str = "1.2.840.10008
     ds.SOPClassUID = meta.MediaStorageSOPClassUID
     ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
     ds.Modality = "DX"
+    return ds
+
+
+def dicom_bytes(pixels: np.ndarray | None, transfer_syntax: str = "1.2.840.10008.1.2.1") -> bytes:
+    """A DX DICOM file of a 12-bit image (``pixels`` uint16); ``None`` leaves out the pixel data.
+    A compressed ``transfer_syntax`` is encoded through pydicom (JPEG 2000 needs pylibjpeg-openjpeg)."""
+    from pydicom.uid import ExplicitVRLittleEndian
+
+    shape = (224, 224) if pixels is None else pixels.shape
+    ds = dx_dataset()
     ds.Rows, ds.Columns = shape
     ds.SamplesPerPixel = 1
     ds.PhotometricInterpretation = "MONOCHROME2"

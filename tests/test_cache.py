@@ -269,3 +269,13 @@ def test_iter_batches_matches_indexing_and_forwards_errors() -> None:
     it = iter_batches(images, labels, order, 5, torch.device("cpu"))
     next(it)
     it.close()  # stopping early must not hang
+
+
+def test_available_cpus_respects_a_cgroup_quota(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(cache_mod, "_cgroup_cpu_quota", lambda: None)
+    free = cache_mod.available_cpus()
+    assert free >= 1
+    monkeypatch.setattr(cache_mod, "_cgroup_cpu_quota", lambda: 0.5)  # docker --cpus=0.5
+    assert cache_mod.available_cpus() == 1
+    monkeypatch.setattr(cache_mod, "_cgroup_cpu_quota", lambda: 1000.0)
+    assert cache_mod.available_cpus() == free

@@ -19,6 +19,7 @@ from collections.abc import Iterator
 
 import numpy as np
 import pytest
+from badfiles import dx_dataset
 from hypothesis import HealthCheck, given, reject, settings
 from hypothesis import strategies as st
 from PIL import Image
@@ -259,20 +260,7 @@ def test_fuzz_structured_png(data: bytes) -> None:
 def structured_dicom(draw: st.DrawFn) -> bytes:
     """Uncompressed DICOM whose header fields disagree with each other and with the pixel data: sizes,
     bit depths, samples per pixel, photometric interpretation, signedness, frames, rescale and window values."""
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
-
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID, ds.Modality = (
-        meta.MediaStorageSOPClassUID,
-        meta.MediaStorageSOPInstanceUID,
-        "DX",
-    )
+    ds = dx_dataset()
     rows = draw(st.one_of(st.just(64), st.integers(0, 300), st.sampled_from([1, 31, 65535])))
     cols = draw(st.one_of(st.just(64), st.integers(0, 300), st.sampled_from([1, 31, 65535])))
     ds.Rows, ds.Columns = rows, cols

@@ -17,18 +17,16 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
+from badfiles import dx_dataset
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
-from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.dataset import Dataset
 from pydicom.encaps import encapsulate
 from pydicom.uid import (
-    ExplicitVRLittleEndian,
     JPEG2000Lossless,
     JPEGBaseline8Bit,
     RLELossless,
-    SecondaryCaptureImageStorage,
-    generate_uid,
 )
 
 import xraydx.io as xio
@@ -103,15 +101,7 @@ def _dicom(
     arr: np.ndarray, photometric: str = "MONOCHROME2", bits_stored: int | None = None, **elements: object
 ) -> Dataset:
     """An uncompressed DX dataset holding ``arr`` (uint8/uint16, 2-D or frames x H x W)."""
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID = meta.MediaStorageSOPClassUID
-    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
-    ds.Modality = "DX"
+    ds = dx_dataset()
     if arr.ndim == 3:
         ds.NumberOfFrames = arr.shape[0]
     ds.Rows, ds.Columns = arr.shape[-2:]

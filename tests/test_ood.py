@@ -9,7 +9,6 @@ from pathlib import Path
 import matplotlib
 import numpy as np
 import pytest
-import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from conftest import sample_images
@@ -31,7 +30,6 @@ MIN_ACCEPT = 0.95  # of the sample's real test-split CXRs (the full benchmark: d
 
 @pytest.fixture(scope="module")
 def guard() -> OODGuard:
-    torch.set_num_threads(2)
     return OODGuard.default()
 
 

@@ -29,9 +29,9 @@ from xraydx.transforms import Preprocessing, apply_lung_mask, mask_bbox, preproc
 
 FIXTURES = Path(__file__).parent / "fixtures" / "lungseg"
 # Floors for the five held-out fixture images (256 px; patients in the segmenter's test split). The shipped
-# model's own figures are in docs/lungs_and_ood.md; these floors sit a few points below them.
-MEAN_DICE_FLOOR = 0.90
-ANY_DICE_FLOOR = 0.85
+# model scores 0.949-0.974 on them (mean 0.962); the mean floor is the target, Dice >= 0.93.
+MEAN_DICE_FLOOR = 0.93
+ANY_DICE_FLOOR = 0.90
 
 
 def _fixtures() -> list[tuple[Path, np.ndarray, np.ndarray]]:
@@ -46,7 +46,6 @@ def _fixtures() -> list[tuple[Path, np.ndarray, np.ndarray]]:
 
 @pytest.fixture(scope="module")
 def seg() -> LungSegmenter:
-    torch.set_num_threads(2)
     return LungSegmenter.default()
 
 
@@ -194,7 +193,7 @@ def test_train_tiny_segmenter(tmp_path: Path) -> None:
         size=64,
         epochs=1,
         batch_size=4,
-        threads=2,
+        threads=1,
         val_fraction=0.2,
         test_fraction=0.2,
         progress=False,

@@ -17,9 +17,8 @@ from typing import Any
 import numpy as np
 import pydicom
 import pytest
+from badfiles import dx_dataset
 from PIL import Image
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
 from conftest import sample_images
 
@@ -57,15 +56,7 @@ def dicom_bytes(img: np.ndarray, *, monochrome1: bool = False, **elements: objec
     arr = (img.astype(np.uint16) * 16).astype(np.uint16)  # 8 -> 12 bits
     if monochrome1:
         arr = (4095 - arr).astype(np.uint16)
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID = meta.MediaStorageSOPClassUID
-    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
-    ds.Modality = "DX"
+    ds = dx_dataset()
     ds.Rows, ds.Columns = arr.shape
     ds.SamplesPerPixel = 1
     ds.PhotometricInterpretation = "MONOCHROME1" if monochrome1 else "MONOCHROME2"

@@ -88,3 +88,12 @@ def test_equalize_spreads_a_low_contrast_image_and_ignores_black_background() ->
     assert (eq[:, :40] == 0).all() and int(eq[:, 40:].max()) - int(eq[:, 40:].min()) > 200
     with pytest.raises(ValueError, match="intensity"):
         preprocess(img, Preprocessing(size=80, intensity="clahe"))
+
+
+def test_fast_affine_grid_equals_torch_affine_grid() -> None:
+    import torch.nn.functional as F
+
+    from xraydx.transforms import _affine_grid
+
+    theta = torch.randn(5, 2, 3, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(_affine_grid(theta, 48, 40), F.affine_grid(theta, [5, 1, 48, 40], align_corners=False))

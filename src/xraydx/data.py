@@ -55,13 +55,11 @@ distance) are close enough are compared in full.
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import hashlib
 import io
 import os
 import re
-import tempfile
 import warnings
 from collections import defaultdict
 from collections.abc import Iterable, Iterator, Sequence
@@ -74,6 +72,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from xraydx.fsutil import atomic_open
 from xraydx.io import ImageReadError, is_image_path, read_image
 
 __all__ = [
@@ -220,7 +219,8 @@ class Manifest:
         for r in self.records:
             mask = "" if r.mask is None else _rel_or_abs(r.mask, base)
             writer.writerow([_rel_or_abs(r.path, base), r.label, r.split, r.group, r.source, mask])
-        _atomic_write_text(path, buf.getvalue())
+        with atomic_open(path, "w", encoding="utf-8", errors="surrogateescape", newline="") as fh:
+            fh.write(buf.getvalue())
 
     @classmethod
     def from_csv(cls, path: Path) -> Manifest:
@@ -234,21 +234,6 @@ def _rel_or_abs(p: Path, base: Path) -> str:
         return p.relative_to(base).as_posix()
     except ValueError:
         return os.fspath(p)
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", errors="surrogateescape", newline="") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
 
 
 # --------------------------------------------------------------------------------------------

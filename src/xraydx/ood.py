@@ -1,29 +1,33 @@
 """Out-of-distribution guard: is this input a frontal chest X-ray at all?
 
-Method (one forward pass of the shipped lung segmenter, :mod:`xraydx.segment`, per image):
+Method (the shipped lung segmenter, :mod:`xraydx.segment`: one full pass and four encoder passes):
 
 1. **Feature distance.** The segmenter's encoder (ImageNet MobileNetV2, fine-tuned on chest X-rays)
    gives a 1696-d descriptor: the global means of its 1/16 and 1/32 feature maps and the 1/32 map
-   averaged over a 2 x 2 grid (so that a rotated chest, whose parts are in the wrong places, moves
-   the descriptor too). The descriptor is standardised and scored by its Mahalanobis distance under a
-   probabilistic-PCA model of real chest X-rays (``k`` principal directions with their own variances,
-   one shared variance for the rest): ``m = sum_i y_i^2 / l_i + |residual|^2 / s2``, reported as
-   ``sqrt(m / D)``. The model is fit on real CXRs (cxr3's fit split by patient group, plus the lungseg
-   train split), and the threshold is a high percentile (99.5th by default) of the distance on a
-   separate calibration split of real CXRs.
-2. **Lung-field rules** from the segmenter's cleaned mask (model resolution): lung area between
-   calibrated bounds, two lung fields found, lying side by side (one on each half, overlapping
-   vertically). Their bounds are set from the same calibration CXRs with a margin.
-3. **Image rules**: an (almost) constant image is blank; where the file is at hand, a *colour*
+   averaged over a 2 x 2 grid. The descriptor is standardised and scored by its Mahalanobis distance
+   under a probabilistic-PCA model of real chest X-rays (``k`` = 64 principal directions with their own
+   variances, one shared variance ``s2`` for the rest): ``m = sum_i y_i^2 / l_i + |residual|^2 / s2``,
+   reported as ``d = sqrt(m / D)`` (about 1 for a typical training CXR). Fit on real CXRs (cxr3's fit
+   part, split by patient group, plus the lungseg train split); the threshold is the 99.5th percentile
+   of ``d`` on a separate calibration part of real CXRs.
+2. **Orientation test.** Feature distance is nearly blind to a chest turned upside down or inverted
+   (their features are still "chest-like"), so the same distance is computed for the input rotated by
+   90, 180 and 270 degrees and inverted: if a turned (or inverted) copy is closer to the real CXRs by
+   more than a calibrated gap (the 99.9th / 99.7th percentile of that gap on the calibration CXRs),
+   the input is flagged as rotated (inverted).
+3. **Lung area** of the segmenter's cleaned mask outside the range of the calibration CXRs (0.1th and
+   99.9th percentiles, widened by ``rule_margin``).
+4. **Image rules**: an (almost) constant image is blank; where the file is at hand, a *colour*
    image (Hasler-Suesstrunk colourfulness of the file's RGB pixels above :data:`COLOURFUL_MAX`) is
    not a radiograph (gray images saved as RGB have colourfulness 0). :func:`read_image` returns gray,
    so this is read from the file separately (:func:`colourfulness_of_file` /
    :func:`colourfulness_of_bytes`).
 
-``score`` is the largest of the normalised signals, each 1.0 at its threshold: the feature distance
-over its threshold, and for a broken rule its own ratio (e.g. the minimum lung area over the area
-found), at least :data:`RULE_SCORE`. ``is_cxr`` is False when the score is above 1; ``reasons``
-says which signals fired.
+``score`` is the largest of the normalised signals, each 1.0 at its threshold: ``d`` over its
+threshold, ``1 + (gap - gap threshold) / threshold`` for the orientation gaps, and for a broken rule
+its own ratio (at least :data:`RULE_SCORE`). ``is_cxr`` is ``score <= 1``; ``reasons`` says which
+signals fired. The lung-field shape (components, side by side) is reported in ``details`` only: as a
+rule it rejected about 1% of real CXRs.
 
 An **inverted** chest X-ray (bone dark, air bright) is flagged on purpose: DICOM MONOCHROME1 is
 inverted correctly by :mod:`xraydx.io`, so an inverted PNG/JPEG is an unusual export, and the
@@ -33,6 +37,8 @@ Fit (needs the segmenter and the data; writes ``weights/ood.safetensors``)::
 
     python -m xraydx.ood fit --cxr3 /work/shared/data/cxr3 --lungseg /work/shared/data/lungseg \\
         --out src/xraydx/weights/ood.safetensors
+
+Measured figures: docs/lungs_and_ood.md (``benchmarks/bench_ood.py``).
 """
 
 from __future__ import annotations
@@ -192,7 +198,7 @@ class OODGuard:
         self.threshold = float(meta["threshold"])
         rules = meta["rules"]
         self.min_lung, self.max_lung = float(rules["min_lung_fraction"]), float(rules["max_lung_fraction"])
-        self.min_side = float(rules["min_side_by_side"])
+        self.rot_gap, self.inv_gap = float(rules["rotation_gap"]), float(rules["inversion_gap"])
         want = meta.get("segmenter_sha256_16")
         if want and segmenter.path is not None and segmenter.identity != want:
             raise OODError(
@@ -249,14 +255,30 @@ class OODGuard:
         reasons: list[str] = []
         scores: list[float] = []
         det: dict[str, float] = {}
+        thr = self.threshold
         d = float(self.distance(a.features)[0])
         det["feature_distance"] = d
-        scores.append(d / self.threshold)
-        if d > self.threshold:
+        scores.append(d / thr)
+        if d > thr:
             reasons.append(
-                f"looks unlike the chest X-rays the guard was fit on (feature distance {d:.2f}, threshold"
-                f" {self.threshold:.2f})"
+                f"looks unlike the chest X-rays the guard was fit on (feature distance {d:.2f}, threshold {thr:.2f})"
             )
+        if a.variants is not None:  # orientation test: is a rotated or inverted copy more CXR-like?
+            dv = self.distance(a.variants)
+            k = int(np.argmin(dv[:3]))
+            rot, inv = d - float(dv[k]), d - float(dv[3])
+            det["rotation_gap"], det["inversion_gap"] = rot, inv
+            scores += [1 + (rot - self.rot_gap) / thr, 1 + (inv - self.inv_gap) / thr]
+            if rot > self.rot_gap:
+                reasons.append(
+                    f"looks rotated: turned by {90 * (k + 1)} degrees it is much closer to the chest X-rays seen"
+                    f" (distance {float(dv[k]):.2f} against {d:.2f})"
+                )
+            if inv > self.inv_gap:
+                reasons.append(
+                    f"looks inverted (bone dark, air bright): inverted back it is much closer to the chest X-rays"
+                    f" seen (distance {float(dv[3]):.2f} against {d:.2f})"
+                )
         sd = thumb_std(img)
         det["thumb_std"] = sd
         if sd < BLANK_STD:
@@ -272,25 +294,21 @@ class OODGuard:
         f = sig["lung_fraction"]
         if f < self.min_lung:
             reasons.append(
-                f"no clear lung fields (lung area {100 * f:.1f}% of the image; chest X-rays: "
-                f"{100 * self.min_lung:.0f}-{100 * self.max_lung:.0f}%)"
+                f"no clear lung fields (lung area {100 * f:.1f}% of the image; chest X-rays:"
+                f" {100 * self.min_lung:.0f}-{100 * self.max_lung:.0f}%)"
             )
             scores.append(max(RULE_SCORE, self.min_lung / max(f, 1e-3)))
         elif f > self.max_lung:
             reasons.append(f"lung area {100 * f:.0f}% of the image, more than any chest X-ray seen")
             scores.append(max(RULE_SCORE, f / self.max_lung))
-        elif sig["components"] < 2:
-            reasons.append("only one lung field found")
-            scores.append(RULE_SCORE)
-        elif sig["side_by_side"] < self.min_side:
-            reasons.append("the two lung fields are not side by side (rotated or not a frontal view?)")
-            scores.append(RULE_SCORE)
-        score = max(scores)
+        score = float(max(scores))
+        if reasons and score <= 1.0:
+            score = RULE_SCORE
         return OODResult(not reasons, score, reasons, det, a.mask)
 
     def check(self, img: np.ndarray, colourfulness: float | None = None) -> OODResult:
         """Score one uint8 (H, W) gray image; pass the file's colourfulness where known."""
-        return self._result(img, self.segmenter.analyze(img), colourfulness)
+        return self._result(img, self.segmenter.analyze_many([img], variants=True)[0], colourfulness)
 
     def check_many(
         self, imgs: Sequence[np.ndarray], colours: Sequence[float | None] | None = None, batch_size: int = 16
@@ -298,7 +316,9 @@ class OODGuard:
         cols = list(colours) if colours is not None else [None] * len(imgs)
         return [
             self._result(im, a, c)
-            for im, a, c in zip(imgs, self.segmenter.analyze_many(imgs, batch_size), cols, strict=True)
+            for im, a, c in zip(
+                imgs, self.segmenter.analyze_many(imgs, batch_size, variants=True), cols, strict=True
+            )
         ]
 
     def check_file(self, path: str | Path) -> OODResult:
@@ -309,20 +329,30 @@ class OODGuard:
 # ---- fitting ---------------------------------------------------------------------------------------
 
 
+@dataclass
+class Descriptors:
+    """What fitting needs from a set of real CXRs (readable files only)."""
+
+    features: np.ndarray  # (N, D)
+    signals: np.ndarray  # (N, 4): lung_fraction, components, side_by_side, area_ratio
+    variants: np.ndarray | None  # (N, 4, D) or None
+
+
 def _features(
-    seg: LungSegmenter, paths: Sequence[Path], desc: str, progress: bool = True
-) -> tuple[np.ndarray, np.ndarray]:
-    """Descriptors (N, D) and lung signals (N, 4) for readable files (unreadable ones are skipped)."""
+    seg: LungSegmenter, paths: Sequence[Path], desc: str, progress: bool = True, variants: bool = False
+) -> Descriptors:
     from tqdm.auto import tqdm
 
-    feats, sigs = [], []
+    feats, sigs, var = [], [], []
     batch: list[np.ndarray] = []
 
     def flush() -> None:
-        for a in seg.analyze_many(batch):
+        for a in seg.analyze_many(batch, variants=variants):
             feats.append(a.features)
             s = lung_signals(a.clean, seg.threshold)
             sigs.append([s["lung_fraction"], s["components"], s["side_by_side"], s["area_ratio"]])
+            if a.variants is not None:
+                var.append(a.variants)
         batch.clear()
 
     for p in tqdm(paths, desc=desc, disable=not progress, leave=False):
@@ -335,27 +365,37 @@ def _features(
             flush()
     if batch:
         flush()
-    return np.array(feats, np.float32), np.array(sigs, np.float64)
+    return Descriptors(
+        np.array(feats, np.float32),
+        np.array(sigs, np.float64),
+        np.array(var, np.float32) if variants else None,
+    )
 
 
 def cached_features(
-    seg: LungSegmenter, paths: Sequence[Path], desc: str, cache: Path | None, progress: bool = True
-) -> tuple[np.ndarray, np.ndarray]:
+    seg: LungSegmenter,
+    paths: Sequence[Path],
+    desc: str,
+    cache: Path | None,
+    progress: bool = True,
+    variants: bool = False,
+) -> Descriptors:
     """:func:`_features`, kept in an ``.npz`` per file list and segmenter (reused when both match)."""
     import hashlib
 
-    key = hashlib.sha1(("\n".join(map(str, paths)) + seg.identity).encode()).hexdigest()[:16]
+    key = hashlib.sha1(("\n".join(map(str, paths)) + seg.identity + str(variants)).encode()).hexdigest()[:16]
     f = None if cache is None else Path(cache) / f"{desc}-{key}.npz"
     if f is not None and f.is_file():
         with np.load(f, allow_pickle=False) as z:
-            return z["features"], z["signals"]
-    feats, sigs = _features(seg, paths, desc, progress)
+            return Descriptors(z["features"], z["signals"], z["variants"] if variants else None)
+    got = _features(seg, paths, desc, progress, variants)
     if f is not None:
         f.parent.mkdir(parents=True, exist_ok=True)
         tmp = f.with_name(f".{f.name}.tmp.npz")
-        np.savez(tmp, features=feats, signals=sigs)
+        extra = {"variants": got.variants} if got.variants is not None else {}
+        np.savez(tmp, features=got.features, signals=got.signals, **extra)
         tmp.replace(f)
-    return feats, sigs
+    return got
 
 
 def _group_split3(groups: Sequence[str], seed: int, fractions: tuple[float, float]) -> list[str]:
@@ -395,16 +435,20 @@ def lungseg_parts(root: Path, seed: int = 0) -> dict[str, list[Path]]:
 
 def fit_guard(
     seg: LungSegmenter,
-    fit_feats: np.ndarray,
-    calib_feats: np.ndarray,
-    calib_sigs: np.ndarray,
+    fit: Descriptors,
+    calib: Descriptors,
     *,
     k: int = 64,
     percentile: float = 99.5,
+    orientation_percentiles: tuple[float, float] = (99.9, 99.7),
     rule_margin: float = 0.7,
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """PPCA statistics from fit descriptors; the distance threshold and the lung-rule bounds from calibration."""
-    x = fit_feats.astype(np.float64)
+    """PPCA statistics from the fit descriptors; from the calibration CXRs: the distance threshold
+    (``percentile``), the rotation / inversion gap thresholds (``orientation_percentiles``) and the
+    lung-area bounds (0.1th and 99.9th percentiles widened by ``rule_margin``)."""
+    if calib.variants is None:
+        raise OODError("calibration descriptors need their rotated / inverted variants (variants=True)")
+    x = fit.features.astype(np.float64)
     mean = x.mean(0)
     sd = x.std(0)
     scale = np.maximum(sd, 0.05 * float(np.median(sd)) + 1e-6)
@@ -420,30 +464,31 @@ def fit_guard(
         "components": torch.from_numpy(vt[:k].astype(np.float32)),
         "eigenvalues": torch.from_numpy(lam[:k].astype(np.float32)),
     }
-    meta: dict[str, Any] = {
-        "sigma2": sigma2,
-        "threshold": 1.0,
-        "rules": {"min_lung_fraction": 0.0, "max_lung_fraction": 1.0, "min_side_by_side": 0.0},
-    }
+    rules0 = {"min_lung_fraction": 0.0, "max_lung_fraction": 1.0, "rotation_gap": 0.0, "inversion_gap": 0.0}
+    meta: dict[str, Any] = {"sigma2": sigma2, "threshold": 1.0, "rules": rules0}
     probe = OODGuard(seg, tensors, meta)
-    dist = probe.distance(calib_feats)
-    thr = float(np.percentile(dist, percentile))
-    frac, side = calib_sigs[:, 0], calib_sigs[:, 2]
+    dist = probe.distance(calib.features)
+    n = len(dist)
+    dv = probe.distance(calib.variants.reshape(n * 4, -1)).reshape(n, 4)
+    rot_gap, inv_gap = dist - dv[:, :3].min(1), dist - dv[:, 3]
+    frac = calib.signals[:, 0]
     rules = {
         "min_lung_fraction": float(np.percentile(frac, 0.1) * rule_margin),
         "max_lung_fraction": float(min(0.95, np.percentile(frac, 99.9) / rule_margin)),
-        "min_side_by_side": float(np.percentile(side, 0.1) * rule_margin),
+        "rotation_gap": float(np.percentile(rot_gap, orientation_percentiles[0])),
+        "inversion_gap": float(np.percentile(inv_gap, orientation_percentiles[1])),
     }
     meta.update(
         {
-            "threshold": thr,
+            "threshold": float(np.percentile(dist, percentile)),
             "rules": rules,
             "k": k,
             "percentile": percentile,
+            "orientation_percentiles": list(orientation_percentiles),
             "rule_margin": rule_margin,
             "descriptor_dim": d,
-            "fit_n": len(fit_feats),
-            "calib_n": len(calib_feats),
+            "fit_n": len(fit.features),
+            "calib_n": n,
             "calib_distance_quantiles": {
                 str(q): float(np.percentile(dist, q)) for q in (50, 90, 99, 99.5, 99.9, 100)
             },
@@ -483,11 +528,22 @@ def _cmd_fit(args: argparse.Namespace) -> int:
             }
         )
     cache = Path(args.features_cache) if args.features_cache else None
-    got = {name: cached_features(seg, paths, name, cache) for name, paths in sets.items()}
-    ff = np.concatenate([f for name, (f, _) in got.items() if name.endswith("-fit")])
-    cf = np.concatenate([f for name, (f, _) in got.items() if name.endswith("-calib")])
-    cs = np.concatenate([s for name, (_, s) in got.items() if name.endswith("-calib")])
-    tensors, meta = fit_guard(seg, ff, cf, cs, k=args.k, percentile=args.percentile)
+    got = {n: cached_features(seg, p, n, cache, variants=n.endswith("-calib")) for n, p in sets.items()}
+
+    def join(part: str) -> Descriptors:
+        ds = [v for n, v in got.items() if n.endswith(part)]
+        var = [v.variants for v in ds if v.variants is not None]
+        return Descriptors(
+            np.concatenate([v.features for v in ds]),
+            np.concatenate([v.signals for v in ds]),
+            np.concatenate(var) if len(var) == len(ds) else None,
+        )
+
+    tensors, meta = fit_guard(
+        seg, join("-fit"), join("-calib"), k=args.k, percentile=args.percentile,
+        orientation_percentiles=(args.rotation_percentile, args.inversion_percentile),
+    )  # fmt: skip
+    cf = join("-calib").features
     meta.update(
         {
             "segmenter_sha256_16": seg.identity,
@@ -520,7 +576,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     f.add_argument("--segmenter", help="segmenter checkpoint (default: the shipped one)")
     f.add_argument("--out", required=True)
     f.add_argument("--k", type=int, default=64)
-    f.add_argument("--percentile", type=float, default=99.5)
+    f.add_argument("--percentile", type=float, default=99.5, help="of calibration distances: the threshold")
+    f.add_argument("--rotation-percentile", type=float, default=99.9)
+    f.add_argument("--inversion-percentile", type=float, default=99.7)
     f.add_argument("--seed", type=int, default=0)
     f.add_argument("--threads", type=int, default=2)
     f.add_argument("--overwrite", action="store_true")

@@ -239,6 +239,7 @@ class SegAnalysis:
     prob: np.ndarray  # float32 (S, S): the raw probability at the model's input size
     clean: np.ndarray  # float32 (S, S): after post-processing
     features: np.ndarray  # float32 (D,): pooled encoder features (see LungSegmenter.pooled_features)
+    variants: np.ndarray | None = None  # float32 (4, D): the same for the input rotated 90/180/270, inverted
 
 
 _DEFAULT_CACHE: dict[tuple[str, str], LungSegmenter] = {}
@@ -313,16 +314,28 @@ class LungSegmenter:
         return (x - self.mean) / self.std
 
     @torch.inference_mode()
-    def analyze_many(self, imgs: Sequence[np.ndarray], batch_size: int = 16) -> list[SegAnalysis]:
+    def analyze_many(
+        self, imgs: Sequence[np.ndarray], batch_size: int = 16, variants: bool = False
+    ) -> list[SegAnalysis]:
+        """Masks, cleaned probabilities and pooled encoder features; with ``variants``, also the features of
+        the input rotated by 90, 180 and 270 degrees and inverted (four more encoder passes, for the OOD
+        guard's orientation test)."""
         out: list[SegAnalysis] = []
         for i in range(0, len(imgs), batch_size):
             chunk = imgs[i : i + batch_size]
-            logits, feats = self.model.forward_with_features(self._input(chunk))
+            x = self._input(chunk)
+            logits, feats = self.model.forward_with_features(x)
             probs = torch.sigmoid(logits[:, 0].float()).cpu().numpy()
             pooled = self.pooled_features(feats).cpu().numpy()
-            for im, p, f in zip(chunk, probs, pooled, strict=True):
+            var: list[np.ndarray | None] = [None] * len(chunk)
+            if variants:
+                inv = (1.0 - (x * self.std + self.mean) - self.mean) / self.std
+                vs = [torch.rot90(x, k, (2, 3)) for k in (1, 2, 3)] + [inv]
+                vf = [self.pooled_features(self.model.encode(v)).cpu().numpy() for v in vs]
+                var = list(np.stack(vf, 1))
+            for im, p, f, v in zip(chunk, probs, pooled, var, strict=True):
                 clean = postprocess(p, self.threshold)
-                out.append(SegAnalysis(self._to_size(clean, im.shape), p, clean, f))
+                out.append(SegAnalysis(self._to_size(clean, im.shape), p, clean, f, v))
         return out
 
     def analyze(self, img: np.ndarray) -> SegAnalysis:

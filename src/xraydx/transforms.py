@@ -175,7 +175,7 @@ class BatchAugment:
         theta = torch.stack(
             [torch.stack([cos, -sin, tx], 1), torch.stack([sin, cos, ty], 1)], 1
         )  # (B, 2, 3): output -> input sampling grid
-        grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+        grid = _affine_grid(theta, x.shape[-2], x.shape[-1])
         x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
         gam = torch.exp(u(math.log(s.gamma[0]), math.log(s.gamma[1])))
         x = x.clamp_(0, 1).pow_(gam.view(b, 1, 1, 1))
@@ -186,3 +186,15 @@ class BatchAugment:
         if s.noise_std > 0:
             x = x + torch.randn(x.shape, generator=gen).to(dev) * s.noise_std
         return x.clamp_(0, 1)
+
+
+def _affine_grid(theta: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """``F.affine_grid(theta, (B, C, h, w), align_corners=False)`` as one batched matmul: the same grid,
+    about twice as fast on CPU (F.affine_grid's CPU kernel dominated the augmentation's cost)."""
+    ys = (torch.arange(h, dtype=theta.dtype, device=theta.device) * 2 + 1) / h - 1
+    xs = (torch.arange(w, dtype=theta.dtype, device=theta.device) * 2 + 1) / w - 1
+    base = torch.stack(
+        [xs.expand(h, w), ys[:, None].expand(h, w), torch.ones(h, w, dtype=theta.dtype, device=theta.device)], -1
+    )  # (h, w, 3): x, y, 1
+    return torch.matmul(base.view(1, h * w, 3), theta.transpose(1, 2)).view(theta.shape[0], h, w, 2)
+
