@@ -85,7 +85,9 @@ class _Boom:
         return (print, ("pwned",))
 
 
-def test_pickle_named_like_a_checkpoint_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_pickle_named_like_a_checkpoint_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     for name in ("best.safetensors", "model.pt"):
         p = tmp_path / name
         p.write_bytes(pickle.dumps({"x": _Boom()}))

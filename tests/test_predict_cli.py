@@ -59,7 +59,10 @@ def test_predict_refuses_to_overwrite(checkpoint: Path, tmp_path: Path) -> None:
     img = str(sample_images("test")[0])
     assert main(["predict", img, "--checkpoint", str(checkpoint), "--out", str(out), "-q"]) != EXIT_OK
     assert out.read_text() == "precious\n"
-    assert main(["predict", img, "--checkpoint", str(checkpoint), "--out", str(out), "-q", "--overwrite"]) == EXIT_OK
+    assert (
+        main(["predict", img, "--checkpoint", str(checkpoint), "--out", str(out), "-q", "--overwrite"])
+        == EXIT_OK
+    )
     assert len(_rows(out)) == 1
 
 
@@ -68,7 +71,9 @@ def test_predict_json_and_list_file(checkpoint: Path, tmp_path: Path) -> None:
     lst = tmp_path / "files.txt"
     lst.write_text("\n".join(str(p) for p in imgs) + "\n# a comment\n")
     out = tmp_path / "pred.json"
-    code = main(["predict", str(lst), "--checkpoint", str(checkpoint), "--out", str(out), "--format", "json", "-q"])
+    code = main(
+        ["predict", str(lst), "--checkpoint", str(checkpoint), "--out", str(out), "--format", "json", "-q"]
+    )
     assert code == EXIT_OK
     doc = json.loads(out.read_text())
     assert doc["classes"] == CLASSES and len(doc["predictions"]) == 3
@@ -82,17 +87,27 @@ def test_predict_resume_skips_done_rows(checkpoint: Path, tmp_path: Path) -> Non
     for p in imgs[:3]:
         shutil.copy(p, folder / p.name)
     out = tmp_path / "pred.csv"
-    assert main(["predict", str(folder), "--checkpoint", str(checkpoint), "--out", str(out), "-q", "--resume"]) == 0
+    assert (
+        main(["predict", str(folder), "--checkpoint", str(checkpoint), "--out", str(out), "-q", "--resume"])
+        == 0
+    )
     for p in imgs[3:]:
         shutil.copy(p, folder / p.name)
-    assert main(["predict", str(folder), "--checkpoint", str(checkpoint), "--out", str(out), "-q", "--resume"]) == 0
+    assert (
+        main(["predict", str(folder), "--checkpoint", str(checkpoint), "--out", str(out), "-q", "--resume"])
+        == 0
+    )
     rows = _rows(out)
     assert sorted(Path(r["path"]).name for r in rows) == sorted(p.name for p in imgs)
 
 
-def test_evaluate_cli(checkpoint: Path, sample_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_evaluate_cli(
+    checkpoint: Path, sample_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     out = tmp_path / "ev"
-    code = main(["evaluate", "--checkpoint", str(checkpoint), "--data", str(sample_dir), "--out", str(out), "-q"])
+    code = main(
+        ["evaluate", "--checkpoint", str(checkpoint), "--data", str(sample_dir), "--out", str(out), "-q"]
+    )
     assert code == EXIT_OK
     m = json.loads((out / "metrics.json").read_text())
     assert m["n"] == 30 and m["split"] == "test"
@@ -101,9 +116,16 @@ def test_evaluate_cli(checkpoint: Path, sample_dir: Path, tmp_path: Path, capsys
     assert "confusion matrix" in capsys.readouterr().out
     assert len(_rows(out / "predictions.csv")) == 30
     # refuses to overwrite
-    assert main(["evaluate", "--checkpoint", str(checkpoint), "--data", str(sample_dir), "--out", str(out), "-q"]) == 1
+    assert (
+        main(
+            ["evaluate", "--checkpoint", str(checkpoint), "--data", str(sample_dir), "--out", str(out), "-q"]
+        )
+        == 1
+    )
 
 
 def test_usage_errors(tmp_path: Path) -> None:
     assert main(["train", "--data", "x", "--set", "train.nope=1"]) == EXIT_USAGE
-    assert main(["predict", str(tmp_path), "--checkpoint", "x", "--out", str(tmp_path / "o.csv")]) == EXIT_USAGE
+    assert (
+        main(["predict", str(tmp_path), "--checkpoint", "x", "--out", str(tmp_path / "o.csv")]) == EXIT_USAGE
+    )

@@ -310,4 +310,4 @@ def test_ci_runs_the_audit_between_install_and_tests_and_keeps_its_result() -> N
     assert "|| audit_rc=$?" in lines[i_audit]
     # the audit's result is reported after the tests, and fails the job when XRAYDX_AUDIT_STRICT=1
     tail = "\n".join(lines[i_test + 1 :])
-    assert '"$audit_rc" != 0' in tail and 'XRAYDX_AUDIT_STRICT' in tail and 'exit "$audit_rc"' in tail
+    assert '"$audit_rc" != 0' in tail and "XRAYDX_AUDIT_STRICT" in tail and 'exit "$audit_rc"' in tail

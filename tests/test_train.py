@@ -43,7 +43,9 @@ def _strip_times(rows: list[dict[str, str]]) -> list[dict[str, str]]:
     return [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
 
 
-def test_same_config_and_seed_give_the_same_metrics(tmp_path: Path, sample_dir: Path, trained_run: Path) -> None:
+def test_same_config_and_seed_give_the_same_metrics(
+    tmp_path: Path, sample_dir: Path, trained_run: Path
+) -> None:
     cfg = tiny_config(sample_dir, tmp_path, epochs=3)
     run = run_training(cfg, progress=False)
     assert _strip_times(_log(run)) == _strip_times(_log(trained_run))
@@ -91,5 +93,8 @@ def test_early_stopping(tmp_path: Path, sample_dir: Path) -> None:
     run = run_training(cfg, progress=False)
     rows = _log(run)
     assert len(rows) < 8
-    assert [r["best"] for r in rows[-2:]] == ["0", "0"]  # stopped after exactly `patience` non-improving epochs
+    assert [r["best"] for r in rows[-2:]] == [
+        "0",
+        "0",
+    ]  # stopped after exactly `patience` non-improving epochs
     assert "early stopping" in (run / "train.log").read_text()

@@ -96,4 +96,6 @@ def test_fast_affine_grid_equals_torch_affine_grid() -> None:
     from xraydx.transforms import _affine_grid
 
     theta = torch.randn(5, 2, 3, generator=torch.Generator().manual_seed(0))
-    torch.testing.assert_close(_affine_grid(theta, 48, 40), F.affine_grid(theta, [5, 1, 48, 40], align_corners=False))
+    torch.testing.assert_close(
+        _affine_grid(theta, 48, 40), F.affine_grid(theta, [5, 1, 48, 40], align_corners=False)
+    )

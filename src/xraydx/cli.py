@@ -36,7 +36,9 @@ def cmd_data_inspect(args: argparse.Namespace) -> int:
     from xraydx.data import discover, format_report, inspect
     from xraydx.fsutil import atomic_write_json
 
-    manifest = discover(args.path, val_fraction=args.val_fraction, test_fraction=args.test_fraction, seed=args.seed)
+    manifest = discover(
+        args.path, val_fraction=args.val_fraction, test_fraction=args.test_fraction, seed=args.seed
+    )
     report = inspect(manifest, check_images=not args.no_read, near=not args.no_near, progress=not args.quiet)
     print(format_report(report))
     if args.json:
@@ -127,7 +129,9 @@ def evaluate_checkpoint(
     )  # fmt: skip
     recs = manifest.split(split)
     if not recs:
-        raise UsageError(f"{data}: no images in split {split!r} (splits present: {sorted(manifest.counts())})")
+        raise UsageError(
+            f"{data}: no images in split {split!r} (splits present: {sorted(manifest.counts())})"
+        )
     masks = [r.mask for r in recs] if pred.spec.lung_mask != "none" else None
     arr, failures = load_many(
         [r.path for r in recs], pred.spec, cache_dir=None, masks=masks, progress=progress, desc=f"load {split}",
@@ -218,7 +222,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
         from xraydx.explain import with_heatmaps
 
         stream = with_heatmaps(pred, stream, Path(args.heatmaps), overwrite=args.overwrite or args.resume)
-    missing_rows = [Prediction(str(p), None, f"error: {reason}") for p, reason in missing if str(p) not in skip]
+    missing_rows = [
+        Prediction(str(p), None, f"error: {reason}") for p, reason in missing if str(p) not in skip
+    ]
 
     def all_rows() -> Any:
         yield from missing_rows
@@ -274,7 +280,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from xraydx import __version__
 
-    p = argparse.ArgumentParser(prog="xraydx", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="xraydx", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--version", action="version", version=f"xraydx {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -288,7 +296,9 @@ def build_parser() -> argparse.ArgumentParser:
     ins.add_argument("--val-fraction", type=float, default=0.15)
     ins.add_argument("--test-fraction", type=float, default=0.15)
     ins.add_argument("--seed", type=int, default=0)
-    ins.add_argument("--no-read", action="store_true", help="do not decode images (faster; no unreadable/duplicate check)")
+    ins.add_argument(
+        "--no-read", action="store_true", help="do not decode images (faster; no unreadable/duplicate check)"
+    )
     ins.add_argument("--no-near", action="store_true", help="skip the near-duplicate search")
     ins.add_argument("--json", help="also write the report as JSON here")
     ins.add_argument("--manifest-out", help="write the resolved manifest (CSV) here")
@@ -298,9 +308,15 @@ def build_parser() -> argparse.ArgumentParser:
     tr = sub.add_parser("train", help="train with validation every epoch")
     tr.add_argument("--config", help="YAML config file")
     for flag, (key, typ, hlp) in TRAIN_FLAGS.items():
-        tr.add_argument(f"--{flag.replace('_', '-')}", dest=flag, type=typ, default=None, help=f"{hlp} [{key}]")
-    tr.add_argument("--set", action="append", metavar="KEY=VALUE", help="any config field, e.g. train.weight_decay=0.01")
-    tr.add_argument("--resume", metavar="RUN_DIR", help="continue a killed or finished run from its last checkpoint")
+        tr.add_argument(
+            f"--{flag.replace('_', '-')}", dest=flag, type=typ, default=None, help=f"{hlp} [{key}]"
+        )
+    tr.add_argument(
+        "--set", action="append", metavar="KEY=VALUE", help="any config field, e.g. train.weight_decay=0.01"
+    )
+    tr.add_argument(
+        "--resume", metavar="RUN_DIR", help="continue a killed or finished run from its last checkpoint"
+    )
     common(tr)
     tr.set_defaults(func=cmd_train)
 
@@ -327,7 +343,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="torch, or onnx (onnxruntime; --checkpoint may then be an exported .onnx file)",
     )  # fmt: skip
     pr.add_argument("--overwrite", action="store_true", help="replace an existing output file")
-    pr.add_argument("--resume", action="store_true", help="carry on a killed run: skip paths already in --out")
+    pr.add_argument(
+        "--resume", action="store_true", help="carry on a killed run: skip paths already in --out"
+    )
     pr.add_argument("--heatmaps", metavar="DIR", help="also write a Grad-CAM overlay per image into DIR")
     common(pr)
     pr.set_defaults(func=cmd_predict)

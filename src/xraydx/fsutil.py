@@ -79,4 +79,6 @@ class OutputExistsError(FileExistsError):
 
 def refuse_overwrite(path: Path, overwrite: bool, flag: str = "--overwrite") -> None:
     if Path(path).exists() and not overwrite:
-        raise OutputExistsError(f"{path}: already exists; refusing to overwrite it (pass {flag} to replace it)")
+        raise OutputExistsError(
+            f"{path}: already exists; refusing to overwrite it (pass {flag} to replace it)"
+        )

@@ -140,7 +140,9 @@ def _load_offline(model: nn.Module, name: str, in_chans: int) -> None:
     from timm.models import adapt_input_conv
 
     path = offline_weights_path(name)
-    source = torch.load(path, map_location="cpu", weights_only=True)  # a plain state dict; never unpickles code
+    source = torch.load(
+        path, map_location="cpu", weights_only=True
+    )  # a plain state dict; never unpickles code
     target = model.state_dict()
     src_items = list(source.items())
     tgt_keys = list(target.keys())
@@ -158,7 +160,9 @@ def _load_offline(model: nn.Module, name: str, in_chans: int) -> None:
             if in_chans != tensor.shape[1]:
                 tensor = adapt_input_conv(in_chans, tensor)
         if tensor.shape != want:
-            raise CheckpointError(f"{path}: tensor {src_key} {tuple(tensor.shape)} does not fit {key} {tuple(want)}")
+            raise CheckpointError(
+                f"{path}: tensor {src_key} {tuple(tensor.shape)} does not fit {key} {tuple(want)}"
+            )
         new_state[key] = tensor
     missing = set(tgt_keys) - set(new_state) - classifier
     if missing:
@@ -206,7 +210,9 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
     if meta.get("format") != FORMAT:
         raise CheckpointError(f"{p}: unknown checkpoint format {meta.get('format')!r}")
     if int(meta.get("format_version", 0)) > FORMAT_VERSION:
-        raise CheckpointError(f"{p}: checkpoint format version {meta['format_version']} is newer than this xraydx")
+        raise CheckpointError(
+            f"{p}: checkpoint format version {meta['format_version']} is newer than this xraydx"
+        )
     return meta
 
 

@@ -53,7 +53,11 @@ def batch_logits(
     n = len(images)
     for i in range(0, n, batch_size):
         chunk = images[i : i + batch_size]
-        t = torch.as_tensor(np.ascontiguousarray(chunk)) if isinstance(chunk, np.ndarray) else chunk
+        if isinstance(chunk, np.ndarray):
+            # read-only arrays (memmaps, cached entries) are copied: torch cannot wrap them safely
+            t = torch.from_numpy(np.ascontiguousarray(chunk) if chunk.flags.writeable else chunk.copy())
+        else:
+            t = chunk
         x = normalize(t.to(device, non_blocking=True), spec.mean, spec.std)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             y = model(x)

@@ -569,16 +569,38 @@ def evaluate_segmenter(seg: LungSegmenter, samples: Sequence[SegSample]) -> dict
         d, j = dice_iou(seg.predict_mask(img), truth > 127)
         dices.append(d)
         ious.append(j)
-        per.append({"image": str(s.image), "dice": round(d, 5), "iou": round(j, 5)})
+        per.append({"image": str(s.image), "group": s.group, "dice": round(d, 5), "iou": round(j, 5)})
     arr = np.array(dices) if dices else np.array([np.nan])
     return {
         "n": len(dices),
+        "patients": len({s.group for s in samples}),
         "dice_mean": float(np.mean(arr)),
         "dice_median": float(np.median(arr)),
         "dice_min": float(np.min(arr)),
         "iou_mean": float(np.mean(ious)) if ious else float("nan"),
+        "dice_ci95": patient_bootstrap(per, "dice"),
+        "iou_ci95": patient_bootstrap(per, "iou"),
         "per_image": per,
     }
+
+
+def patient_bootstrap(
+    per_image: Sequence[dict[str, Any]], key: str, n: int = 5000, seed: int = 0
+) -> list[float]:
+    """95% interval of the mean of ``key`` over images, resampling whole patients (``group``) with replacement."""
+    by: dict[str, list[float]] = {}
+    for r in per_image:
+        by.setdefault(str(r["group"]), []).append(float(r[key]))
+    if not by:
+        return [float("nan"), float("nan")]
+    groups = sorted(by)
+    rng = np.random.default_rng(seed)
+    means = []
+    for _ in range(n):
+        vals = [v for g in rng.choice(len(groups), len(groups)) for v in by[groups[g]]]
+        means.append(float(np.mean(vals)))
+    lo, hi = np.percentile(means, [2.5, 97.5])
+    return [float(lo), float(hi)]
 
 
 def train_segmenter(

@@ -219,9 +219,13 @@ def hold_out_source(manifest: Manifest, source: str) -> Manifest:
 
     known = sorted({r.source for r in manifest.records if r.source})
     if source not in known:
-        raise TrainError(f"holdout_source {source!r} not in the data; sources: {', '.join(known) or 'none recorded'}")
+        raise TrainError(
+            f"holdout_source {source!r} not in the data; sources: {', '.join(known) or 'none recorded'}"
+        )
     recs = [dataclasses.replace(r, split="external") if r.source == source else r for r in manifest.records]
-    note = f"held out source {source!r}: {sum(r.split == 'external' for r in recs)} images in split 'external'"
+    note = (
+        f"held out source {source!r}: {sum(r.split == 'external' for r in recs)} images in split 'external'"
+    )
     return dataclasses.replace(manifest, records=recs, notes=[*manifest.notes, note])
 
 
@@ -229,7 +233,9 @@ def new_run_dir(cfg: Config) -> Path:
     name = cfg.name or f"{cfg.model.name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
     run = Path(cfg.runs_dir) / name
     if run.exists() and any(run.iterdir()):
-        raise TrainError(f"{run}: run folder already exists; use --resume to continue it or choose another --name")
+        raise TrainError(
+            f"{run}: run folder already exists; use --resume to continue it or choose another --name"
+        )
     return run
 
 
@@ -319,7 +325,11 @@ def _run(cfg: Config, d: Dist, device: torch.device, resume: Path | None, progre
             log(f"data: {note}")
     mean, std = normalization_for(cfg.model.name, cfg.model.pretrained)
     spec = Preprocessing(
-        size=cfg.data.image_size, lung_mask=cfg.data.lung_mask, mean=mean, std=std, intensity=cfg.data.intensity
+        size=cfg.data.image_size,
+        lung_mask=cfg.data.lung_mask,
+        mean=mean,
+        std=std,
+        intensity=cfg.data.intensity,
     )
     cache_dir = Path(cfg.data.cache_dir) if cfg.data.cache_dir else Path(cfg.runs_dir) / ".cache"
 
@@ -398,9 +408,15 @@ def _run(cfg: Config, d: Dist, device: torch.device, resume: Path | None, progre
                 f"{ckdir}: cannot resume from last.safetensors / last.state.safetensors ({str(exc)[:200]})"
             ) from exc
         start_epoch = int(info["epoch"]) + 1
-        best_f1, best_epoch, bad_epochs = float(info["best_f1"]), int(info["best_epoch"]), int(info["bad_epochs"])
+        best_f1, best_epoch, bad_epochs = (
+            float(info["best_f1"]),
+            int(info["best_epoch"]),
+            int(info["bad_epochs"]),
+        )
         rows = list(info["rows"])
-        log(f"resumed {run} after epoch {info['epoch']} (best val macro-F1 {best_f1:.4f} at epoch {best_epoch})")
+        log(
+            f"resumed {run} after epoch {info['epoch']} (best val macro-F1 {best_f1:.4f} at epoch {best_epoch})"
+        )
         if info.get("stopped"):
             start_epoch = cfg.train.epochs + 1
 
@@ -429,7 +445,9 @@ def _run(cfg: Config, d: Dist, device: torch.device, resume: Path | None, progre
                 x = x.contiguous(memory_format=torch.channels_last)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
                 logits = train_model(x)
-                loss = F.cross_entropy(logits.float(), yb, weight=weight, label_smoothing=cfg.train.label_smoothing)
+                loss = F.cross_entropy(
+                    logits.float(), yb, weight=weight, label_smoothing=cfg.train.label_smoothing
+                )
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -479,7 +497,9 @@ def _run(cfg: Config, d: Dist, device: torch.device, resume: Path | None, progre
             f"{' (best)' if improved else ''} | {row['seconds']:.1f}s"
         )
         if stopped:
-            log(f"early stopping: no better val macro-F1 for {cfg.train.patience} epochs (best {best_f1:.4f} at {best_epoch})")
+            log(
+                f"early stopping: no better val macro-F1 for {cfg.train.patience} epochs (best {best_f1:.4f} at {best_epoch})"
+            )
             break
     epochs_bar.close()
     if d.active:
@@ -491,7 +511,9 @@ def _run(cfg: Config, d: Dist, device: torch.device, resume: Path | None, progre
     return run
 
 
-def eval_logits(model: nn.Module, images: np.ndarray, spec: Preprocessing, device: torch.device, d: Dist) -> torch.Tensor:
+def eval_logits(
+    model: nn.Module, images: np.ndarray, spec: Preprocessing, device: torch.device, d: Dist
+) -> torch.Tensor:
     """Validation logits for all images, computed in shards across ranks and gathered in order."""
     if not d.active:
         return batch_logits(model, images, spec, device)

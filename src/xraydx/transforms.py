@@ -194,7 +194,7 @@ def _affine_grid(theta: torch.Tensor, h: int, w: int) -> torch.Tensor:
     ys = (torch.arange(h, dtype=theta.dtype, device=theta.device) * 2 + 1) / h - 1
     xs = (torch.arange(w, dtype=theta.dtype, device=theta.device) * 2 + 1) / w - 1
     base = torch.stack(
-        [xs.expand(h, w), ys[:, None].expand(h, w), torch.ones(h, w, dtype=theta.dtype, device=theta.device)], -1
+        [xs.expand(h, w), ys[:, None].expand(h, w), torch.ones(h, w, dtype=theta.dtype, device=theta.device)],
+        -1,
     )  # (h, w, 3): x, y, 1
     return torch.matmul(base.view(1, h * w, 3), theta.transpose(1, 2)).view(theta.shape[0], h, w, 2)
-
