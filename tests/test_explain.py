@@ -176,3 +176,22 @@ def test_predict_heatmaps_and_flag(checkpoint: Path, tmp_path: Path) -> None:
         assert r["heatmap"] == f"{Path(r['path']).stem}__{r['prediction']}.png"
         assert (maps / r["heatmap"]).is_file()
         assert r["flag"] in ("", "uncertain: refer to a radiologist")
+
+
+def test_explain_marks_inputs_that_are_not_chest_xrays(checkpoint: Path, tmp_path: Path) -> None:
+    import csv
+
+    import numpy as np
+    from PIL import Image
+
+    from xraydx.explain import explain_files
+
+    noise = tmp_path / "in" / "noise.png"
+    noise.parent.mkdir()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (256, 256), dtype=np.uint8)).save(noise)
+    real = sample_images("test")[0]
+    explain_files(checkpoint, [str(noise), str(real)], tmp_path / "out", progress=False)
+    with open(tmp_path / "out" / "explain.csv", newline="") as fh:
+        rows = {Path(r["path"]).name: r for r in csv.DictReader(fh)}
+    assert rows["noise.png"]["status"] == "not_cxr" and float(rows["noise.png"]["ood_score"]) > 1.0
+    assert rows[real.name]["status"] == "ok"

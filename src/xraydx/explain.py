@@ -320,7 +320,8 @@ def explain_files(
     pred = Predictor(checkpoint, device)
     cam = GradCAM(pred.model, pred.spec, temperature=pred.temperature)
     classes = pred.classes
-    cols = ["path", "prediction", *[f"prob_{c}" for c in classes], "flag", "overlay", "status"]
+    cols = ["path", "prediction", *[f"prob_{c}" for c in classes], "flag", "overlay", "status", "ood_score"]
+    guard = pred.ood_guard()
     names = _Names()
     counts = {"ok": 0, "error": 0}
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -333,7 +334,14 @@ def explain_files(
             w.writerow({"path": str(p), "status": f"error: {reason}"})
         for p in tqdm(paths, desc="explain", unit="img", disable=not progress, leave=False):
             try:
-                img = pred.prepare(read_image(p))
+                raw = read_image(p)
+                oc = None
+                if guard is not None:  # the same out-of-distribution check as predict and serve
+                    from xraydx.ood import colourfulness_of_file
+
+                    oc = guard.check(raw, colourfulness_of_file(p))
+                mask = oc.mask if oc is not None and pred.spec.lung_mask != "none" else None
+                img = pred.prepare(raw, mask)
             except (ImageReadError, ValueError) as exc:
                 reason = exc.reason if isinstance(exc, ImageReadError) else str(exc)
                 counts["error"] += 1
@@ -351,7 +359,15 @@ def explain_files(
                 k = int(np.argmax(probs))
                 _write_png(out_dir / f"{stem}__{classes[k]}.png", overlay_png(img, heat, alpha), overwrite)
             counts["ok"] += 1
-            row = {"path": str(p), "prediction": classes[k], "flag": pred.flag(probs), "status": "ok"}
+            status = "ok" if oc is None or oc.is_cxr else "not_cxr"
+            if status == "not_cxr":
+                print(
+                    f"xraydx: {p}: does not look like a frontal chest X-ray; heatmap not trustworthy",
+                    file=sys.stderr,
+                )
+            row = {"path": str(p), "prediction": classes[k], "flag": pred.flag(probs), "status": status}
+            if oc is not None:
+                row["ood_score"] = f"{oc.score:.3f}"
             row.update({f"prob_{c}": f"{v:.6f}" for c, v in zip(classes, probs, strict=True)})
             row["overlay"] = f"{stem}__{classes[k]}.png"
             w.writerow(row)

@@ -18,6 +18,7 @@ def atomic_open(path: Path, mode: str = "w", **kwargs: Any) -> Iterator[IO[Any]]
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    _default_mode(fd)
     try:
         with os.fdopen(fd, mode, **kwargs) as fh:
             yield fh
@@ -28,6 +29,13 @@ def atomic_open(path: Path, mode: str = "w", **kwargs: Any) -> Iterator[IO[Any]]
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def _default_mode(fd: int) -> None:
+    """mkstemp makes 0600 files; outputs get the permissions a plain open() would give (0666 & ~umask)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.fchmod(fd, 0o666 & ~umask)
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -49,6 +57,7 @@ def atomic_write_with(path: Path, writer: Callable[[Path], None]) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    _default_mode(fd)
     os.close(fd)
     try:
         writer(Path(tmp))
