@@ -7,10 +7,13 @@ other case must be refused with an error whose reason contains ``reason``.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
+import signal
 import struct
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -153,3 +156,22 @@ def write_cases(folder: Path, cases: list[Case]) -> dict[str, Path]:
 def printable(path: str | os.PathLike[str]) -> str:
     """How xraydx shows a path in a message: undecodable bytes as \\xNN escapes."""
     return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
+@contextlib.contextmanager
+def hang_guard(seconds: float) -> Iterator[None]:
+    """Fail loudly instead of hanging (SIGALRM; a no-op where unavailable)."""
+    if not hasattr(signal, "setitimer"):  # pragma: no cover - not POSIX
+        yield
+        return
+
+    def _raise(signum: int, frame: object) -> None:
+        raise TimeoutError(f"the reader took longer than {seconds} s")
+
+    old = signal.signal(signal.SIGALRM, _raise)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)

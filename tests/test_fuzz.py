@@ -10,16 +10,14 @@ the original pixels: a reader that "succeeds" with other pixels would be returni
 
 from __future__ import annotations
 
-import contextlib
 import io
-import signal
 import struct
 import zlib
-from collections.abc import Iterator
 
 import numpy as np
 import pytest
 from badfiles import dx_dataset
+from badfiles import hang_guard as _hang_guard
 from hypothesis import HealthCheck, given, reject, settings
 from hypothesis import strategies as st
 from PIL import Image
@@ -35,24 +33,6 @@ FUZZ = settings(
     database=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
 )
-
-
-@contextlib.contextmanager
-def _hang_guard(seconds: float) -> Iterator[None]:
-    if not hasattr(signal, "setitimer"):  # pragma: no cover - not POSIX
-        yield
-        return
-
-    def _raise(signum: int, frame: object) -> None:
-        raise TimeoutError(f"the reader took longer than {seconds} s")
-
-    old = signal.signal(signal.SIGALRM, _raise)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, old)
 
 
 def outcome(data: bytes) -> np.ndarray | None:

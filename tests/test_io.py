@@ -2,22 +2,20 @@
 
 from __future__ import annotations
 
-import contextlib
 import io
 import os
 import resource
-import signal
 import struct
 import time
 import warnings
 import zlib
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pydicom
 import pytest
 from badfiles import dx_dataset
+from badfiles import hang_guard as _hang_guard
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
@@ -147,25 +145,6 @@ def _bmp_header_only(width: int, height: int) -> bytes:
 
 def _d12(real: np.ndarray) -> np.ndarray:
     return real.astype(np.uint16) << 4  # 12-bit content in a 16-bit container
-
-
-@contextlib.contextmanager
-def _hang_guard(seconds: float) -> Iterator[None]:
-    """Fail loudly instead of hanging (SIGALRM; a no-op where unavailable)."""
-    if not hasattr(signal, "setitimer"):
-        yield
-        return
-
-    def _raise(signum: int, frame: object) -> None:
-        raise TimeoutError(f"decoder took longer than {seconds} s")
-
-    old = signal.signal(signal.SIGALRM, _raise)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, old)
 
 
 def _expect_error(target: Path | bytes, fragment: str, name: str = "<upload>") -> ImageReadError:
