@@ -940,36 +940,16 @@ def offline_docs_assets() -> Path | None:
     return static if all((static / n).is_file() for n in need) else None
 
 
-_UPLOAD_DOC = {
-    "requestBody": {
-        "required": True,
-        "content": {
-            "multipart/form-data": {
-                "schema": {
-                    "type": "object",
-                    "required": ["file"],
-                    "properties": {"file": {"type": "string", "format": "binary"}},
-                }
-            }
-        },
-    }
-}
-_BATCH_DOC = {
-    "requestBody": {
-        "required": True,
-        "content": {
-            "multipart/form-data": {
-                "schema": {
-                    "type": "object",
-                    "required": ["files"],
-                    "properties": {
-                        "files": {"type": "array", "items": {"type": "string", "format": "binary"}}
-                    },
-                }
-            }
-        },
-    }
-}
+def _multipart_doc(field: str, many: bool) -> dict[str, Any]:
+    """OpenAPI request body for a multipart upload of one file (``many=False``) or a list of files."""
+    binary: dict[str, Any] = {"type": "string", "format": "binary"}
+    prop = {"type": "array", "items": binary} if many else binary
+    schema = {"type": "object", "required": [field], "properties": {field: prop}}
+    return {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": schema}}}}
+
+
+_UPLOAD_DOC = _multipart_doc("file", many=False)
+_BATCH_DOC = _multipart_doc("files", many=True)
 _ERRORS = {
     s: {"description": d}
     for s, d in (
