@@ -98,3 +98,22 @@ def test_early_stopping(tmp_path: Path, sample_dir: Path) -> None:
         "0",
     ]  # stopped after exactly `patience` non-improving epochs
     assert "early stopping" in (run / "train.log").read_text()
+
+
+def test_held_out_source_is_never_trained_on_and_evaluated_apart(tmp_path: Path, sample_dir: Path) -> None:
+    from xraydx.cli import main
+
+    cfg = tiny_config(sample_dir, tmp_path, epochs=1)
+    cfg.data.holdout_source = "nihcxr8"
+    run = run_training(cfg, progress=False)
+    with open(run / "manifest.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert {r["split"] for r in rows if r["source"] == "nihcxr8"} == {"external"}
+    assert "external" not in {r["split"] for r in rows if r["source"] != "nihcxr8"}
+    ext = json.loads((run / "metrics.json").read_text())["external"]
+    assert ext["n"] == 25 and ext["source"] == "nihcxr8"
+    out = tmp_path / "ev"
+    ckpt = run / "checkpoints" / "best.safetensors"
+    args = ["evaluate", "--checkpoint", str(ckpt), "--data", str(sample_dir), "--split", "external"]
+    assert main([*args, "--out", str(out), "-q"]) == 0
+    assert json.loads((out / "metrics.json").read_text())["n"] == 25

@@ -127,6 +127,11 @@ def evaluate_checkpoint(
         data, val_fraction=float(dcfg.get("val_fraction", 0.15)), test_fraction=float(dcfg.get("test_fraction", 0.15)),
         seed=int(dcfg.get("split_seed", 0)),
     )  # fmt: skip
+    held_out = dcfg.get("holdout_source") or ""
+    if held_out and any(r.source == held_out for r in manifest.records):
+        from xraydx.train import hold_out_source  # the split the checkpoint was trained with
+
+        manifest = hold_out_source(manifest, held_out)
     recs = manifest.split(split)
     if not recs:
         raise UsageError(
@@ -323,7 +328,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("evaluate", help="metrics of a checkpoint on a dataset split")
     ev.add_argument("--checkpoint")
     ev.add_argument("--data", required=True)
-    ev.add_argument("--split", default="test", choices=["train", "val", "test"])
+    ev.add_argument(
+        "--split", default="test", choices=["train", "val", "test", "external"],
+        help="external: the source held out in training (train --holdout-source)",
+    )  # fmt: skip
     ev.add_argument("--out", help="output folder (default: <run>/eval-<split>-<time>)")
     ev.add_argument("--device", default="auto")
     ev.add_argument("--overwrite", action="store_true")
