@@ -249,24 +249,30 @@ def _read_safetensors_header(p: Path) -> dict[str, Any]:
 
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild the model described by the checkpoint's metadata and load its weights."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
 
     meta = read_metadata(path)
     arch = meta["architecture"]
     model = create_model(
         arch["name"], len(meta["classes"]), in_chans=int(arch.get("in_chans", 1)), pretrained="none"
     )
+    load_weights(model, path, CheckpointError, arch["name"])
+    model.to(device).eval()
+    return model, meta
+
+
+def load_weights(model: nn.Module, path: str | Path, error: type[Exception], what: str) -> None:
+    """Load a safetensors file's tensors into ``model`` (strict); failures become ``error`` naming the file."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
     try:
         state = load_file(str(path), device="cpu")
     except (SafetensorError, OSError) as exc:
-        raise CheckpointError(f"{path}: cannot read weights ({exc})") from exc
+        raise error(f"{path}: cannot read weights ({exc})") from exc
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
-        raise CheckpointError(f"{path}: weights do not match {arch['name']}: {str(exc)[:300]}") from exc
-    model.to(device).eval()
-    return model, meta
+        raise error(f"{path}: weights do not match {what}: {str(exc)[:300]}") from exc
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import hashlib
 import io as _io
 import math
 import os
@@ -48,8 +47,16 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
+from xraydx.fsutil import file_sha256
 from xraydx.io import ImageReadError, read_image
-from xraydx.models import CheckpointError, create_model, normalization_for, read_metadata, save_checkpoint
+from xraydx.models import (
+    CheckpointError,
+    create_model,
+    load_weights,
+    normalization_for,
+    read_metadata,
+    save_checkpoint,
+)
 from xraydx.transforms import resize_uint8
 
 __all__ = [
@@ -185,14 +192,6 @@ def dice_iou(pred: np.ndarray, truth: np.ndarray) -> tuple[float, float]:
 # ---- checkpoint ----------------------------------------------------------------------------------
 
 
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def read_segmenter_metadata(path: str | Path) -> dict[str, Any]:
     meta = read_metadata(path)
     if meta.get("kind") != SEG_KIND:
@@ -204,8 +203,6 @@ def read_segmenter_metadata(path: str | Path) -> dict[str, Any]:
 
 def load_segmenter(path: str | Path, device: str | torch.device = "cpu") -> tuple[LungUNet, dict[str, Any]]:
     """Rebuild a :class:`LungUNet` from a lung-segmenter checkpoint (weights cast to float32)."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
 
     meta = read_segmenter_metadata(path)
     arch = meta.get("architecture", {})
@@ -215,15 +212,9 @@ def load_segmenter(path: str | Path, device: str | torch.device = "cpu") -> tupl
         )
     except (KeyError, TypeError) as exc:
         raise SegmenterError(f"{path}: segmenter metadata lacks a usable architecture ({exc})") from exc
-    try:
-        state = load_file(str(path), device="cpu")
-    except (SafetensorError, OSError) as exc:
-        raise SegmenterError(f"{path}: cannot read weights ({exc})") from exc
-    state = {k: (v.float() if v.is_floating_point() else v) for k, v in state.items()}
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        raise SegmenterError(f"{path}: weights do not match the segmenter: {str(exc)[:300]}") from exc
+    load_weights(
+        model, path, SegmenterError, "the segmenter"
+    )  # load_state_dict casts half weights to float32
     model.to(device).eval()
     return model, meta
 

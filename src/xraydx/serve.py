@@ -44,7 +44,6 @@ import asyncio
 import base64
 import concurrent.futures
 import contextlib
-import hashlib
 import hmac
 import importlib
 import importlib.util
@@ -62,6 +61,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import numpy as np
+
+from xraydx.fsutil import file_sha256
 
 if TYPE_CHECKING:  # pragma: no cover
     from fastapi import FastAPI, Request
@@ -387,14 +388,6 @@ def ood_warning(info: Mapping[str, Any]) -> str:
 # ---- helpers -------------------------------------------------------------------------------------
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def safe_filename(raw: str | bytes | None) -> str:
     """The client's file name reduced to something safe to echo: last path component, printable, short."""
     if raw is None:
@@ -647,7 +640,7 @@ class Service:
         self.max_upload_bytes = int(max_upload_bytes)
         self.max_batch_files = int(max_batch_files)
         self.decode_limiter = anyio.CapacityLimiter(max(2, os.cpu_count() or 2))
-        self.sha256 = sha256_file(checkpoint)
+        self.sha256 = file_sha256(checkpoint)
         self.model_id = f"{self.meta['architecture']['name']}-{self.sha256[:12]}"
         self.explain = _load_explain()
         self._cam: Any = None
