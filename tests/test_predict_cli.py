@@ -124,6 +124,26 @@ def test_evaluate_cli(
     )
 
 
+def test_evaluate_on_an_external_set_that_lacks_classes(checkpoint: Path, tmp_path: Path) -> None:
+    """An external collection of COVID-19 images only (no normal, no non-COVID) can be evaluated: the
+    metrics of the absent classes are n/a, the sensitivity of the present one is real."""
+    imgs = sample_images("test", "covid")
+    csv_path = tmp_path / "external.csv"
+    csv_path.write_text("path,label,split\n" + "".join(f"{p},covid,test\n" for p in imgs))
+    out = tmp_path / "ext"
+    assert (
+        main(["evaluate", "--checkpoint", str(checkpoint), "--data", str(csv_path), "--out", str(out), "-q"])
+        == 0
+    )
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["n"] == len(imgs) and m["per_class"]["covid"]["support"] == len(imgs)
+    pred = [r["prediction"] for r in _rows(out / "predictions.csv")]
+    assert m["per_class"]["covid"]["sensitivity"] == pytest.approx(pred.count("covid") / len(imgs))
+    assert m["per_class"]["normal"]["sensitivity"] is None and m["macro_roc_auc"] is None
+    # training still needs every class
+    assert main(["train", "--data", str(csv_path), "--runs-dir", str(tmp_path / "r"), "-q"]) != 0
+
+
 def test_usage_errors(tmp_path: Path) -> None:
     assert main(["train", "--data", "x", "--set", "train.nope=1"]) == EXIT_USAGE
     assert (

@@ -99,3 +99,43 @@ def test_fast_affine_grid_equals_torch_affine_grid() -> None:
     torch.testing.assert_close(
         _affine_grid(theta, 48, 40), F.affine_grid(theta, [5, 1, 48, 40], align_corners=False)
     )
+
+
+def test_intensity_lookup_table_equals_the_per_pixel_formula() -> None:
+    """nearest mode's lookup table = gamma, then contrast about the image mean, brightness, clamp."""
+    from xraydx.transforms import _intensity_lut
+
+    rng = np.random.default_rng(0)
+    batch = torch.from_numpy(
+        np.stack([_img(40, 48), rng.integers(0, 256, (40, 48), dtype=np.uint8), _img(40, 48) // 3])
+    )
+    batch = batch.unsqueeze(1)
+    gam, con, bri = (
+        torch.tensor([0.8, 1.0, 1.3]),
+        torch.tensor([1.1, 1.0, 0.9]),
+        torch.tensor([0.05, 0.0, -0.1]),
+    )
+    x = (batch.float() / 255).pow(gam.view(3, 1, 1, 1))
+    m = x.mean(dim=(1, 2, 3), keepdim=True)
+    want = ((x - m) * con.view(3, 1, 1, 1) + m + bri.view(3, 1, 1, 1)).clamp(0, 1)
+    torch.testing.assert_close(_intensity_lut(batch, gam, con, bri), want, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("preset", ["light", "strong"])
+def test_nearest_augment_moves_pixels_and_keeps_left_and_right(preset: str) -> None:
+    img = np.zeros((64, 64), np.uint8)
+    img[20:44, 4:20] = 200
+    batch = torch.from_numpy(np.stack([img] * 16)).unsqueeze(1)
+    spec = AugmentSpec.preset(preset)
+    assert spec is not None
+    aug = BatchAugment(spec, "nearest")
+    out = aug(batch, torch.Generator().manual_seed(0))[:, 0]
+    assert torch.equal(out, aug(batch, torch.Generator().manual_seed(0))[:, 0])
+    left, right = out[:, :, :32].sum(dim=(1, 2)), out[:, :, 32:].sum(dim=(1, 2))
+    assert bool((left > right).all())
+    moved = [not torch.equal(out[i] > 0.5, out[0] > 0.5) for i in range(1, 16)]
+    assert sum(moved) >= 12  # each image gets its own affine
+    if preset == "light":  # no noise or blur: every output pixel is one of the image's two values' images
+        assert all(len(torch.unique(out[i])) <= 3 for i in range(16))
+    with pytest.raises(ValueError, match="interpolation"):
+        BatchAugment(spec, "bicubic")

@@ -18,7 +18,6 @@ ellipses, :data:`PRIOR_ELLIPSES`). The verdict rules and thresholds are below an
 from __future__ import annotations
 
 import argparse
-import contextlib
 import io
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -28,7 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from xraydx.data import DatasetError
+from xraydx.data import DatasetError, checkpoint_split
 from xraydx.transforms import Preprocessing, apply_lung_mask, resize_uint8
 
 # Two ellipses (centre x, centre y, radius x, radius y) as fractions of the image width / height, for a
@@ -332,25 +331,6 @@ def verdict(a: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _manifest_records(meta: dict[str, Any], data: str | Path, split: str) -> list[Any]:
-    from xraydx.data import discover
-
-    dcfg = meta.get("config", {}).get("data", {})
-    manifest = discover(
-        data, val_fraction=float(dcfg.get("val_fraction", 0.15)), test_fraction=float(dcfg.get("test_fraction", 0.15)),
-        seed=int(dcfg.get("split_seed", 0)),
-    )  # fmt: skip
-    if dcfg.get("holdout_source"):
-        from xraydx.train import TrainError, hold_out_source
-
-        with contextlib.suppress(TrainError):  # that source is not in this data set: nothing to hold out
-            manifest = hold_out_source(manifest, str(dcfg["holdout_source"]))
-    recs = manifest.split(split)
-    if not recs:
-        raise AuditError(f"{data}: no images in split {split!r}")
-    return recs
-
-
 def _examples(
     data: AuditData, model: Any, spec: Preprocessing, temperature: float, border: float, corner: float
 ) -> dict[str, str]:
@@ -393,7 +373,9 @@ def run_audit(
     from xraydx.predict import Predictor
 
     pred = Predictor(checkpoint, device)
-    recs = _manifest_records(pred.meta, data, split)
+    recs = checkpoint_split(pred.meta.get("config", {}).get("data", {}), data, split)
+    if not recs:
+        raise AuditError(f"{data}: no images in split {split!r}")
     d = load_audit_data(recs, pred.spec, pred.classes, progress=progress)
     if len(d.labels) == 0:
         raise AuditError(f"{data}: none of the {len(recs)} images in split {split!r} could be read")

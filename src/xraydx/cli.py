@@ -113,7 +113,7 @@ def evaluate_checkpoint(
     import numpy as np
 
     from xraydx.cache import load_many
-    from xraydx.data import CLASSES, discover
+    from xraydx.data import CLASSES, checkpoint_split
     from xraydx.evaluate import softmax
     from xraydx.fsutil import atomic_write_json, refuse_overwrite
     from xraydx.predict import Prediction, Predictor, batch_logits, write_predictions
@@ -122,21 +122,9 @@ def evaluate_checkpoint(
     refuse_overwrite(out / "metrics.json", overwrite)
     refuse_overwrite(out / "report.html", overwrite)
     pred = Predictor(checkpoint, device)
-    dcfg = pred.meta.get("config", {}).get("data", {})
-    manifest = discover(
-        data, val_fraction=float(dcfg.get("val_fraction", 0.15)), test_fraction=float(dcfg.get("test_fraction", 0.15)),
-        seed=int(dcfg.get("split_seed", 0)),
-    )  # fmt: skip
-    held_out = dcfg.get("holdout_source") or ""
-    if held_out and any(r.source == held_out for r in manifest.records):
-        from xraydx.train import hold_out_source  # the split the checkpoint was trained with
-
-        manifest = hold_out_source(manifest, held_out)
-    recs = manifest.split(split)
+    recs = checkpoint_split(pred.meta.get("config", {}).get("data", {}), data, split)
     if not recs:
-        raise UsageError(
-            f"{data}: no images in split {split!r} (splits present: {sorted(manifest.counts())})"
-        )
+        raise UsageError(f"{data}: no images in split {split!r} (as the checkpoint's training run split it)")
     masks = [r.mask for r in recs] if pred.spec.lung_mask != "none" else None
     arr, failures = load_many(
         [r.path for r in recs], pred.spec, cache_dir=None, masks=masks, progress=progress, desc=f"load {split}",

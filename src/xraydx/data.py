@@ -659,7 +659,9 @@ def _read_csv_rows(path: Path) -> list[list[str]]:
     return [row for row in csv.reader(io.StringIO(text), dialect) if any(c.strip() for c in row)]
 
 
-def _load_csv(path: Path, *, val_fraction: float, test_fraction: float, seed: int) -> Manifest:
+def _load_csv(
+    path: Path, *, val_fraction: float, test_fraction: float, seed: int, require_all_classes: bool = True
+) -> Manifest:
     path = Path(os.path.abspath(path))
     rows = _read_csv_rows(path)
     if not rows:
@@ -726,7 +728,10 @@ def _load_csv(path: Path, *, val_fraction: float, test_fraction: float, seed: in
         col.notes.append("no source column: source taken from '<source>__<name>' file names")
     for lab in CLASSES:
         col.class_folders[lab] = []
-    return _finish(col, path, val_fraction=val_fraction, test_fraction=test_fraction, seed=seed)
+    return _finish(
+        col, path, val_fraction=val_fraction, test_fraction=test_fraction, seed=seed,
+        require_all_classes=require_all_classes,
+    )  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------
@@ -806,7 +811,13 @@ def _make_splits(
 
 
 def _finish(
-    col: _Collector, where: Path, *, val_fraction: float, test_fraction: float, seed: int
+    col: _Collector,
+    where: Path,
+    *,
+    val_fraction: float,
+    test_fraction: float,
+    seed: int,
+    require_all_classes: bool = True,
 ) -> Manifest:
     for name, frac in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
         if not 0 <= frac < 1:
@@ -824,6 +835,9 @@ def _finish(
     for r in records:
         counts[r.label] += 1
     empty = [lab for lab in CLASSES if counts[lab] == 0]
+    if empty and not require_all_classes and len(empty) < len(CLASSES):
+        col.notes.append(f"no images of class {', '.join(empty)} (allowed for evaluation)")
+        empty = []
     if empty:
         parts = []
         for lab in empty:
@@ -868,22 +882,67 @@ def _finish(
 
 
 def discover(
-    path: str | Path, *, val_fraction: float = 0.15, test_fraction: float = 0.15, seed: int = 0
+    path: str | Path,
+    *,
+    val_fraction: float = 0.15,
+    test_fraction: float = 0.15,
+    seed: int = 0,
+    require_all_classes: bool = True,
 ) -> Manifest:
-    """Find the dataset at ``path`` and return its manifest (see the module docstring)."""
+    """Find the dataset at ``path`` and return its manifest (see the module docstring).
+
+    ``require_all_classes=False`` (evaluation) accepts data that lacks one or two classes, e.g. an
+    external set of COVID-19 images only; training needs all three.
+    """
+    opts: dict[str, Any] = {
+        "val_fraction": val_fraction, "test_fraction": test_fraction, "seed": seed,
+        "require_all_classes": require_all_classes,
+    }  # fmt: skip
     p = Path(os.path.abspath(os.path.expanduser(os.fspath(path))))
     if not os.path.exists(p):
         raise DatasetError(f"{_show(p)}: no such file or folder")
     if p.is_file():
         if p.suffix.lower() != ".csv":
             raise DatasetError(f"{_show(p)}: a file was given but it is not a .csv manifest")
-        return _load_csv(p, val_fraction=val_fraction, test_fraction=test_fraction, seed=seed)
+        return _load_csv(p, **opts)
     plan = _find_plan(p)
     if plan.layout == "csv":
         assert plan.csv is not None
-        return _load_csv(plan.csv, val_fraction=val_fraction, test_fraction=test_fraction, seed=seed)
+        return _load_csv(plan.csv, **opts)
     col = _load_folders(plan)
-    return _finish(col, plan.root, val_fraction=val_fraction, test_fraction=test_fraction, seed=seed)
+    return _finish(col, plan.root, **opts)
+
+
+def hold_out_source(manifest: Manifest, source: str) -> Manifest:
+    """Move every image of one source (hospital / collection) to an 'external' split: a test of
+    generalisation to a source the model never saw, which a random split cannot give."""
+    known = sorted({r.source for r in manifest.records if r.source})
+    if source not in known:
+        raise DatasetError(
+            f"holdout_source {source!r} not in the data; sources: {', '.join(known) or 'none recorded'}"
+        )
+    recs = [replace(r, split="external") if r.source == source else r for r in manifest.records]
+    note = (
+        f"held out source {source!r}: {sum(r.split == 'external' for r in recs)} images in split 'external'"
+    )
+    return replace(manifest, records=recs, notes=[*manifest.notes, note])
+
+
+def checkpoint_split(data_cfg: dict[str, Any], path: str | Path, split: str) -> list[Record]:
+    """The images of ``split`` of the data at ``path``, split exactly as the training run whose resolved
+    ``data`` config section is ``data_cfg`` split it (fractions, seed, held-out source). For evaluation:
+    classes may be missing; a held-out source that is absent from this data is simply not held out."""
+    manifest = discover(
+        path,
+        val_fraction=float(data_cfg.get("val_fraction", 0.15)),
+        test_fraction=float(data_cfg.get("test_fraction", 0.15)),
+        seed=int(data_cfg.get("split_seed", 0)),
+        require_all_classes=False,
+    )
+    held_out = str(data_cfg.get("holdout_source") or "")
+    if held_out and any(r.source == held_out for r in manifest.records):
+        manifest = hold_out_source(manifest, held_out)
+    return manifest.split(split)
 
 
 # --------------------------------------------------------------------------------------------

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from xraydx import __version__
 from xraydx.cache import available_cpus, iter_batches, load_many
 from xraydx.config import Config, ConfigError, validate
-from xraydx.data import CLASSES, Manifest, Record, discover
+from xraydx.data import CLASSES, Manifest, Record, discover, hold_out_source
 from xraydx.evaluate import compute_metrics, fit_temperature, format_metrics
 from xraydx.fsutil import atomic_write_bytes, atomic_write_json, atomic_write_text
 from xraydx.models import count_parameters, create_model, normalization_for, save_checkpoint
@@ -212,23 +212,6 @@ def load_train_state(path: Path, opt: torch.optim.Optimizer, sched: Any) -> dict
 # ---- the run -------------------------------------------------------------------------------------
 
 
-def hold_out_source(manifest: Manifest, source: str) -> Manifest:
-    """Move every image of one source (hospital / collection) to an 'external' split: a test of
-    generalisation to a source the model never saw, which a random split cannot give."""
-    import dataclasses
-
-    known = sorted({r.source for r in manifest.records if r.source})
-    if source not in known:
-        raise TrainError(
-            f"holdout_source {source!r} not in the data; sources: {', '.join(known) or 'none recorded'}"
-        )
-    recs = [dataclasses.replace(r, split="external") if r.source == source else r for r in manifest.records]
-    note = (
-        f"held out source {source!r}: {sum(r.split == 'external' for r in recs)} images in split 'external'"
-    )
-    return dataclasses.replace(manifest, records=recs, notes=[*manifest.notes, note])
-
-
 def new_run_dir(cfg: Config) -> Path:
     name = cfg.name or f"{cfg.model.name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
     run = Path(cfg.runs_dir) / name
@@ -392,7 +375,7 @@ def _run(cfg: Config, d: Dist, device: torch.device, resume: Path | None, progre
         opt, lr_lambda(total, int(cfg.train.warmup_epochs * steps_per_epoch))
     )
     aug_spec = AugmentSpec.preset(cfg.train.augment)
-    augment = BatchAugment(aug_spec) if aug_spec else None
+    augment = BatchAugment(aug_spec, cfg.train.augment_interpolation) if aug_spec else None
 
     start_epoch, best_f1, best_epoch, bad_epochs = 1, -1.0, 0, 0
     rows: list[dict[str, Any]] = []

@@ -22,6 +22,9 @@ from PIL import Image, ImageOps
 
 LUNG_MASK_MODES = ("none", "crop", "mask")
 INTENSITY_MODES = ("none", "equalize")
+#: resampling of the random affine: bilinear (smooth), or nearest (what torchvision's RandomAffine does by
+#: default; about 2x cheaper on a CPU)
+AUGMENT_INTERPOLATIONS = ("bilinear", "nearest")
 CROP_MARGIN = 0.08  # of the lung box's size, each side
 MASK_DILATE = 0.02  # of the image size, so the pleura and costophrenic angles stay visible
 
@@ -137,6 +140,10 @@ class AugmentSpec:
     contrast: float
     gamma: tuple[float, float]
     noise_std: float
+    #: share of images re-sampled down (by one random factor in ``blur_factor`` per batch) and back up:
+    #: sources differ in sharpness (224-px copies vs downscaled originals), a cue to take away
+    blur: float = 0.0
+    blur_factor: tuple[float, float] = (0.4, 0.9)
 
     @classmethod
     def preset(cls, name: str) -> AugmentSpec | None:
@@ -145,19 +152,24 @@ class AugmentSpec:
         if name == "light":
             return cls(7.0, (0.92, 1.08), 0.05, 0.10, 0.10, (0.85, 1.18), 0.0)
         if name == "strong":
-            return cls(12.0, (0.85, 1.15), 0.08, 0.20, 0.20, (0.7, 1.4), 0.02)
+            return cls(12.0, (0.85, 1.15), 0.08, 0.20, 0.20, (0.7, 1.4), 0.02, blur=0.5)
         raise ValueError(f"augment must be none, light or strong; got {name!r}")
 
 
 class BatchAugment:
-    """Random affine (rotation, scale, shift) + brightness/contrast/gamma on a uint8 batch, on its device.
+    """Random affine (rotation, scale, shift) + brightness/contrast/gamma (+ resolution blur, noise) on a
+    uint8 batch, on its device.
 
-    Input uint8 (B, 1, H, W); output float in [0, 1] of the same shape. Randomness comes from the
+    Input uint8 (B, 1, H, W); output float in [0, 1] of the same shape. ``interpolation`` is the affine's
+    resampling: ``bilinear`` (default) or ``nearest``. Randomness comes from the
     generator given, so a seeded run is repeatable.
     """
 
-    def __init__(self, spec: AugmentSpec) -> None:
+    def __init__(self, spec: AugmentSpec, interpolation: str = "bilinear") -> None:
+        if interpolation not in AUGMENT_INTERPOLATIONS:
+            raise ValueError(f"interpolation must be one of {AUGMENT_INTERPOLATIONS}; got {interpolation!r}")
         self.spec = spec
+        self.interpolation = interpolation
 
     def __call__(self, batch: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         s = self.spec
@@ -167,7 +179,6 @@ class BatchAugment:
         def u(lo: float, hi: float) -> torch.Tensor:
             return torch.rand(b, generator=gen).mul_(hi - lo).add_(lo).to(dev)
 
-        x = batch.float().div_(255.0)
         ang = u(-s.rotate_deg, s.rotate_deg) * (math.pi / 180.0)
         sc = u(*s.scale)
         tx, ty = u(-s.translate, s.translate) * 2, u(-s.translate, s.translate) * 2
@@ -175,26 +186,81 @@ class BatchAugment:
         theta = torch.stack(
             [torch.stack([cos, -sin, tx], 1), torch.stack([sin, cos, ty], 1)], 1
         )  # (B, 2, 3): output -> input sampling grid
-        grid = _affine_grid(theta, x.shape[-2], x.shape[-1])
-        x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+        grid = _affine_grid(theta, batch.shape[-2], batch.shape[-1])
         gam = torch.exp(u(math.log(s.gamma[0]), math.log(s.gamma[1])))
-        x = x.clamp_(0, 1).pow_(gam.view(b, 1, 1, 1))
-        mean = x.mean(dim=(1, 2, 3), keepdim=True)
-        con = u(1 - s.contrast, 1 + s.contrast).view(b, 1, 1, 1)
-        bri = u(-s.brightness, s.brightness).view(b, 1, 1, 1)
-        x = (x - mean) * con + mean + bri
+        con = u(1 - s.contrast, 1 + s.contrast)
+        bri = u(-s.brightness, s.brightness)
+        if self.interpolation == "nearest":
+            # nearest resampling only moves pixels, so the intensity change can come first, as one
+            # 256-entry lookup table per image (exact; far cheaper than pow on every pixel)
+            x = _intensity_lut(batch, gam, con, bri)
+            x = F.grid_sample(x, grid, mode="nearest", padding_mode="zeros", align_corners=False)
+        else:
+            x = batch.float().div_(255.0)
+            x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+            x = x.clamp_(0, 1).pow_(gam.view(b, 1, 1, 1))
+            mean = x.mean(dim=(1, 2, 3), keepdim=True)
+            x = (x - mean) * con.view(b, 1, 1, 1) + mean + bri.view(b, 1, 1, 1)
+        if s.blur > 0:
+            x = _resample_blur(x, torch.rand(b, generator=gen) < s.blur, u(*s.blur_factor)[0].item())
         if s.noise_std > 0:
             x = x + torch.randn(x.shape, generator=gen).to(dev) * s.noise_std
         return x.clamp_(0, 1)
 
 
+def _intensity_lut(
+    batch: torch.Tensor, gam: torch.Tensor, con: torch.Tensor, bri: torch.Tensor
+) -> torch.Tensor:
+    """uint8 (B, 1, H, W) -> float in [0, 1]: per image, v -> clamp((v^gam - m) * con + m + bri), where m
+    is the image's mean after the gamma; done as a lookup table indexed by the pixel values."""
+    b = batch.shape[0]
+    dev = batch.device
+    g = (torch.arange(256, dtype=torch.float32, device=dev) / 255.0)[None].pow(gam[:, None])  # (B, 256)
+    flat = batch.reshape(b, -1)
+    # each pixel value, offset to its own image's row of the table
+    idx = flat.to(torch.int32).add_((torch.arange(b, dtype=torch.int32, device=dev) * 256)[:, None]).view(-1)
+    hist = torch.bincount(idx, minlength=b * 256).view(b, 256).to(torch.float32)
+    mean = (hist * g).sum(1, keepdim=True) / hist.sum(1, keepdim=True)
+    lut = ((g - mean) * con[:, None] + mean + bri[:, None]).clamp_(0, 1)
+    return lut.view(-1).index_select(0, idx).view(batch.shape)
+
+
+def _resample_blur(x: torch.Tensor, which: torch.Tensor, factor: float) -> torch.Tensor:
+    """Down-sample the images ``which`` selects by ``factor`` (antialiased) and back to full size."""
+    idx = which.nonzero().flatten().to(x.device)
+    if idx.numel() == 0:
+        return x
+    h, w = x.shape[-2:]
+    small = F.interpolate(
+        x[idx], size=(max(8, round(h * factor)), max(8, round(w * factor))), mode="bilinear", antialias=True
+    )
+    x = x.clone()
+    x[idx] = F.interpolate(small, size=(h, w), mode="bilinear", align_corners=False)
+    return x
+
+
 def _affine_grid(theta: torch.Tensor, h: int, w: int) -> torch.Tensor:
-    """``F.affine_grid(theta, (B, C, h, w), align_corners=False)`` as one batched matmul: the same grid,
-    about twice as fast on CPU (F.affine_grid's CPU kernel dominated the augmentation's cost)."""
-    ys = (torch.arange(h, dtype=theta.dtype, device=theta.device) * 2 + 1) / h - 1
-    xs = (torch.arange(w, dtype=theta.dtype, device=theta.device) * 2 + 1) / w - 1
-    base = torch.stack(
-        [xs.expand(h, w), ys[:, None].expand(h, w), torch.ones(h, w, dtype=theta.dtype, device=theta.device)],
+    """``F.affine_grid(theta, (B, C, h, w), align_corners=False)``, built as one well-shaped batched GEMM.
+
+    Row i of the grid is linear in the column coordinate x: (gx, gy) = (a x + b y_i + c, d x + e y_i + f).
+    So grid[b] viewed as (h, 2w) = P_b (h, 4) @ Q (4, 2w) with P_b[i] = (b y_i + c, a, e y_i + f, d) and
+    Q's even columns (1, x, 0, 0), odd columns (0, 0, 1, x).  About 10x faster on CPU than
+    ``F.affine_grid``, whose GEMM has an inner dimension of 3 and 2 output columns.
+    """
+    dt, dev = theta.dtype, theta.device
+    b = theta.shape[0]
+    ys = (torch.arange(h, dtype=dt, device=dev) * 2 + 1) / h - 1
+    xs = (torch.arange(w, dtype=dt, device=dev) * 2 + 1) / w - 1
+    q = torch.zeros(4, 2 * w, dtype=dt, device=dev)
+    q[0, 0::2], q[1, 0::2], q[2, 1::2], q[3, 1::2] = 1.0, xs, 1.0, xs
+    t = theta
+    p = torch.stack(
+        [
+            t[:, 0, 1, None] * ys + t[:, 0, 2, None],
+            t[:, 0, 0, None].expand(b, h),
+            t[:, 1, 1, None] * ys + t[:, 1, 2, None],
+            t[:, 1, 0, None].expand(b, h),
+        ],
         -1,
-    )  # (h, w, 3): x, y, 1
-    return torch.matmul(base.view(1, h * w, 3), theta.transpose(1, 2)).view(theta.shape[0], h, w, 2)
+    )  # (B, h, 4)
+    return torch.bmm(p, q.expand(b, 4, 2 * w)).view(b, h, w, 2)
