@@ -3,6 +3,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from xraydx.transforms import (
     AugmentSpec,
@@ -139,3 +140,18 @@ def test_nearest_augment_moves_pixels_and_keeps_left_and_right(preset: str) -> N
         assert all(len(torch.unique(out[i])) <= 3 for i in range(16))
     with pytest.raises(ValueError, match="interpolation"):
         BatchAugment(spec, "bicubic")
+
+
+def test_base_size_gives_every_source_the_same_resolution() -> None:
+    """A 512-px image and its own 224-px copy preprocess to (almost) the same pixels with base_size=224,
+    and the base size is part of the cache key."""
+    rng = np.random.default_rng(0)
+    big = np.asarray(Image.fromarray(rng.integers(0, 256, (64, 64), dtype=np.uint8)).resize((512, 512)))
+    small = np.asarray(Image.fromarray(big).resize((224, 224), Image.Resampling.BILINEAR))
+    spec = Preprocessing(size=192, base_size=224)
+    a, b = preprocess(big, spec), preprocess(small, spec)
+    assert np.abs(a.astype(int) - b.astype(int)).mean() < 1.0
+    plain = Preprocessing(size=192)
+    assert np.abs(preprocess(big, plain).astype(int) - preprocess(small, plain).astype(int)).mean() > 1.0
+    assert spec.cache_key() != plain.cache_key()
+    assert Preprocessing.from_dict(spec.to_dict()) == spec

@@ -24,6 +24,7 @@ class DataConfig:
     image_size: int = 224  # every image is resized to image_size x image_size (no letterbox borders)
     lung_mask: str = "none"  # none | crop | mask (the dataset's lung masks, else the shipped segmenter)
     intensity: str = "none"  # none | equalize (per-image histogram equalisation)
+    base_size: int = 0  # >0: resize the whole image to base_size² first (same resolution for every source)
     holdout_source: str = ""  # move this source's images to an 'external' split, evaluated at the end
     cache_dir: str = ""  # "" = <run folder's parent>/.cache ; decoded uint8 arrays live here
 
@@ -173,6 +174,8 @@ def validate(cfg: Config) -> None:
         value = getattr(getattr(cfg, section), name)
         if value not in allowed:
             raise ConfigError(f"{dotted} must be one of {', '.join(allowed)}; got {value!r}")
+    if cfg.data.base_size and cfg.data.base_size < 32:
+        raise ConfigError(f"data.base_size must be 0 (off) or at least 32; got {cfg.data.base_size}")
     if cfg.data.image_size < 32:
         raise ConfigError(f"data.image_size must be at least 32; got {cfg.data.image_size}")
     if cfg.train.epochs < 1 or cfg.train.batch_size < 1:

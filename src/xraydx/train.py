@@ -313,6 +313,7 @@ def _run(cfg: Config, d: Dist, device: torch.device, resume: Path | None, progre
         mean=mean,
         std=std,
         intensity=cfg.data.intensity,
+        base_size=cfg.data.base_size,
     )
     cache_dir = Path(cfg.data.cache_dir) if cfg.data.cache_dir else Path(cfg.runs_dir) / ".cache"
 

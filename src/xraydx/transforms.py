@@ -37,17 +37,20 @@ class Preprocessing:
     std: float = 0.226
     resize: str = "bilinear-antialias"
     intensity: str = "none"  # none | equalize (per-image histogram equalisation, against source style)
+    base_size: int = 0  # >0: the whole image is first resized to base_size², so every source has the same
+    #                     resolution before lung cropping (sharpness would otherwise tell sources apart)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Preprocessing:
-        known = {k: d[k] for k in ("size", "lung_mask", "mean", "std", "resize", "intensity") if k in d}
+        known = {k: d[k] for k in ("size", "lung_mask", "mean", "std", "resize", "intensity", "base_size") if k in d}
         return cls(**known)
 
     def cache_key(self) -> str:
-        return f"s{self.size}-{self.lung_mask}-{self.resize}-{self.intensity}"
+        base = f"-b{self.base_size}" if self.base_size else ""
+        return f"s{self.size}-{self.lung_mask}-{self.resize}-{self.intensity}{base}"
 
 
 def resize_uint8(img: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
@@ -109,10 +112,12 @@ def equalize(img: np.ndarray) -> np.ndarray:
 
 
 def preprocess(img: np.ndarray, spec: Preprocessing, mask: np.ndarray | None = None) -> np.ndarray:
-    """The single preprocessing function: lung masking (if asked), intensity normalisation (if asked),
-    then resize. Returns uint8 (S, S)."""
+    """The single preprocessing function: resize to the base resolution (if set), lung masking (if
+    asked), intensity normalisation (if asked), then resize. Returns uint8 (S, S)."""
     if img.ndim != 2 or img.dtype != np.uint8:
         raise ValueError(f"expected a 2-D uint8 image, got {img.dtype} {img.shape}")
+    if spec.base_size:
+        img = resize_uint8(img, spec.base_size)
     if spec.lung_mask != "none":
         if mask is None:
             raise ValueError(f"lung_mask={spec.lung_mask!r} needs a lung mask for every image")
