@@ -273,3 +273,38 @@ def test_train_and_predict_mask_images_the_same_way(tmp_path: Path, seg: LungSeg
     # cached entries are found again (same segmenter tag)
     again, _ = load_split(recs, spec, tmp_path / "cache", "test", progress=False)
     assert np.array_equal(np.asarray(again.images), np.asarray(data.images))
+
+
+def test_checkpoint_records_its_segmenter_and_predict_warns_on_another(
+    tmp_path: Path, seg: LungSegmenter
+) -> None:
+    """A lung-crop model trained on masks from the shipped segmenter says so in its metadata; a
+    Predictor whose installed segmenter differs warns (crops and predictions would shift)."""
+    from xraydx.data import discover
+    from xraydx.predict import Predictor
+    from xraydx.train import _segmenter_info
+
+    man = discover(Path(sample_images("test")[0]).parents[2])
+    info = _segmenter_info(Preprocessing(size=64, lung_mask="crop"), man)
+    assert info == {"identity": seg.identity, "cache_tag": seg.cache_tag}
+    assert _segmenter_info(Preprocessing(size=64), man) is None
+    img = read_image(sample_images("test")[0])
+    for identity, warns in ((seg.identity, False), ("0123456789abcdef", True)):
+        path = _tiny_classifier(tmp_path, "crop")
+        meta = {
+            "classes": ["covid", "non_covid", "normal"],
+            "architecture": {"name": "test_resnet", "in_chans": 1},
+            "preprocessing": Preprocessing(size=64, lung_mask="crop").to_dict(),
+            "lung_segmenter": {"identity": identity},
+        }
+        save_checkpoint(path, create_model("test_resnet", 3, pretrained="none"), meta)
+        pred = Predictor(path, "cpu", ood=False)
+        if warns:
+            with pytest.warns(UserWarning, match="trained with lung masks from segmenter 0123456789abcdef"):
+                pred.prepare(img)
+        else:
+            import warnings
+
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")
+                pred.prepare(img)

@@ -61,7 +61,11 @@ TRAIN_FLAGS = {
     "image_size": ("data.image_size", int, "input size in pixels"),
     "lung_mask": ("data.lung_mask", str, "none | crop | mask"),
     "intensity": ("data.intensity", str, "none | equalize"),
-    "base_size": ("data.base_size", int, "resize whole images to this size first, before lung cropping (0 = off)"),
+    "base_size": (
+        "data.base_size",
+        int,
+        "resize whole images to this size first, before lung cropping (0 = off)",
+    ),
     "holdout_source": ("data.holdout_source", str, "evaluate on this source only, never train on it"),
     "augment": ("train.augment", str, "none | light | strong"),
     "seed": ("train.seed", int, "random seed"),

@@ -13,6 +13,7 @@ import io
 import json
 import os
 import sys
+import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -188,6 +189,13 @@ class Predictor:
         segmenter where installed (``LungSegmenter.default().predict_mask``), else an error."""
         if self._segmenter is None:
             self._segmenter = load_lung_segmenter() or False
+            trained = (self.meta.get("lung_segmenter") or {}).get("identity")
+            if self._segmenter and trained and trained != self._segmenter.identity:
+                warnings.warn(
+                    f"{self.checkpoint.name}: trained with lung masks from segmenter {trained}, but the installed"
+                    f" segmenter is {self._segmenter.identity}: crops differ, predictions may shift",
+                    stacklevel=2,
+                )
         if not self._segmenter:
             raise ImageReadError(
                 None,

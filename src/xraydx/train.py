@@ -144,6 +144,16 @@ def data_summary(manifest: Manifest) -> dict[str, Any]:
     }
 
 
+def _segmenter_info(spec: Preprocessing, manifest: Manifest) -> dict[str, Any] | None:
+    """Which segmenter made the lung masks (where the dataset had none): predict warns if it differs."""
+    if spec.lung_mask == "none" or all(r.mask is not None for r in manifest.records):
+        return None
+    from xraydx.segment import LungSegmenter
+
+    seg = LungSegmenter.default()
+    return {"identity": seg.identity, "cache_tag": seg.cache_tag}
+
+
 def build_meta(cfg: Config, spec: Preprocessing, manifest: Manifest, extra: dict[str, Any]) -> dict[str, Any]:
     return {
         "tool": "xraydx",
@@ -157,6 +167,7 @@ def build_meta(cfg: Config, spec: Preprocessing, manifest: Manifest, extra: dict
         },
         "input_size": [cfg.model.in_chans, spec.size, spec.size],
         "preprocessing": spec.to_dict(),
+        "lung_segmenter": _segmenter_info(spec, manifest),
         "training_data": data_summary(manifest),
         "config": cfg.to_dict(),
         **extra,

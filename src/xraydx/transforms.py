@@ -45,7 +45,11 @@ class Preprocessing:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Preprocessing:
-        known = {k: d[k] for k in ("size", "lung_mask", "mean", "std", "resize", "intensity", "base_size") if k in d}
+        known = {
+            k: d[k]
+            for k in ("size", "lung_mask", "mean", "std", "resize", "intensity", "base_size")
+            if k in d
+        }
         return cls(**known)
 
     def cache_key(self) -> str:
