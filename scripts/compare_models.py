@@ -28,7 +28,12 @@ def _ci(value: float | None, ci: list[float] | None) -> str:
 def row(name: str, m: dict[str, Any]) -> list[str]:
     ci = m.get("ci") or {}
     pc = ci.get("per_class", {})
-    cells = [name, str(m["n"]), _ci(m["accuracy"], ci.get("accuracy")), _ci(m["macro_f1"], ci.get("macro_f1"))]
+    cells = [
+        name,
+        str(m["n"]),
+        _ci(m["accuracy"], ci.get("accuracy")),
+        _ci(m["macro_f1"], ci.get("macro_f1")),
+    ]
     for c in CLASSES:
         sens = m["per_class"][c]["sensitivity"]
         cells.append(_ci(sens, pc.get(c, {}).get("sensitivity")) if m["per_class"][c]["support"] else "—")
