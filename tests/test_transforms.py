@@ -155,3 +155,21 @@ def test_base_size_gives_every_source_the_same_resolution() -> None:
     assert np.abs(preprocess(big, plain).astype(int) - preprocess(small, plain).astype(int)).mean() > 1.0
     assert spec.cache_key() != plain.cache_key()
     assert Preprocessing.from_dict(spec.to_dict()) == spec
+
+
+@pytest.mark.parametrize("preset", ["light", "strong"])
+def test_fused_cpu_nearest_equals_the_torch_path(preset: str) -> None:
+    """The numba kernel (xraydx.fastaug) gives the torch nearest path's pixels: same random draws, same
+    table, same source pixel, except coordinates that land on an exact .5 (a few per million)."""
+    pytest.importorskip("numba")
+    rng = np.random.default_rng(0)
+    imgs = [_img(96, 80)[:, :80], rng.integers(0, 256, (96, 80), dtype=np.uint8)] * 4
+    batch = torch.from_numpy(np.stack(imgs)).unsqueeze(1)
+    spec = AugmentSpec.preset(preset)
+    assert spec is not None
+    fused = BatchAugment(spec, "nearest", fused=True)(batch, torch.Generator().manual_seed(3))
+    plain = BatchAugment(spec, "nearest", fused=False)(batch, torch.Generator().manual_seed(3))
+    assert fused.shape == plain.shape == (8, 1, 96, 80) and fused.dtype == torch.float32
+    off = (fused - plain).abs() > 1e-5
+    assert float(off.float().mean()) < 1e-3
+    assert float((fused == 0).float().mean()) == pytest.approx(float((plain == 0).float().mean()), abs=1e-3)

@@ -174,11 +174,13 @@ class BatchAugment:
     generator given, so a seeded run is repeatable.
     """
 
-    def __init__(self, spec: AugmentSpec, interpolation: str = "bilinear") -> None:
+    def __init__(self, spec: AugmentSpec, interpolation: str = "bilinear", fused: bool | None = None) -> None:
         if interpolation not in AUGMENT_INTERPOLATIONS:
             raise ValueError(f"interpolation must be one of {AUGMENT_INTERPOLATIONS}; got {interpolation!r}")
         self.spec = spec
         self.interpolation = interpolation
+        #: nearest mode on a CPU: one compiled pass (numba) instead of torch ops; None = where numba is installed
+        self.fused = fused
 
     def __call__(self, batch: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         s = self.spec
@@ -195,18 +197,31 @@ class BatchAugment:
         theta = torch.stack(
             [torch.stack([cos, -sin, tx], 1), torch.stack([sin, cos, ty], 1)], 1
         )  # (B, 2, 3): output -> input sampling grid
-        grid = _affine_grid(theta, batch.shape[-2], batch.shape[-1])
+        h, w = batch.shape[-2], batch.shape[-1]
         gam = torch.exp(u(math.log(s.gamma[0]), math.log(s.gamma[1])))
         con = u(1 - s.contrast, 1 + s.contrast)
         bri = u(-s.brightness, s.brightness)
-        if self.interpolation == "nearest":
+        if (
+            self.interpolation == "nearest"
+            and dev.type == "cpu"
+            and self.fused is not False
+            and _fused_cpu(required=bool(self.fused))
+        ):
+            from xraydx import fastaug
+
+            x = fastaug.nearest_affine_lut(batch, theta, gam, con, bri)
+        elif self.interpolation == "nearest":
             # nearest resampling only moves pixels, so the intensity change can come first, as one
             # 256-entry lookup table per image (exact; far cheaper than pow on every pixel)
             x = _intensity_lut(batch, gam, con, bri)
-            x = F.grid_sample(x, grid, mode="nearest", padding_mode="zeros", align_corners=False)
+            x = F.grid_sample(
+                x, _affine_grid(theta, h, w), mode="nearest", padding_mode="zeros", align_corners=False
+            )
         else:
             x = batch.float().div_(255.0)
-            x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+            x = F.grid_sample(
+                x, _affine_grid(theta, h, w), mode="bilinear", padding_mode="zeros", align_corners=False
+            )
             x = x.clamp_(0, 1).pow_(gam.view(b, 1, 1, 1))
             mean = x.mean(dim=(1, 2, 3), keepdim=True)
             x = (x - mean) * con.view(b, 1, 1, 1) + mean + bri.view(b, 1, 1, 1)
@@ -215,6 +230,16 @@ class BatchAugment:
         if s.noise_std > 0:
             x = x + torch.randn(x.shape, generator=gen).to(dev) * s.noise_std
         return x.clamp_(0, 1)
+
+
+def _fused_cpu(required: bool) -> bool:
+    """Whether the numba kernels of :mod:`xraydx.fastaug` can run (the ``fast`` extra installs numba)."""
+    import importlib.util
+
+    ok = importlib.util.find_spec("numba") is not None
+    if required and not ok:
+        raise RuntimeError("fused CPU augmentation needs numba: pip install 'xraydx[fast]'")
+    return ok
 
 
 def _intensity_lut(
