@@ -121,7 +121,10 @@ def run_cached(
         t0 = time.perf_counter()
         n = 0
         for xb, _ in iter_batches(arr, labels, order, bs, dev):
-            x = ((aug(xb, gen) if augment else xb.float().div_(255.0)) - spec.mean) / spec.std
+            if augment:
+                x = aug(xb, gen, norm=(spec.mean, spec.std))  # as the training loop calls it
+            else:
+                x = (xb.float().div_(255.0) - spec.mean) / spec.std
             n += len(x)
         times.append(time.perf_counter() - t0)
     return {

@@ -117,7 +117,7 @@ def test_intensity_lookup_table_equals_the_per_pixel_formula() -> None:
         torch.tensor([0.05, 0.0, -0.1]),
     )
     x = (batch.float() / 255).pow(gam.view(3, 1, 1, 1))
-    m = x.mean(dim=(1, 2, 3), keepdim=True)
+    m = x[..., ::2, ::2].mean(dim=(1, 2, 3), keepdim=True)  # the contrast's centre: every other row/column
     want = ((x - m) * con.view(3, 1, 1, 1) + m + bri.view(3, 1, 1, 1)).clamp(0, 1)
     torch.testing.assert_close(_intensity_lut(batch, gam, con, bri), want, atol=1e-5, rtol=0)
 
@@ -173,3 +173,17 @@ def test_fused_cpu_nearest_equals_the_torch_path(preset: str) -> None:
     off = (fused - plain).abs() > 1e-5
     assert float(off.float().mean()) < 1e-3
     assert float((fused == 0).float().mean()) == pytest.approx(float((plain == 0).float().mean()), abs=1e-3)
+
+
+@pytest.mark.parametrize(("mode", "fused"), [("bilinear", None), ("nearest", False), ("nearest", True)])
+def test_augment_can_return_normalised_input(mode: str, fused: bool | None) -> None:
+    """norm=(mean, std) gives exactly (x - mean) / std of the [0, 1] output (folded into the fused table)."""
+    if fused:
+        pytest.importorskip("numba")
+    batch = torch.from_numpy(np.stack([_img(64, 64)] * 4)).unsqueeze(1)
+    spec = AugmentSpec.preset("light")
+    assert spec is not None
+    aug = BatchAugment(spec, mode, fused=fused)
+    x = aug(batch, torch.Generator().manual_seed(5))
+    xn = aug(batch, torch.Generator().manual_seed(5), norm=(0.449, 0.226))
+    torch.testing.assert_close(xn, (x - 0.449) / 0.226, atol=2e-6, rtol=0)

@@ -434,8 +434,10 @@ def _run(cfg: Config, d: Dist, device: torch.device, resume: Path | None, progre
             desc=f"epoch {epoch}", leave=False, disable=not progress, unit="b",
         )  # fmt: skip
         for xb, yb in batches:
-            x = augment(xb, gen) if augment else xb.float().div_(255.0)
-            x = (x - spec.mean) / spec.std
+            if augment:
+                x = augment(xb, gen, norm=(spec.mean, spec.std))
+            else:
+                x = (xb.float().div_(255.0) - spec.mean) / spec.std
             if device.type == "cuda" and cfg.train.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
