@@ -11,6 +11,7 @@ No horizontal flip: it would move the heart to the right side of the chest, an i
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -239,11 +240,16 @@ class BatchAugment:
         return x if norm is None else x.sub_(norm[0]).div_(norm[1])
 
 
-def _fused_cpu(required: bool) -> bool:
-    """Whether the numba kernels of :mod:`xraydx.fastaug` can run (the ``fast`` extra installs numba)."""
+@functools.lru_cache(maxsize=1)
+def _numba_installed() -> bool:
     import importlib.util
 
-    ok = importlib.util.find_spec("numba") is not None
+    return importlib.util.find_spec("numba") is not None
+
+
+def _fused_cpu(required: bool) -> bool:
+    """Whether the numba kernels of :mod:`xraydx.fastaug` can run (the ``fast`` extra installs numba)."""
+    ok = _numba_installed()
     if required and not ok:
         raise RuntimeError("fused CPU augmentation needs numba: pip install 'xraydx[fast]'")
     return ok
