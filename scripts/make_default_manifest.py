@@ -73,8 +73,9 @@ def split_ieee(rows: list[dict[str, str]], seed: int) -> None:
     rest = np.setdiff1d(idx, test)
     _, val = next(StratifiedGroupKFold(4, shuffle=True, random_state=seed).split(rest, y[rest], g[rest]))
     val = rest[val]
+    in_test, in_val = set(test.tolist()), set(val.tolist())
     for i, r in enumerate(rows):
-        r["split"] = "test" if i in set(test.tolist()) else "val" if i in set(val.tolist()) else "train"
+        r["split"] = "test" if i in in_test else "val" if i in in_val else "train"
         r["source"] = "ieee8023"
 
 
