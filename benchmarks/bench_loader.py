@@ -1,16 +1,20 @@
 """Benchmark a: loader throughput, images/s delivered to the model (decode + augment), at 256 px.
 
-cached:  xraydx.cache (decoded once; uint8 array in RAM or memmap) -> iter_batches (the training
-         loop's batch gatherer) -> BatchAugment ("light"; bilinear affine, and nearest: the
-         resampling torchvision's RandomAffine uses by default) -> normalise, batched on tensors.
+cached:  xraydx.cache (decoded once; uint8 array in RAM, or the on-disk memmap train switches to above
+         the threshold) -> iter_batches (the training loop's batch gatherer) -> BatchAugment ("light";
+         bilinear affine, nearest as torch ops, and nearest fused: the numba kernel; torchvision's
+         RandomAffine on the naive side resamples nearest) with the normalisation folded in, as
+         xraydx.train calls it.
 naive:   a torch DataLoader whose Dataset decodes each PNG with PIL every epoch and applies
          torchvision transforms per image (Resize, RandomAffine, ColorJitter, ToTensor, Normalize).
 
-Same real images, same batch size, same output (float (B, 1, 256, 256), normalised). Steady state:
-the naive loader's second epoch (workers already started), the cached loader's epochs after the
-first pass. The first pass (decode + write the cache) and re-opening the cache are reported too.
+Same real images, same batch size, same output (float (B, 1, 256, 256), normalised). After one
+warm-up epoch of every pipeline (starts the naive workers, compiles the kernel), each round times one
+epoch of every pipeline, in an order rotated per round; the cached/naive ratios are taken within a
+round (the slower cache variant vs the faster naive one), so a change in the machine's load hits both
+sides alike; the verdict is the median over rounds, and every round is in the JSON.
 
-    PYTHONPATH=src python benchmarks/bench_loader.py [--n 512] [--batch-size 32] [--epochs 3]
+    PYTHONPATH=src python benchmarks/bench_loader.py [--n 2048] [--batch-size 32] [--rounds 5]
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from _perf import cxr_images, machine, table, write_result
+from _perf import cxr_images, machine, median, table, write_result
 from PIL import Image
 
 
@@ -56,89 +60,126 @@ class NaiveDataset(torch.utils.data.Dataset):  # type: ignore[type-arg]
             return self.tf(im.convert("L"))
 
 
-def run_naive(
-    paths: list[Path], size: int, bs: int, workers: int, epochs: int, augment: bool = True
-) -> dict[str, Any]:
+def naive_loader(
+    paths: list[Path], size: int, bs: int, workers: int, augment: bool = True
+) -> torch.utils.data.DataLoader:  # type: ignore[type-arg]
     ds = NaiveDataset(paths, size, 0.5, 0.25, augment)
-    dl = torch.utils.data.DataLoader(
+    return torch.utils.data.DataLoader(
         ds, batch_size=bs, shuffle=True, num_workers=workers, persistent_workers=workers > 0,
         generator=torch.Generator().manual_seed(0),
     )  # fmt: skip
-    times = []
-    for _ in range(epochs):
+
+
+class Pipeline:
+    """One way of delivering an epoch of normalised float batches; ``epoch()`` returns the images delivered."""
+
+    def __init__(self, name: str, kind: str, augment: bool, interpolation: str | None, epoch: Any) -> None:
+        self.name, self.kind, self.augment, self.interpolation = name, kind, augment, interpolation
+        self.epoch = epoch
+        self.rates: list[float] = []
+
+    def timed_epoch(self) -> float:
         t0 = time.perf_counter()
-        n = 0
-        for xb in dl:
-            n += len(xb)
-        times.append(time.perf_counter() - t0)
-    steady = times[1:] or times
-    return {
-        "pipeline": f"naive: PIL + torchvision per image, DataLoader workers={workers}",
-        "augment": augment,
-        "images": n,
-        "first_epoch_s": times[0],
-        "steady_epoch_s": float(np.median(steady)),
-        "images_per_s": n / float(np.median(steady)),
-    }
+        n = self.epoch()
+        rate = n / (time.perf_counter() - t0)
+        self.rates.append(rate)
+        return rate
 
 
-def run_cached(
-    paths: list[Path],
-    size: int,
-    bs: int,
-    epochs: int,
-    cache_dir: Path,
-    memmap: bool,
-    augment: bool = True,
-    interpolation: str = "bilinear",
-) -> dict[str, Any]:
-    from xraydx.cache import iter_batches, load_many
-    from xraydx.transforms import AugmentSpec, BatchAugment, Preprocessing, _fused_cpu
+def cached_epoch(arr: np.ndarray, bs: int, aug: Any, norm: tuple[float, float], seed: list[int]) -> Any:
+    """An epoch of the training loop's data path: iter_batches (the loop's gatherer) -> BatchAugment with the
+    normalisation folded in, as xraydx.train calls it (aug None: float + normalise only)."""
+    from xraydx.cache import iter_batches
 
-    spec = Preprocessing(size=size, mean=0.5, std=0.25)
-    threshold = 0 if memmap else 1 << 62
-    shutil.rmtree(cache_dir, ignore_errors=True)
-    t0 = time.perf_counter()
-    arr, fails = load_many(paths, spec, cache_dir=cache_dir, progress=False, memmap_threshold=threshold)
-    first = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    arr, fails = load_many(paths, spec, cache_dir=cache_dir, progress=False, memmap_threshold=threshold)
-    reopen = time.perf_counter() - t0
-    assert not fails, fails[:3]
-    # "nearest" = BatchAugment's default on CPU (the fused numba kernel where numba is installed);
-    # "nearest-torch" = the same augmentation as torch ops
-    mode = "nearest" if interpolation.startswith("nearest") else interpolation
-    fused = False if interpolation == "nearest-torch" else None
-    aug = BatchAugment(AugmentSpec.preset("light"), mode, fused=fused)  # type: ignore[arg-type]
-    if mode == "nearest" and fused is None and _fused_cpu(required=False):
-        interpolation = "nearest-fused"
     labels = np.zeros(len(arr), dtype=np.int64)
     dev = torch.device("cpu")
-    times = []
-    for ep in range(epochs):
-        gen = torch.Generator().manual_seed(ep)
+
+    def run() -> int:
+        seed[0] += 1
+        gen = torch.Generator().manual_seed(seed[0])
         order = torch.randperm(len(arr), generator=gen).numpy()
-        t0 = time.perf_counter()
         n = 0
         for xb, _ in iter_batches(arr, labels, order, bs, dev):
-            if augment:
-                x = aug(xb, gen, norm=(spec.mean, spec.std))  # as the training loop calls it
-            else:
-                x = (xb.float().div_(255.0) - spec.mean) / spec.std
+            x = aug(xb, gen, norm=norm) if aug is not None else (xb.float().div_(255.0) - norm[0]) / norm[1]
             n += len(x)
-        times.append(time.perf_counter() - t0)
-    return {
-        "pipeline": f"cached: xraydx cache ({'memmap' if memmap else 'in RAM'}) -> "
-        + (f"BatchAugment({interpolation}) on tensors" if augment else "float, normalised"),
-        "augment": augment,
-        "interpolation": interpolation if augment else None,
-        "images": n,
-        "first_pass_s": first,
-        "first_pass_images_per_s": len(paths) / first,
-        "reopen_s": reopen,
-        "steady_epoch_s": float(np.median(times)),
-        "images_per_s": n / float(np.median(times)),
-    }
+        return n
+
+    return run
+
+
+def build_cache(
+    paths: list[Path], size: int, cache_dir: Path
+) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+    """The two cache variants train uses (an array in RAM, and the on-disk memmap it switches to above the
+    threshold), timing the first pass (decode + resize + write) and re-opening by the next run."""
+    from xraydx.cache import load_many
+    from xraydx.transforms import Preprocessing
+
+    spec = Preprocessing(size=size, mean=0.5, std=0.25)
+    shutil.rmtree(cache_dir, ignore_errors=True)
+    times: dict[str, float] = {}
+    arrays: dict[str, np.ndarray] = {}
+    for name, threshold in (("in RAM", 1 << 62), ("memmap", 0)):
+        t0 = time.perf_counter()
+        arr, fails = load_many(paths, spec, cache_dir=cache_dir, progress=False, memmap_threshold=threshold)
+        times[f"{name}: first pass" if name == "in RAM" else "memmap: array from the entries"] = (
+            time.perf_counter() - t0
+        )
+        assert not fails, fails[:3]
+        t0 = time.perf_counter()
+        arr, _ = load_many(paths, spec, cache_dir=cache_dir, progress=False, memmap_threshold=threshold)
+        times[f"{name}: re-opened by the next run"] = time.perf_counter() - t0
+        arrays[name] = arr
+    assert isinstance(arrays["memmap"], np.memmap), "the memmap variant did not memory-map"
+    return arrays, times
+
+
+def make_pipelines(
+    paths: list[Path], args: argparse.Namespace, arrays: dict[str, np.ndarray]
+) -> list[Pipeline]:
+    from xraydx.transforms import AugmentSpec, BatchAugment, _fused_cpu
+
+    spec = AugmentSpec.preset("light")
+    assert spec is not None
+    norm = (0.5, 0.25)
+    seed = [0]
+    pipes = []
+    for interp in args.interpolation:
+        # "nearest" = BatchAugment's default on CPU (the fused numba kernel where numba is installed);
+        # "nearest-torch" = the same augmentation as torch ops
+        mode = "nearest" if interp.startswith("nearest") else interp
+        fused = False if interp == "nearest-torch" else None
+        label = "nearest-fused" if interp == "nearest" and _fused_cpu(required=False) else interp
+        aug = BatchAugment(spec, mode, fused=fused, reuse_output=True)  # as xraydx.train makes it on a CPU
+        for where, arr in arrays.items():
+            pipes.append(
+                Pipeline(
+                    f"cached ({where}) -> BatchAugment({label})", "cached", True, label,
+                    cached_epoch(arr, args.batch_size, aug, norm, seed),
+                )
+            )  # fmt: skip
+    pipes.append(
+        Pipeline("cached (in RAM), no augmentation", "cached", False, None,
+                 cached_epoch(arrays["in RAM"], args.batch_size, None, norm, seed))
+    )  # fmt: skip
+
+    def naive_epoch(dl: Any) -> Any:
+        return lambda: sum(len(xb) for xb in dl)
+
+    for w in args.naive_workers:
+        dl = naive_loader(paths, args.size, args.batch_size, w)
+        pipes.append(Pipeline(f"naive, workers={w}", "naive", True, None, naive_epoch(dl)))
+    dl = naive_loader(paths, args.size, args.batch_size, max(args.naive_workers), augment=False)
+    pipes.append(
+        Pipeline(
+            f"naive, workers={max(args.naive_workers)}, no augmentation",
+            "naive",
+            False,
+            None,
+            naive_epoch(dl),
+        )
+    )
+    return pipes
 
 
 def profile_stages(paths: list[Path], size: int, bs: int) -> list[dict[str, Any]]:
@@ -148,7 +189,14 @@ def profile_stages(paths: list[Path], size: int, bs: int) -> list[dict[str, Any]
 
     from xraydx.cache import gather_batch
     from xraydx.io import read_image
-    from xraydx.transforms import AugmentSpec, BatchAugment, _affine_grid, _intensity_lut, resize_uint8
+    from xraydx.transforms import (
+        AugmentSpec,
+        BatchAugment,
+        _affine_grid,
+        _fused_cpu,
+        _intensity_lut,
+        resize_uint8,
+    )
 
     prev = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -195,7 +243,7 @@ def profile_stages(paths: list[Path], size: int, bs: int) -> list[dict[str, Any]
     arr = np.stack([np.asarray(pil[p]) for p in sample[:bs]] * math.ceil(bs / len(sample)))[:bs]
     idx = np.arange(len(arr))
     aug = BatchAugment(AugmentSpec.preset("light"))  # type: ignore[arg-type]
-    aug_nn = BatchAugment(AugmentSpec.preset("light"), "nearest")  # type: ignore[arg-type]
+    aug_nn = BatchAugment(AugmentSpec.preset("light"), "nearest", fused=False)  # type: ignore[arg-type]
     gen = torch.Generator().manual_seed(0)
     xb = gather_batch(arr, idx)
     xf = xb.float().div_(255.0)
@@ -226,7 +274,13 @@ def profile_stages(paths: list[Path], size: int, bs: int) -> list[dict[str, Any]
     rows.append({"stage": "  (F.affine_grid, for comparison)", "ms_per_image": per_batch(lambda: F.affine_grid(theta, list(xf.shape), align_corners=False))})  # fmt: skip
     rows.append({"stage": "  of which F.grid_sample (bilinear)", "ms_per_image": per_batch(lambda: F.grid_sample(xf, grid, align_corners=False))})  # fmt: skip
     rows.append({"stage": "  of which gamma (pow, per-sample exponent)", "ms_per_image": per_batch(lambda: xf.clamp(0, 1).pow(torch.rand(len(arr), 1, 1, 1)))})  # fmt: skip
-    rows.append({"stage": "cached: BatchAugment('light', nearest), whole", "ms_per_image": per_batch(lambda: aug_nn(xb, gen))})  # fmt: skip
+    rows.append({"stage": "cached: BatchAugment('light', nearest, torch ops), whole", "ms_per_image": per_batch(lambda: aug_nn(xb, gen))})  # fmt: skip
+    aug_fused = (
+        BatchAugment(AugmentSpec.preset("light"), "nearest", fused=True) if _fused_cpu(False) else None
+    )  # type: ignore[arg-type]
+    if aug_fused is not None:
+        aug_fused(xb, gen)  # compile
+        rows.append({"stage": "cached: BatchAugment('light', nearest), fused numba kernel", "ms_per_image": per_batch(lambda: aug_fused(xb, gen, norm=(0.5, 0.25)))})  # fmt: skip
     rows.append({"stage": "  of which F.grid_sample (nearest)", "ms_per_image": per_batch(lambda: F.grid_sample(xf, grid, mode="nearest", align_corners=False))})  # fmt: skip
     ones = torch.ones(len(arr))
     rows.append({"stage": "  of which the intensity lookup table", "ms_per_image": per_batch(lambda: _intensity_lut(xb, ones, ones, ones * 0))})  # fmt: skip
@@ -237,10 +291,12 @@ def profile_stages(paths: list[Path], size: int, bs: int) -> list[dict[str, Any]
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--n", type=int, default=512, help="images per epoch (default 512)")
+    ap.add_argument("--n", type=int, default=2048, help="images per epoch (default 2048)")
     ap.add_argument("--size", type=int, default=256)
     ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--epochs", type=int, default=3, help="cached epochs measured (naive: 2, the 2nd counts)")
+    ap.add_argument(
+        "--rounds", type=int, default=5, help="measured rounds; each times one epoch of every pipeline"
+    )
     ap.add_argument("--naive-workers", type=int, nargs="+", default=[0, 2])
     ap.add_argument("--threads", type=int, default=0, help="torch threads for the cached path (0 = all CPUs)")
     ap.add_argument(
@@ -262,57 +318,77 @@ def main() -> int:
     sizes = [Image.open(p).size for p in paths[:: max(1, len(paths) // 50)]]
     print(f"{len(paths)} real images from {source}; typical source size {sorted(sizes)[len(sizes) // 2]}")
     tmp = Path(tempfile.mkdtemp(prefix="xraydx-bench-loader-"))
-    rows: list[dict[str, Any]] = []
-
-    def show(r: dict[str, Any]) -> None:
-        rows.append(r)
-        print(
-            f"  {r['pipeline']}{'' if r['augment'] else ', no augmentation'}: {r['images_per_s']:,.0f} img/s",
-            flush=True,
-        )
-
     try:
-        for interp in args.interpolation:
-            for memmap in (False, True):
-                show(
-                    run_cached(
-                        paths, args.size, args.batch_size, args.epochs, tmp / "cache", memmap, True, interp
-                    )
-                )
-        show(run_cached(paths, args.size, args.batch_size, args.epochs, tmp / "cache", False, augment=False))
-        for w in args.naive_workers:
-            show(run_naive(paths, args.size, args.batch_size, w, 2))
-        show(run_naive(paths, args.size, args.batch_size, max(args.naive_workers), 2, augment=False))
+        arrays, cache_times = build_cache(paths, args.size, tmp / "cache")
+        pipes = make_pipelines(paths, args, arrays)
+        for p in pipes:  # warm-up: starts the naive workers, compiles the fused kernel; not counted
+            p.epoch()
+        # Rounds: one epoch of every pipeline per round, the order rotated each round, so a change in the
+        # machine's load hits all pipelines alike; the ratios are taken within each round.
+        rounds = []
+        for r in range(args.rounds):
+            k = r % len(pipes)
+            for p in pipes[k:] + pipes[:k]:
+                p.timed_epoch()
+            rates = {p.name: p.rates[-1] for p in pipes}
+            rounds.append(rates)
+            print(f"round {r + 1}: " + ", ".join(f"{name} {v:,.0f}" for name, v in rates.items()), flush=True)
+        for p in pipes:
+            p.epoch = None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
-    def best(kind: str, augment: bool, pick: Any) -> float:
-        return pick(
-            r["images_per_s"] for r in rows if r["pipeline"].startswith(kind) and r["augment"] == augment
-        )
+    def ratio_in_round(r: int, interp: str | None, augment: bool) -> float:
+        cached = [
+            p.rates[r]
+            for p in pipes
+            if p.kind == "cached" and p.augment == augment and p.interpolation == interp
+        ]
+        naive = [p.rates[r] for p in pipes if p.kind == "naive" and p.augment == augment]
+        return min(cached) / max(naive)  # the slower cache variant vs the faster naive one
 
-    best_naive = best("naive", True, max)
-    ratios = {
-        interp: min(r["images_per_s"] for r in rows if r.get("interpolation") == interp) / best_naive
-        for interp in dict.fromkeys(r["interpolation"] for r in rows if r.get("interpolation"))
-    }
-    ratio = max(ratios.values())
-    ratio_noaug = best("cached", False, min) / best("naive", False, max)
-    for r in rows:
-        r["x_best_naive"] = r["images_per_s"] / best("naive", r["augment"], max)
-    print()
-    print(table(rows, ["pipeline", "augment", "images_per_s", "x_best_naive", "steady_epoch_s"]))
-    c0 = rows[0]
-    print(
-        f"\ncache first pass (decode + resize + write): {c0['first_pass_images_per_s']:,.0f} img/s;"
-        f" re-opening the cache for the next run: {c0['reopen_s']:.2f}s for {len(paths)} images"
-    )
-    for interp, q in ratios.items():
-        print(
-            f"with augmentation ({interp} affine): cached / best naive = {q:.1f}x (slower of RAM/memmap vs"
-            f" faster naive variant); target >= 10x: {'met' if q >= 10 else 'NOT met'}"
+    interps = list(dict.fromkeys(p.interpolation for p in pipes if p.augment))
+    ratios = {i: [ratio_in_round(r, i, True) for r in range(args.rounds)] for i in interps if i is not None}
+    ratios_noaug = [ratio_in_round(r, None, False) for r in range(args.rounds)]
+    rows = []
+    for p in pipes:
+        best_naive = [
+            max(q.rates[r] for q in pipes if q.kind == "naive" and q.augment == p.augment)
+            for r in range(args.rounds)
+        ]
+        rows.append(
+            {
+                "pipeline": p.name,
+                "augment": p.augment,
+                "interpolation": p.interpolation,
+                "images_per_s": median(p.rates),
+                "images_per_s_min": min(p.rates),
+                "images_per_s_max": max(p.rates),
+                "x_best_naive": median([a / b for a, b in zip(p.rates, best_naive, strict=True)]),
+                "images_per_s_by_round": p.rates,
+            }
         )
-    print(f"decode only (no augmentation on either side): cached / naive = {ratio_noaug:.1f}x")
+    print()
+    print(table(rows, ["pipeline", "images_per_s", "images_per_s_min", "images_per_s_max", "x_best_naive"]))
+    print(
+        f"\ncache first pass (decode + resize + write): {len(paths) / cache_times['in RAM: first pass']:,.0f} img/s;"
+        f" re-opening the cache for the next run: {cache_times['in RAM: re-opened by the next run']:.2f} s"
+        f" (memmap: {cache_times['memmap: re-opened by the next run']:.2f} s) for {len(paths)} images"
+    )
+    summary = {}
+    for interp, qs in ratios.items():
+        met = sum(q >= 10 for q in qs)
+        summary[interp] = {"median": median(qs), "min": min(qs), "max": max(qs), "rounds_met": met}
+        print(
+            f"with augmentation ({interp}): cached / naive = {median(qs):.1f}x median of {len(qs)} rounds"
+            f" (range {min(qs):.1f}-{max(qs):.1f}x; slower of RAM/memmap vs the faster naive variant);"
+            f" target >= 10x: {'met' if median(qs) >= 10 else 'NOT met'} (in {met} of {len(qs)} rounds)"
+        )
+    print(
+        f"decode only (no augmentation on either side): cached / naive = {median(ratios_noaug):.1f}x"
+        f" (range {min(ratios_noaug):.1f}-{max(ratios_noaug):.1f}x)"
+    )
+    ratio = max(s["median"] for s in summary.values())
     stages = [] if args.no_profile else profile_stages(paths, args.size, args.batch_size)
     if stages:
         print("\nwhere the time goes (1 thread, best of several, ms per image):")
@@ -326,13 +402,17 @@ def main() -> int:
                 "n": len(paths),
                 "size": args.size,
                 "batch_size": args.batch_size,
+                "rounds": args.rounds,
                 "augment": "light",
                 "interpolation": args.interpolation,
+                "naive_workers": args.naive_workers,
             },
+            "cache_seconds": cache_times,
             "rows": rows,
+            "ratio_by_interpolation": summary,
+            "ratio_by_interpolation_and_round": ratios,
+            "ratio_no_augmentation_by_round": ratios_noaug,
             "ratio_cached_vs_best_naive": ratio,
-            "ratio_cached_vs_best_naive_by_interpolation": ratios,
-            "ratio_cached_vs_best_naive_no_augmentation": ratio_noaug,
             "stages_ms_per_image_1_thread": stages,
             "target": 10.0,
             "met": ratio >= 10,

@@ -53,6 +53,7 @@ def measure(
 ) -> dict[str, Any]:
     """Per-step times of the end-to-end training step and of the model-only ceiling (interleaved)."""
     from xraydx.cache import iter_batches
+    from xraydx.config import TrainConfig
     from xraydx.models import create_model
     from xraydx.train import param_groups
     from xraydx.transforms import AugmentSpec, BatchAugment
@@ -68,7 +69,10 @@ def measure(
     opt = torch.optim.AdamW(param_groups(model, 0.05), lr=1e-4)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     weight = torch.ones(3, device=device)
-    aug = BatchAugment(AugmentSpec.preset("light"))  # type: ignore[arg-type]
+    # as xraydx.train makes it: the configured default resampling, one reused output buffer on a CPU
+    aug = BatchAugment(
+        AugmentSpec.preset("light"), TrainConfig().augment_interpolation, reuse_output=not cuda
+    )  # type: ignore[arg-type]
     mean, std = 0.5, 0.25
     rng = np.random.default_rng(0)
     labels = rng.integers(0, 3, len(images)).astype(np.int64)
@@ -91,8 +95,7 @@ def measure(
             yield from iter_batches(images, labels, order, batch_size, device)
 
     def data(xb: torch.Tensor) -> torch.Tensor:
-        x = aug(xb, gen)
-        x = (x - mean) / std
+        x = aug(xb, gen, norm=(mean, std))  # normalisation folded in, as the training loop calls it
         if use_cl:
             x = x.contiguous(memory_format=torch.channels_last)
         return x

@@ -20,4 +20,4 @@ $PY scripts/make_default_manifest.py --shared "$SHARED" --out "$RUNS/default-dat
 #    equalisation, light batched augmentation, mobilenetv2_100 (offline ImageNet weights), 224 px
 $PY -m xraydx train --data "$RUNS/default-data.csv" --runs-dir "$RUNS" --name default-model \
     --lung-mask crop --intensity equalize --base-size 224 --augment light --image-size 224 --epochs 10 \
-    --set train.threads=1
+    --set train.threads=1 --set train.augment_interpolation=bilinear

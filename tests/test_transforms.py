@@ -175,6 +175,49 @@ def test_fused_cpu_nearest_equals_the_torch_path(preset: str) -> None:
     assert float((fused == 0).float().mean()) == pytest.approx(float((plain == 0).float().mean()), abs=1e-3)
 
 
+def test_fused_kernel_handles_extreme_affines() -> None:
+    """The kernel finds the run of in-source columns per row analytically; check it against grid_sample on
+    affines far outside the presets: quarter/half turns (zero steps), mirror, zoom in and out, shifts that
+    move the image partly or wholly out of view, on a non-square image."""
+    pytest.importorskip("numba")
+    import torch.nn.functional as F
+
+    from xraydx import fastaug
+    from xraydx.transforms import _affine_grid, _intensity_lut
+
+    rng = np.random.default_rng(1)
+    thetas = (
+        [
+            [[1, 0, 0], [0, 1, 0]],  # identity
+            [[0, -1, 0], [1, 0, 0]],  # quarter turn: no step along x
+            [[-1, 0, 0], [0, -1, 0]],  # half turn
+            [[-1, 0, 0.1], [0, 1, 0]],  # mirror
+            [[3.0, 0.4, 0], [-0.4, 3.0, 0]],  # zoomed out: mostly fill
+            [[0.2, 0, 0.5], [0, 0.2, -0.3]],  # zoomed in
+            [[1, 0, 1.5], [0, 1, 0]],  # shifted partly out
+            [[1, 0, 2.5], [0, 1, -2.5]],  # shifted wholly out: all fill
+        ]
+        + [[list(r[:3]), list(r[3:])] for r in rng.uniform(-2, 2, (24, 6))]
+    )
+    b = len(thetas)
+    theta = torch.tensor(thetas, dtype=torch.float64)
+    batch = torch.from_numpy(rng.integers(0, 256, (b, 1, 37, 53), dtype=np.uint8))
+    gam = torch.from_numpy(rng.uniform(0.7, 1.4, b))
+    con, bri = torch.from_numpy(rng.uniform(0.8, 1.2, b)), torch.from_numpy(rng.uniform(-0.2, 0.2, b))
+    got = fastaug.nearest_affine_lut(batch, theta, gam, con, bri)
+    want = F.grid_sample(
+        _intensity_lut(batch, gam.float(), con.float(), bri.float()),
+        _affine_grid(theta, 37, 53).float(),
+        mode="nearest",
+        padding_mode="zeros",
+        align_corners=False,
+    )
+    off = (got - want).abs() > 1e-5
+    assert float(off.float().mean()) < 1e-3, off.float().mean(dim=(1, 2, 3))
+    assert bool((got[-25] == 0).all()) and float((got[4] == 0).float().mean()) > 0.8
+    torch.testing.assert_close(got[0], want[0], atol=1e-6, rtol=0)
+
+
 @pytest.mark.parametrize(("mode", "fused"), [("bilinear", None), ("nearest", False), ("nearest", True)])
 def test_augment_can_return_normalised_input(mode: str, fused: bool | None) -> None:
     """norm=(mean, std) gives exactly (x - mean) / std of the [0, 1] output (folded into the fused table)."""
@@ -187,3 +230,51 @@ def test_augment_can_return_normalised_input(mode: str, fused: bool | None) -> N
     x = aug(batch, torch.Generator().manual_seed(5))
     xn = aug(batch, torch.Generator().manual_seed(5), norm=(0.449, 0.226))
     torch.testing.assert_close(xn, (x - 0.449) / 0.226, atol=2e-6, rtol=0)
+
+
+def test_fused_output_buffer_is_reused_and_gives_the_same_pixels() -> None:
+    """reuse_output=True (what train uses on a CPU): the fused kernel writes each batch into one buffer per
+    shape, with exactly the pixels a fresh output gets."""
+    pytest.importorskip("numba")
+    from xraydx import fastaug
+
+    batch = torch.from_numpy(np.stack([_img(64, 64)] * 4)).unsqueeze(1)
+    spec = AugmentSpec.preset("light")
+    assert spec is not None
+    fresh = BatchAugment(spec, "nearest", fused=True)
+    reuse = BatchAugment(spec, "nearest", fused=True, reuse_output=True)
+    a = reuse(batch, torch.Generator().manual_seed(1), norm=(0.5, 0.25))
+    want_a = fresh(batch, torch.Generator().manual_seed(1), norm=(0.5, 0.25))
+    torch.testing.assert_close(a, want_a, atol=0, rtol=0)
+    b = reuse(batch, torch.Generator().manual_seed(2), norm=(0.5, 0.25))
+    assert b.data_ptr() == a.data_ptr()  # the same memory, overwritten
+    torch.testing.assert_close(
+        b, fresh(batch, torch.Generator().manual_seed(2), norm=(0.5, 0.25)), atol=0, rtol=0
+    )
+    c = reuse(batch[:3], torch.Generator().manual_seed(1))
+    assert c.shape == (3, 1, 64, 64) and c.data_ptr() != a.data_ptr()
+    assert (
+        fresh(batch, torch.Generator().manual_seed(3)).data_ptr()
+        != fresh(batch, torch.Generator()).data_ptr()
+    )
+    args = (torch.zeros(4, 2, 3), torch.ones(4), torch.ones(4), torch.zeros(4))
+    with pytest.raises(ValueError, match="out must be"):
+        fastaug.nearest_affine_lut(batch, *args, out=torch.empty(4, 1, 64, 63))
+    with pytest.raises(ValueError, match="out must be"):
+        fastaug.nearest_affine_lut(batch, *args, out=torch.empty(4, 1, 64, 64, dtype=torch.float64))
+
+
+def test_fused_kernel_leaves_torch_thread_count_alone() -> None:
+    """numba's OpenMP pool can share torch's OpenMP runtime, and starting it set torch to all CPUs: a run
+    with train.threads=1 then trained on 2 threads, with different float sums (and not repeatable)."""
+    pytest.importorskip("numba")
+    batch = torch.from_numpy(np.stack([_img(64, 64)] * 4)).unsqueeze(1)
+    spec = AugmentSpec.preset("light")
+    assert spec is not None
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        BatchAugment(spec, "nearest", fused=True)(batch, torch.Generator().manual_seed(0))
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)

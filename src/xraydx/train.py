@@ -387,7 +387,13 @@ def _run(cfg: Config, d: Dist, device: torch.device, resume: Path | None, progre
         opt, lr_lambda(total, int(cfg.train.warmup_epochs * steps_per_epoch))
     )
     aug_spec = AugmentSpec.preset(cfg.train.augment)
-    augment = BatchAugment(aug_spec, cfg.train.augment_interpolation) if aug_spec else None
+    # each augmented batch is consumed (forward + backward) before the next is made, so on a CPU the fused
+    # kernel may write every batch into the same buffer
+    augment = (
+        BatchAugment(aug_spec, cfg.train.augment_interpolation, reuse_output=device.type == "cpu")
+        if aug_spec
+        else None
+    )
 
     start_epoch, best_f1, best_epoch, bad_epochs = 1, -1.0, 0, 0
     rows: list[dict[str, Any]] = []
