@@ -89,18 +89,23 @@ class Pipeline:
 def cached_epoch(arr: np.ndarray, bs: int, aug: Any, norm: tuple[float, float], seed: list[int]) -> Any:
     """An epoch of the training loop's data path: iter_batches (the loop's gatherer) -> BatchAugment with the
     normalisation folded in, as xraydx.train calls it (aug None: float + normalise only)."""
-    from xraydx.cache import iter_batches
+    from xraydx.cache import BatchBuffers, iter_batches
 
     labels = np.zeros(len(arr), dtype=np.int64)
     dev = torch.device("cpu")
+    buffers = BatchBuffers()  # kept across epochs, as xraydx.train keeps them
 
     def run() -> int:
         seed[0] += 1
         gen = torch.Generator().manual_seed(seed[0])
         order = torch.randperm(len(arr), generator=gen).numpy()
         n = 0
-        for xb, _ in iter_batches(arr, labels, order, bs, dev):
-            x = aug(xb, gen, norm=norm) if aug is not None else (xb.float().div_(255.0) - norm[0]) / norm[1]
+        for xb, _ in iter_batches(arr, labels, order, bs, dev, reuse=buffers):  # as xraydx.train calls them
+            x = (
+                aug(xb, gen, norm=norm)
+                if aug is not None
+                else xb.float().div_(255.0).sub_(norm[0]).div_(norm[1])
+            )
             n += len(x)
         return n
 

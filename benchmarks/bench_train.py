@@ -52,7 +52,7 @@ def measure(
     full_epoch: bool = False,
 ) -> dict[str, Any]:
     """Per-step times of the end-to-end training step and of the model-only ceiling (interleaved)."""
-    from xraydx.cache import iter_batches
+    from xraydx.cache import BatchBuffers, iter_batches
     from xraydx.config import TrainConfig
     from xraydx.models import create_model
     from xraydx.train import param_groups
@@ -89,10 +89,12 @@ def measure(
         float(loss.detach())  # the loop's per-step read-back (a device sync on CUDA)
         int((logits.argmax(1) == y).sum())
 
+    buffers = BatchBuffers()
+
     def e2e_batches() -> Any:
         while True:
             order = rng.permutation(len(images))
-            yield from iter_batches(images, labels, order, batch_size, device)
+            yield from iter_batches(images, labels, order, batch_size, device, reuse=buffers)  # as train
 
     def data(xb: torch.Tensor) -> torch.Tensor:
         x = aug(xb, gen, norm=(mean, std))  # normalisation folded in, as the training loop calls it
@@ -160,7 +162,7 @@ def measure(
         order = rng.permutation(len(images))
         _sync(device)
         t0 = time.perf_counter()
-        for xb, yb in iter_batches(images, labels, order, batch_size, device):
+        for xb, yb in iter_batches(images, labels, order, batch_size, device, reuse=buffers):
             e2e(xb, yb)
         _sync(device)
         out["full_epoch_s"] = time.perf_counter() - t0

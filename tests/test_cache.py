@@ -271,6 +271,40 @@ def test_iter_batches_matches_indexing_and_forwards_errors() -> None:
     it.close()  # stopping early must not hang
 
 
+@pytest.mark.parametrize("prefetch", [0, 1, 3])
+def test_iter_batches_reuse_recycles_a_ring_of_buffers(prefetch: int) -> None:
+    """reuse=True (train on a CPU): every batch is right when read before the next is asked for, even with
+    a slow consumer and the producer running ahead; the memory of prefetch + 2 buffers is recycled."""
+    rng = np.random.default_rng(1)
+    images = rng.integers(0, 255, (53, 8, 8), dtype=np.uint8)
+    labels = rng.integers(0, 3, 53)
+    order = rng.permutation(53)
+    ptrs = set()
+    n = 0
+    for k, (x, y) in enumerate(
+        iter_batches(images, labels, order, 8, torch.device("cpu"), prefetch=prefetch, reuse=True)
+    ):
+        time.sleep(0.002)  # let the producer fill the ring meanwhile
+        idx = np.sort(order[k * 8 : k * 8 + 8])
+        assert np.array_equal(x[:, 0].numpy(), images[idx]) and np.array_equal(y.numpy(), labels[idx])
+        ptrs.add(x.data_ptr())
+        n += len(y)
+    assert n == 53 and len(ptrs) == prefetch + 2
+    kept = cache_mod.BatchBuffers()  # kept across epochs (as train does): the same memory every epoch
+    epochs = [
+        {
+            x.data_ptr()
+            for x, _ in iter_batches(
+                images, labels, order, 8, torch.device("cpu"), prefetch=prefetch, reuse=kept
+            )
+        }
+        for _ in range(2)
+    ]
+    assert epochs[0] == epochs[1] and len(epochs[0]) == prefetch + 2
+    with pytest.raises(ValueError, match="out must be"):
+        cache_mod.gather_batch(images, np.arange(4), out=torch.empty((3, 1, 8, 8), dtype=torch.uint8))
+
+
 def test_available_cpus_respects_a_cgroup_quota(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(cache_mod, "_cgroup_cpu_quota", lambda: None)
     free = cache_mod.available_cpus()

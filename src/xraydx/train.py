@@ -26,7 +26,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from xraydx import __version__
-from xraydx.cache import available_cpus, iter_batches, load_many
+from xraydx.cache import BatchBuffers, available_cpus, iter_batches, load_many
 from xraydx.config import Config, ConfigError, validate
 from xraydx.data import CLASSES, Manifest, Record, discover, hold_out_source
 from xraydx.evaluate import compute_metrics, fit_temperature, format_metrics
@@ -427,6 +427,7 @@ def _run(cfg: Config, d: Dist, device: torch.device, resume: Path | None, progre
         initial=start_epoch - 1, total=cfg.train.epochs,
     )  # fmt: skip
     stopped = False
+    gather_buffers = BatchBuffers()
     for epoch in epochs_bar:
         t0 = time.perf_counter()
         torch.manual_seed(cfg.train.seed * 1_000 + epoch)
@@ -434,16 +435,17 @@ def _run(cfg: Config, d: Dist, device: torch.device, resume: Path | None, progre
         order = epoch_order(len(tr.labels), tr.labels, cfg, epoch, d)
         train_model.train()
         loss_sum, correct, seen = 0.0, 0, 0
-        # one batch gathered ahead in a thread; pinned memory + non_blocking copies on CUDA
+        # one batch gathered ahead in a thread; pinned memory + non_blocking copies on CUDA; on a CPU into
+        # reused buffers (each batch is augmented into a new tensor before the next is asked for)
         batches = tqdm(
-            iter_batches(tr.images, tr.labels, order, bs, device), total=math.ceil(len(order) / bs),
+            iter_batches(tr.images, tr.labels, order, bs, device, reuse=gather_buffers), total=math.ceil(len(order) / bs),
             desc=f"epoch {epoch}", leave=False, disable=not progress, unit="b",
         )  # fmt: skip
         for xb, yb in batches:
             if augment:
                 x = augment(xb, gen, norm=(spec.mean, spec.std))
             else:
-                x = (xb.float().div_(255.0) - spec.mean) / spec.std
+                x = xb.float().div_(255.0).sub_(spec.mean).div_(spec.std)
             if device.type == "cuda" and cfg.train.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
