@@ -141,6 +141,12 @@ def test_per_source_metrics_and_confounding_notes() -> None:
     assert ps is not None
     assert ps["sources"]["a"]["counts"] == {"covid": 3, "non_covid": 0, "normal": 0}
     assert ps["sources"]["b"]["n"] == 3 and ps["sources"]["b"]["accuracy"] == 1.0
+    # a source's macro-F1 averages over the classes it holds: one class, all right -> 1.0, not 1/3
+    assert ps["sources"]["a"]["classes_present"] == ["covid"] and ps["sources"]["a"]["macro_f1"] == 1.0
+    wrong = p.copy()
+    wrong[0] = wrong[0][::-1]  # one of a's three covid images now called normal
+    pa = per_source_metrics(y, wrong, CLASSES, src, n_boot=50)["sources"]["a"]  # type: ignore[index]
+    assert pa["macro_f1"] == pytest.approx(0.8) and pa["accuracy"] == pytest.approx(2 / 3)
     assert any("covid images come from a" in n for n in ps["notes"])
     assert any("of the a images are covid" in n for n in ps["notes"])
     assert per_source_metrics(y, p, CLASSES, [""] * 8) is None

@@ -448,13 +448,17 @@ def per_source_metrics(
             warnings.simplefilter("ignore", UserWarning)
             m = compute_metrics(ys, ps, classes)
         ci = bootstrap_ci(ys, ps, classes, n_boot=n_boot, seed=seed)
+        present = sorted(set(ys.tolist()))
         out[s] = {
             "n": m["n"],
             "counts": {c: int((ys == i).sum()) for i, c in enumerate(classes)},
             "accuracy": m["accuracy"],
             "accuracy_ci": ci["accuracy"],
             "balanced_accuracy": m["balanced_accuracy"],
-            "macro_f1": m["macro_f1"],
+            # over the classes this source holds: averaged over all, a one-class source scores 1/3 at
+            # 100% accuracy (the F1 of the absent classes is 0 by definition)
+            "macro_f1": float(f1_score(ys, ps.argmax(1), labels=present, average="macro", zero_division=0)),
+            "classes_present": [classes[i] for i in present],
             "recall": {c: m["per_class"][c]["sensitivity"] for c in classes},
         }
     notes = []
