@@ -112,6 +112,8 @@ def test_held_out_source_is_never_trained_on_and_evaluated_apart(tmp_path: Path,
     assert "external" not in {r["split"] for r in rows if r["source"] != "nihcxr8"}
     ext = json.loads((run / "metrics.json").read_text())["external"]
     assert ext["n"] == 25 and ext["source"] == "nihcxr8"
+    lo, hi = ext["ci"]["accuracy"]  # bootstrap 95% CI, as for the test split
+    assert 0 <= lo <= ext["accuracy"] <= hi <= 1 and {"macro_f1", "per_class"} <= set(ext["ci"])
     out = tmp_path / "ev"
     ckpt = run / "checkpoints" / "best.safetensors"
     args = ["evaluate", "--checkpoint", str(ckpt), "--data", str(sample_dir), "--split", "external"]

@@ -29,7 +29,7 @@ from xraydx import __version__
 from xraydx.cache import BatchBuffers, available_cpus, iter_batches, load_many
 from xraydx.config import Config, ConfigError, validate
 from xraydx.data import CLASSES, Manifest, Record, discover, hold_out_source
-from xraydx.evaluate import compute_metrics, fit_temperature, format_metrics
+from xraydx.evaluate import bootstrap_ci, compute_metrics, fit_temperature, format_metrics
 from xraydx.fsutil import atomic_write_bytes, atomic_write_json, atomic_write_text
 from xraydx.models import count_parameters, create_model, normalization_for, save_checkpoint
 from xraydx.predict import batch_logits, printable_path, resolve_device
@@ -617,6 +617,7 @@ def finish_run(
         ex = splits["external"]
         probs = torch.softmax(batch_logits(model, ex.images, spec, device) / temperature, 1).numpy()
         xm = compute_metrics(ex.labels, probs, CLASSES)
+        xm["ci"] = bootstrap_ci(ex.labels, probs, CLASSES)  # 95%, as for the test split
         xm["source"] = cfg.data.holdout_source
         results["external"] = meta["external_metrics"] = xm
         log(format_metrics(xm, title=f"held-out source {cfg.data.holdout_source!r} (never seen in training)"))
