@@ -458,6 +458,7 @@ def test_model_info(client: TestClient, predictor: Predictor, checkpoint: Path) 
     assert info["training_data"]["counts"] == meta["training_data"]["counts"]
     # the server's own folders are not disclosed
     assert "/" not in info["training_data"]["root"] and info["checkpoint"] == checkpoint.name
+    assert info["training_data"]["name"] == "sample"  # the dataset folder the model was trained on
     assert str(checkpoint.parent) not in r.text
     assert info["abstention"]["threshold"] == pytest.approx(meta["abstention"]["threshold"])
 

@@ -417,13 +417,18 @@ def _json_safe(obj: Any) -> Any:
     return str(obj)
 
 
-def _public_data_summary(summary: Any) -> Any:
-    """The training-data summary without the server's folder layout (only the dataset folder's name)."""
+def _public_data_summary(summary: Any, data_path: Any = None) -> Any:
+    """The training-data summary without the server's folder layout: ``root`` is only the dataset folder's
+    name, and ``name`` the dataset's (the folder, or the manifest CSV's file name; from the training
+    config's ``data.path`` for checkpoints older than the ``name`` key)."""
     if not isinstance(summary, Mapping):
         return summary
     out = dict(summary)
     if out.get("root"):
         out["root"] = Path(str(out["root"])).name
+    name = out.get("name") or (Path(str(data_path)).name if data_path else None) or out.get("root")
+    if name:
+        out["name"] = Path(str(name)).name
     return out
 
 
@@ -716,7 +721,9 @@ class Service:
                 },
                 "val_metrics": m.get("val_metrics"),
                 "test_metrics": m.get("test_metrics"),
-                "training_data": _public_data_summary(m.get("training_data")),
+                "training_data": _public_data_summary(
+                    m.get("training_data"), ((m.get("config") or {}).get("data") or {}).get("path")
+                ),
                 "epoch": m.get("epoch"),
                 "created": m.get("created"),
                 "tool_version": m.get("tool_version"),

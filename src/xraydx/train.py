@@ -130,12 +130,14 @@ def load_split(
 # ---- checkpoint metadata -------------------------------------------------------------------------
 
 
-def data_summary(manifest: Manifest) -> dict[str, Any]:
+def data_summary(manifest: Manifest, name: str | None = None) -> dict[str, Any]:
+    """``name``: the dataset's name as the user gave it (the folder, or the manifest CSV's file name)."""
     sources: dict[str, int] = {}
     for r in manifest.records:
         if r.source:
             sources[r.source] = sources.get(r.source, 0) + 1
     return {
+        "name": name or manifest.root.name,
         "root": str(manifest.root),
         "layout": manifest.layout,
         "counts": manifest.counts(),
@@ -168,7 +170,7 @@ def build_meta(cfg: Config, spec: Preprocessing, manifest: Manifest, extra: dict
         "input_size": [cfg.model.in_chans, spec.size, spec.size],
         "preprocessing": spec.to_dict(),
         "lung_segmenter": _segmenter_info(spec, manifest),
-        "training_data": data_summary(manifest),
+        "training_data": data_summary(manifest, Path(cfg.data.path).name if cfg.data.path else None),
         "config": cfg.to_dict(),
         **extra,
     }

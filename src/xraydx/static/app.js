@@ -108,7 +108,8 @@
         const n = typeof c === "object" && c !== null ? Object.values(c).reduce((a, b) => a + b, 0) : c;
         parts.push(split + " " + n);
       });
-      fact(dl, "Training data", (td.root ? td.root + ": " : "") + parts.join(", "));
+      const name = td.name || td.root;
+      fact(dl, "Training data", (name ? name + ": " : "") + parts.join(", "));
     }
     if (td.sources && typeof td.sources === "object") {
       const names = Object.keys(td.sources).map((k) => k + " (" + td.sources[k] + ")");
