@@ -233,8 +233,8 @@ def test_augment_can_return_normalised_input(mode: str, fused: bool | None) -> N
 
 
 def test_fused_output_buffer_is_reused_and_gives_the_same_pixels() -> None:
-    """reuse_output=True (what train uses on a CPU): the fused kernel writes each batch into one buffer per
-    shape, with exactly the pixels a fresh output gets."""
+    """reuse_output=True (what train uses on a CPU): the fused kernel writes each batch into one buffer (a
+    smaller last batch into its first rows), with exactly the pixels a fresh output gets."""
     pytest.importorskip("numba")
     from xraydx import fastaug
 
@@ -252,7 +252,10 @@ def test_fused_output_buffer_is_reused_and_gives_the_same_pixels() -> None:
         b, fresh(batch, torch.Generator().manual_seed(2), norm=(0.5, 0.25)), atol=0, rtol=0
     )
     c = reuse(batch[:3], torch.Generator().manual_seed(1))
-    assert c.shape == (3, 1, 64, 64) and c.data_ptr() != a.data_ptr()
+    assert c.shape == (3, 1, 64, 64) and c.data_ptr() == a.data_ptr()
+    torch.testing.assert_close(c, fresh(batch[:3], torch.Generator().manual_seed(1)), atol=0, rtol=0)
+    d = reuse(batch[:, :, :32], torch.Generator().manual_seed(1))  # another image size: a new buffer
+    assert d.shape == (4, 1, 32, 64) and d.is_contiguous()
     assert (
         fresh(batch, torch.Generator().manual_seed(3)).data_ptr()
         != fresh(batch, torch.Generator()).data_ptr()

@@ -188,12 +188,12 @@ class BatchAugment:
         self.interpolation = interpolation
         #: nearest mode on a CPU: one compiled pass (numba) instead of torch ops; None = where numba is installed
         self.fused = fused
-        #: the fused kernel writes into one buffer per batch shape, kept between calls, so the returned tensor
-        #: is only valid until the next call (the training loop consumes each batch before the next). Saves
-        #: the allocator's fresh pages: on Linux a new 8-MB output is ~2,000 page faults, which measured
-        #: 0.05-0.1 ms per 256-px image, as much as the kernel itself.
+        #: the fused kernel writes every batch into one buffer kept between calls (a smaller last batch into
+        #: its first rows), so the returned tensor is only valid until the next call (the training loop
+        #: consumes each batch before the next). Saves the allocator's fresh pages: on Linux a new 8-MB
+        #: output is ~2,000 page faults, which measured 0.05-0.1 ms per 256-px image, as much as the kernel.
         self.reuse_output = reuse_output
-        self._out: dict[tuple[int, ...], torch.Tensor] = {}
+        self._out: torch.Tensor | None = None
 
     def __call__(
         self, batch: torch.Tensor, gen: torch.Generator, norm: tuple[float, float] | None = None
@@ -256,12 +256,10 @@ class BatchAugment:
     def _buffer(self, batch: torch.Tensor) -> torch.Tensor | None:
         if not self.reuse_output:
             return None
-        shape = tuple(batch.shape)
-        if shape not in self._out:
-            if len(self._out) >= 4:  # a few shapes at most (the last batch of an epoch is smaller)
-                self._out.clear()
-            self._out[shape] = torch.empty(shape, dtype=torch.float32)
-        return self._out[shape]
+        b = batch.shape[0]
+        if self._out is None or self._out.shape[1:] != batch.shape[1:] or self._out.shape[0] < b:
+            self._out = torch.empty(batch.shape, dtype=torch.float32)
+        return self._out[:b]
 
 
 @functools.lru_cache(maxsize=1)
