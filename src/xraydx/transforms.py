@@ -286,11 +286,10 @@ def _intensity_lut(
     b = batch.shape[0]
     dev = batch.device
     g = (torch.arange(256, dtype=torch.float32, device=dev) / 255.0)[None].pow(gam[:, None])  # (B, 256)
-    flat = batch.reshape(b, -1)
     # each pixel value, offset to its own image's row of the table
-    idx = flat.to(torch.int32).add_((torch.arange(b, dtype=torch.int32, device=dev) * 256)[:, None]).view(-1)
-    sub = batch[..., ::2, ::2].reshape(b, -1).to(torch.int32)
-    sub = sub.add_((torch.arange(b, dtype=torch.int32, device=dev) * 256)[:, None]).view(-1)
+    row = (torch.arange(b, dtype=torch.int32, device=dev) * 256)[:, None]
+    idx = batch.reshape(b, -1).to(torch.int32).add_(row).view(-1)
+    sub = batch[..., ::2, ::2].reshape(b, -1).to(torch.int32).add_(row).view(-1)
     hist = torch.bincount(sub, minlength=b * 256).view(b, 256).to(torch.float32)
     mean = (hist * g).sum(1, keepdim=True) / hist.sum(1, keepdim=True)
     lut = ((g - mean) * con[:, None] + mean + bri[:, None]).clamp_(0, 1)
