@@ -303,13 +303,3 @@ def test_iter_batches_reuse_recycles_a_ring_of_buffers(prefetch: int) -> None:
     assert epochs[0] == epochs[1] and len(epochs[0]) == prefetch + 2
     with pytest.raises(ValueError, match="out must be"):
         cache_mod.gather_batch(images, np.arange(4), out=torch.empty((3, 1, 8, 8), dtype=torch.uint8))
-
-
-def test_available_cpus_respects_a_cgroup_quota(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(cache_mod, "_cgroup_cpu_quota", lambda: None)
-    free = cache_mod.available_cpus()
-    assert free >= 1
-    monkeypatch.setattr(cache_mod, "_cgroup_cpu_quota", lambda: 0.5)  # docker --cpus=0.5
-    assert cache_mod.available_cpus() == 1
-    monkeypatch.setattr(cache_mod, "_cgroup_cpu_quota", lambda: 1000.0)
-    assert cache_mod.available_cpus() == free

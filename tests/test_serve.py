@@ -704,8 +704,9 @@ def test_worker_delivers_engine_errors() -> None:
 def test_cli_serve_without_default_model(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
                                          capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
     import xraydx.cli as cli
+    import xraydx.constants as constants
 
-    monkeypatch.setattr(cli, "DEFAULT_CHECKPOINT", tmp_path / "missing.safetensors")
+    monkeypatch.setattr(constants, "DEFAULT_CHECKPOINT", tmp_path / "missing.safetensors")
     assert cli.main(["serve"]) == cli.EXIT_USAGE
     assert "--checkpoint is required" in capsys.readouterr().err
 

@@ -27,7 +27,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from xraydx.data import DatasetError, checkpoint_split
+from xraydx.data import checkpoint_split
+from xraydx.errors import EXIT_OK, EXIT_PARTIAL, AuditError, UsageError
 from xraydx.transforms import Preprocessing, apply_lung_mask, resize_uint8
 
 # Two ellipses (centre x, centre y, radius x, radius y) as fractions of the image width / height, for a
@@ -49,10 +50,6 @@ BORDER_DROP = 0.15  # border and corners blanked: a drop larger than this -> rea
 LUNGS_ONLY_DROP = 0.15  # only the lungs visible: a drop larger than this -> possible shortcuts
 SALIENCY_MIN = 0.5  # mean Grad-CAM share inside the lung field below this -> possible shortcuts
 BASELINE_MARGIN = 0.05  # baseline CI lower bound within chance + this -> inconclusive
-
-
-class AuditError(DatasetError):
-    """Nothing to audit (no images in the split, none readable)."""
 
 
 def prior_lung_mask(h: int, w: int) -> np.ndarray:
@@ -508,7 +505,6 @@ def write_audit(audits: Sequence[dict[str, Any]], out: Path, overwrite: bool = F
 
 
 def cmd_audit(args: argparse.Namespace) -> int:
-    from xraydx.cli import EXIT_OK, EXIT_PARTIAL, UsageError
     from xraydx.fsutil import refuse_overwrite
 
     out = Path(args.out)

@@ -53,6 +53,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from xraydx.device import available_cpus
 from xraydx.io import ImageReadError, read_image
 from xraydx.transforms import Preprocessing, preprocess
 
@@ -64,40 +65,6 @@ INDEX_NAME = "stat-index.jsonl"
 DEFAULT_MEMMAP_BYTES = 512 * 2**20
 RACY_STAT_NS = 2_000_000_000  # stats this recent are not trusted (coarse mtime clocks)
 _CHUNK = 1 << 20
-
-
-def available_cpus() -> int:
-    """CPUs this process may use: its CPU affinity (taskset, cpusets), capped by a cgroup CPU quota
-    (``docker --cpus``, Kubernetes limits), which ``os.cpu_count()`` ignores."""
-    try:
-        n = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        n = os.cpu_count() or 1
-    quota = _cgroup_cpu_quota()
-    if quota is not None:
-        n = min(n, max(1, int(quota + 0.5)))
-    return max(1, n)
-
-
-def _cgroup_cpu_quota() -> float | None:
-    """CPUs allowed by the cgroup v2 ``cpu.max`` (or v1 ``cpu.cfs_quota_us``) of this process, if limited."""
-    candidates = [
-        ("/sys/fs/cgroup/cpu.max", None),
-        ("/sys/fs/cgroup/cpu/cpu.cfs_quota_us", "/sys/fs/cgroup/cpu/cpu.cfs_period_us"),
-    ]
-    for quota_path, period_path in candidates:
-        try:
-            text = Path(quota_path).read_text().split()
-            if period_path is None:
-                if text and text[0] != "max":
-                    return int(text[0]) / int(text[1])
-            else:
-                q, per = int(text[0]), int(Path(period_path).read_text().split()[0])
-                if q > 0 and per > 0:
-                    return q / per
-        except (OSError, ValueError, IndexError, ZeroDivisionError):
-            continue
-    return None
 
 
 def memmap_threshold_default() -> int:

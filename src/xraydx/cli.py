@@ -13,20 +13,26 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-EXIT_OK, EXIT_FATAL, EXIT_USAGE, EXIT_PARTIAL = 0, 1, 2, 3
-DEFAULT_CHECKPOINT = Path(__file__).parent / "weights" / "default.safetensors"
+from xraydx.constants import DEFAULT_CHECKPOINT, checkpoint_or_default
+from xraydx.constants import sample_dir as _sample_dir
+from xraydx.errors import (
+    EXIT_FATAL,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_PARTIAL,
+    EXIT_USAGE,
+    UsageError,
+    XraydxError,
+)
+
+__all__ = [
+    "DEFAULT_CHECKPOINT", "EXIT_FATAL", "EXIT_INTERRUPTED", "EXIT_OK", "EXIT_PARTIAL", "EXIT_USAGE",
+    "UsageError", "build_parser", "main",
+]  # fmt: skip
 
 
 def _checkpoint(args: argparse.Namespace) -> Path:
-    if getattr(args, "checkpoint", None):
-        return Path(args.checkpoint)
-    if DEFAULT_CHECKPOINT.is_file():
-        return DEFAULT_CHECKPOINT
-    raise UsageError("--checkpoint is required (no default model is installed)")
-
-
-class UsageError(Exception):
-    pass
+    return checkpoint_or_default(getattr(args, "checkpoint", None))
 
 
 # ---- data ----------------------------------------------------------------------------------------
@@ -78,8 +84,7 @@ TRAIN_FLAGS = {
 
 
 def build_config(args: argparse.Namespace) -> Any:
-    from xraydx.config import Config
-    from xraydx.train import parse_overrides
+    from xraydx.config import Config, parse_overrides
 
     cfg = Config.load(args.config) if args.config else Config()
     overrides = {key: getattr(args, flag) for flag, (key, _, _) in TRAIN_FLAGS.items()}
@@ -375,31 +380,13 @@ def build_parser() -> argparse.ArgumentParser:
 STAGE_MODULES = ("export", "explain", "audit", "segment", "serve")
 
 
-def _sample_dir() -> Path:
-    here = Path(__file__).resolve()
-    for cand in (here.parents[2] / "data" / "sample", Path("data/sample")):
-        if cand.is_dir():
-            return cand
-    return Path("data/sample")
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    from xraydx.config import ConfigError
-    from xraydx.data import DatasetError
-    from xraydx.fsutil import OutputExistsError
-    from xraydx.io import ImageReadError
-    from xraydx.models import CheckpointError
-    from xraydx.train import TrainError
-
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))
-    except (UsageError, ConfigError) as exc:
+    except XraydxError as exc:
         print(f"xraydx: error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    except (DatasetError, CheckpointError, TrainError, OutputExistsError, ImageReadError) as exc:
-        print(f"xraydx: error: {exc}", file=sys.stderr)
-        return EXIT_FATAL
+        return exc.exit_code
     except KeyboardInterrupt:
         print("xraydx: interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED

@@ -14,6 +14,16 @@ from typing import Any
 
 import yaml
 
+from xraydx.constants import (
+    AUGMENT_INTERPOLATIONS,
+    AUGMENT_PRESETS,
+    BALANCE_MODES,
+    INTENSITY_MODES,
+    LUNG_MASK_MODES,
+    PRETRAINED_MODES,
+)
+from xraydx.errors import ConfigError
+
 
 @dataclass
 class DataConfig:
@@ -113,10 +123,6 @@ class Config:
         return self
 
 
-class ConfigError(ValueError):
-    pass
-
-
 def _assign(obj: Any, key: str, value: Any, *, source: str) -> None:
     fields = {f.name: f for f in dataclasses.fields(obj)}
     if key not in fields:
@@ -159,12 +165,12 @@ def _coerce(value: Any, typ: Any, key: str) -> Any:
 
 
 CHOICES: dict[str, tuple[str, ...]] = {
-    "data.lung_mask": ("none", "crop", "mask"),
-    "data.intensity": ("none", "equalize"),
-    "model.pretrained": ("offline", "timm", "none"),
-    "train.balance": ("loss", "sampler", "none"),
-    "train.augment": ("none", "light", "strong"),
-    "train.augment_interpolation": ("nearest", "bilinear"),
+    "data.lung_mask": LUNG_MASK_MODES,
+    "data.intensity": INTENSITY_MODES,
+    "model.pretrained": PRETRAINED_MODES,
+    "train.balance": BALANCE_MODES,
+    "train.augment": AUGMENT_PRESETS,
+    "train.augment_interpolation": AUGMENT_INTERPOLATIONS,
 }
 
 
@@ -182,3 +188,14 @@ def validate(cfg: Config) -> None:
         raise ConfigError("train.epochs and train.batch_size must be positive")
     if not (0.0 < cfg.data.val_fraction < 0.5 and 0.0 <= cfg.data.test_fraction < 0.5):
         raise ConfigError("data.val_fraction must be in (0, 0.5) and data.test_fraction in [0, 0.5)")
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, str]:
+    """``--set key=value`` pairs as a dict for :meth:`Config.override` (a ConfigError for one without ``=``)."""
+    out = {}
+    for p in pairs:
+        if "=" not in p:
+            raise ConfigError(f"--set expects key=value, got {p!r}")
+        k, v = p.split("=", 1)
+        out[k.strip()] = v.strip()
+    return out

@@ -72,6 +72,8 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from xraydx.constants import ALL_SPLITS, CLASSES, SPLITS
+from xraydx.errors import DatasetError
 from xraydx.fsutil import atomic_open
 from xraydx.io import ImageReadError, is_image_path, read_image
 
@@ -94,10 +96,6 @@ __all__ = [
     "normalize_split",
 ]
 
-CLASSES: tuple[str, ...] = ("covid", "non_covid", "normal")
-SPLITS: tuple[str, ...] = ("train", "val", "test")
-#: a split for a source never trained on (train --holdout-source, or a CSV split column)
-ALL_SPLITS: tuple[str, ...] = (*SPLITS, "external")
 LAYOUTS: tuple[str, ...] = ("covid-qu-ex", "radiography-db", "class-folders", "split-class-folders", "csv")
 
 #: Folder names / label values (normalised: lower case, runs of ``-``, ``_``, space → ``_``).
@@ -161,10 +159,6 @@ _MASK_DIRS: tuple[str, ...] = ("lung_masks", "masks", "mask", "lung_mask")
 _IGNORED_MASK_DIRS = frozenset({"infection_masks", "infection_mask"})
 _MAX_DEPTH = 4
 _THUMB = 16
-
-
-class DatasetError(ValueError):
-    """The data at a path cannot be turned into a usable 3-class manifest."""
 
 
 # --------------------------------------------------------------------------------------------

@@ -30,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from xraydx.constants import checkpoint_or_default
+from xraydx.errors import EXIT_OK, EXIT_PARTIAL, UsageError
 from xraydx.transforms import Preprocessing, normalize, resize_uint8
 
 __all__ = ["GradCAM", "heat_png", "lung_share", "overlay", "overlay_png", "with_heatmaps"]
@@ -378,13 +380,12 @@ def explain_files(
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
-    from xraydx.cli import EXIT_OK, EXIT_PARTIAL, UsageError, _checkpoint
 
     if not 0.0 <= args.alpha <= 1.0:
         raise UsageError(f"--alpha must be in [0, 1]; got {args.alpha}")
     try:
         counts = explain_files(
-            _checkpoint(args), args.inputs, Path(args.out), all_classes=args.all_classes, device=args.device,
+            checkpoint_or_default(args.checkpoint), args.inputs, Path(args.out), all_classes=args.all_classes, device=args.device,
             overwrite=args.overwrite, alpha=args.alpha, progress=not args.quiet,
         )  # fmt: skip
     except ValueError as exc:

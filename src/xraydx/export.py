@@ -28,7 +28,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from xraydx.models import CheckpointError, load_checkpoint
+from xraydx.constants import checkpoint_or_default, sample_dir
+from xraydx.errors import EXIT_FATAL, EXIT_OK, ExportError, UsageError
+from xraydx.models import load_checkpoint
 from xraydx.transforms import Preprocessing, normalize, preprocess
 
 DEFAULT_OPSET = 17
@@ -36,10 +38,6 @@ PARITY_TOLERANCE = 1e-4
 META_KEY = "xraydx"
 INPUT_NAME = "image"
 OUTPUT_NAME = "logits"
-
-
-class ExportError(CheckpointError):
-    """Export or ONNX loading failed (a CheckpointError, so the CLI reports it and exits 1)."""
 
 
 def _require_onnx() -> tuple[Any, Any]:
@@ -299,17 +297,14 @@ def export_checkpoint(
 
 
 def _default_check_dir() -> Path | None:
-    from xraydx.cli import _sample_dir
-
-    d = _sample_dir() / "test"
+    d = sample_dir() / "test"
     return d if d.is_dir() else None
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from xraydx.cli import EXIT_FATAL, EXIT_OK, UsageError, _checkpoint
     from xraydx.predict import expand_inputs
 
-    ckpt = _checkpoint(args)
+    ckpt = checkpoint_or_default(args.checkpoint)
     check_dir = Path(args.check_images) if args.check_images else _default_check_dir()
     if check_dir is None:
         raise UsageError("no images to check parity on: pass --check-images DIR (real X-rays, any layout)")

@@ -1,15 +1,19 @@
-"""Atomic file writes: every output is written to a temp file in the same folder, then renamed."""
+"""Atomic file writes (every output is written to a temp file in the same folder, then renamed), the one
+JSON sanitiser (:func:`json_safe`) and :func:`printable_path` for messages."""
 
 from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
+
+from xraydx.errors import OutputExistsError
 
 
 @contextmanager
@@ -93,12 +97,33 @@ def _json_default(obj: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
 
 
-class OutputExistsError(FileExistsError):
-    pass
-
-
 def refuse_overwrite(path: Path, overwrite: bool, flag: str = "--overwrite") -> None:
     if Path(path).exists() and not overwrite:
         raise OutputExistsError(
             f"{path}: already exists; refusing to overwrite it (pass {flag} to replace it)"
         )
+
+
+def json_safe(obj: Any) -> Any:
+    """NaN / inf become None (JSON has no NaN); numpy scalars and arrays become Python values; mappings get
+    string keys; anything else that JSON cannot hold becomes its ``str``."""
+    import numpy as np
+
+    if isinstance(obj, Mapping):
+        return {str(k): json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return json_safe(obj.tolist())
+    if isinstance(obj, np.generic):
+        obj = obj.item()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, (str, int, float, bool)) or obj is None:
+        return obj
+    return str(obj)
+
+
+def printable_path(path: str) -> str:
+    """A path for messages: bytes of the name that are not UTF-8 are shown as \\xNN (never a crash on print)."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")

@@ -55,6 +55,8 @@ from typing import Any, BinaryIO
 import numpy as np
 from PIL import Image, ImageFile, UnidentifiedImageError
 
+from xraydx.errors import XraydxError
+
 __all__ = [
     "MAX_ASPECT",
     "MAX_FILE_BYTES",
@@ -93,7 +95,7 @@ _DICOM_CODEC_PACKAGES: tuple[tuple[str, str], ...] = (
 )
 
 
-class ImageReadError(Exception):
+class ImageReadError(XraydxError):
     """An input could not be read as a usable chest X-ray image.
 
     ``path`` is the file's name as given (``"<upload>"`` or similar for in-memory data) and

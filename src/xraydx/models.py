@@ -17,6 +17,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from xraydx.errors import CheckpointError
+
 FORMAT = "xraydx-checkpoint"
 FORMAT_VERSION = 1
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -52,10 +54,6 @@ OFFLINE_WEIGHTS: dict[str, OfflineWeights] = {
         for i, h in ((0, "57934424"), (1, "77cc7160"), (2, "9656183e"))
     },
 }
-
-
-class CheckpointError(ValueError):
-    pass
 
 
 def offline_weights_path(name: str) -> Path:

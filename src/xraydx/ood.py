@@ -56,6 +56,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from xraydx.constants import DEFAULT_GUARD
 from xraydx.io import ImageReadError, read_image
 from xraydx.models import CheckpointError, read_metadata
 from xraydx.segment import LungSegmenter, SegAnalysis
@@ -74,7 +75,6 @@ __all__ = [
 ]
 
 OOD_KIND = "ood-guard"
-DEFAULT_GUARD = Path(__file__).parent / "weights" / "ood.safetensors"
 COLOURFUL_MAX = 12.0  # Hasler-Suesstrunk "slightly colourful" starts at ~15; a tinted scan stays below
 BLANK_STD = 4.0  # gray levels (0-255): standard deviation of a 64 x 64 thumbnail
 RULE_SCORE = 1.5  # the least score a broken rule gives, so rule rejections sort after borderline distances

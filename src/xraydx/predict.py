@@ -24,20 +24,13 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from xraydx.constants import UNCERTAIN_FLAG
+from xraydx.device import resolve_device
+from xraydx.fsutil import printable_path
 from xraydx.io import ImageReadError, is_image_path, read_image
 from xraydx.transforms import Preprocessing, normalize, preprocess
 
 LIST_SUFFIXES = (".txt", ".lst", ".list")
-UNCERTAIN_FLAG = "uncertain: refer to a radiologist"  # the predictions' ``flag`` column (abstention)
-
-
-def resolve_device(name: str = "auto") -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"device {name!r} requested but CUDA is not available")
-    return dev
 
 
 @torch.inference_mode()
@@ -396,8 +389,3 @@ def _complete_rows(path: Path) -> tuple[list[str] | None, list[list[str]]]:
     if not rows:
         return None, []
     return rows[0], [r for r in rows[1:] if len(r) == len(rows[0])]
-
-
-def printable_path(path: str) -> str:
-    """A path for messages: bytes of the name that are not UTF-8 are shown as \\xNN (never a crash on print)."""
-    return os.fsencode(path).decode("utf-8", "backslashreplace")

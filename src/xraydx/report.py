@@ -19,12 +19,8 @@ from typing import Any
 
 import numpy as np
 
+from xraydx.constants import RESEARCH_NOTE
 from xraydx.evaluate import evaluation_summary
-
-RESEARCH_NOTE = (
-    "Research use only; not a medical device. Figures describe this data set, not another hospital's."
-)
-
 
 # ---- small HTML helpers (also used by xraydx.audit) ----------------------------------------------
 

@@ -47,6 +47,8 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
+from xraydx.constants import DEFAULT_SEGMENTER
+from xraydx.errors import EXIT_OK, EXIT_PARTIAL, UsageError
 from xraydx.fsutil import file_sha256
 from xraydx.io import ImageReadError, read_image
 from xraydx.models import (
@@ -75,7 +77,6 @@ __all__ = [
 ]
 
 SEG_KIND = "lung-segmenter"
-DEFAULT_SEGMENTER = Path(__file__).parent / "weights" / "lungseg.safetensors"
 ENCODERS = ("mobilenetv2_100", "tf_efficientnet_lite0")
 DECODER_CHANNELS = (96, 48, 32, 16)
 THRESHOLD = 0.5
@@ -925,8 +926,6 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_segment(args: argparse.Namespace) -> int:
-    from xraydx.cli import EXIT_OK, EXIT_PARTIAL, UsageError
-
     if not args.out:
         raise UsageError("segment: --out DIR is required")
     if args.inputs[0] == "train":

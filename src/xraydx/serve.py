@@ -49,7 +49,6 @@ import importlib
 import importlib.util
 import io
 import logging
-import math
 import os
 import queue
 import sys
@@ -62,7 +61,10 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import numpy as np
 
+from xraydx.constants import STATIC_DIR, checkpoint_or_default
+from xraydx.errors import EXIT_FATAL, ServeError
 from xraydx.fsutil import file_sha256
+from xraydx.fsutil import json_safe as _json_safe
 
 if TYPE_CHECKING:  # pragma: no cover
     from fastapi import FastAPI, Request
@@ -76,7 +78,6 @@ DEFAULT_MAX_UPLOAD_BYTES = 20 * MIB
 MAX_BATCH_FILES = 32
 MULTIPART_OVERHEAD = 64 * 1024  # boundaries and part headers on top of the file bytes
 RENDER_MAX_SIDE = 1024  # the rendered input image sent back to the browser
-STATIC_DIR = Path(__file__).parent / "static"
 TOKEN_ENV = "XRAYDX_TOKEN"
 LOOPBACK = ("127.0.0.1", "::1", "localhost")
 
@@ -96,10 +97,6 @@ DOCS_CSP_CDN = (
     "connect-src 'self'; object-src 'none'; base-uri 'none'; frame-ancestors 'none'"
 )
 DOCS_PATHS = ("/docs", "/docs/oauth2-redirect")
-
-
-class ServeError(RuntimeError):
-    """The server cannot start as asked (engine unavailable, bad limits, ...)."""
 
 
 class ApiError(Exception):
@@ -154,7 +151,7 @@ class OnnxEngine:
             if exc.name != "xraydx.export":
                 raise
             raise ServeError("--engine onnx needs xraydx.export, which this xraydx does not have") from None
-        # raises xraydx.export.ExportError (a CheckpointError) when onnxruntime is missing or export fails
+        # raises xraydx.errors.ExportError when onnxruntime is missing or export fails
         self.runtime = RuntimeEngine(predictor.checkpoint, threads=int(threads or 0), device="cpu")
         size = predictor.spec.size
         probe = np.random.default_rng(0).integers(0, 256, size=(2, size, size), dtype=np.uint8)
@@ -398,23 +395,6 @@ def safe_filename(raw: str | bytes | None) -> str:
     if len(name) > 128:
         name = name[:60] + "..." + name[-60:]
     return name or "upload"
-
-
-def _json_safe(obj: Any) -> Any:
-    """NaN / inf become None (JSON has no NaN); numpy scalars and arrays become Python values."""
-    if isinstance(obj, Mapping):
-        return {str(k): _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
-    if isinstance(obj, np.ndarray):
-        return _json_safe(obj.tolist())
-    if isinstance(obj, np.generic):
-        obj = obj.item()
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, (str, int, float, bool)) or obj is None:
-        return obj
-    return str(obj)
 
 
 def _public_data_summary(summary: Any, data_path: Any = None) -> Any:
@@ -1215,9 +1195,7 @@ def _port(text: str) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from xraydx.cli import EXIT_FATAL, _checkpoint
-
-    ckpt = _checkpoint(args)
+    ckpt = checkpoint_or_default(args.checkpoint)
     try:
         import uvicorn
     except ImportError as exc:

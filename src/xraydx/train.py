@@ -11,7 +11,6 @@ import csv
 import io as _io
 import json
 import math
-import os
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -26,74 +25,24 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from xraydx import __version__
-from xraydx.cache import BatchBuffers, available_cpus, iter_batches, load_many
-from xraydx.config import Config, ConfigError, validate
+from xraydx.cache import BatchBuffers, iter_batches, load_many
+from xraydx.config import Config, validate
+from xraydx.config import parse_overrides as parse_overrides  # moved to config; importable here as before
 from xraydx.data import CLASSES, Manifest, Record, discover, hold_out_source
+from xraydx.device import Dist, available_cpus, broadcast_obj, init_distributed
+from xraydx.device import gather_concat as gather_concat  # moved to device; importable here as before
+from xraydx.device import resolve_device as resolve_device  # moved to device; importable here as before
+from xraydx.errors import TrainError
 from xraydx.evaluate import bootstrap_ci, compute_metrics, fit_temperature, format_metrics
-from xraydx.fsutil import atomic_write_bytes, atomic_write_json, atomic_write_text
+from xraydx.fsutil import atomic_write_bytes, atomic_write_json, atomic_write_text, printable_path
 from xraydx.models import count_parameters, create_model, normalization_for, save_checkpoint
-from xraydx.predict import batch_logits, printable_path, resolve_device
+from xraydx.predict import batch_logits
 from xraydx.transforms import AugmentSpec, BatchAugment, Preprocessing
 
 LOG_COLUMNS = [
     "epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "val_macro_f1",
     "val_balanced_acc", "val_macro_auc", "seconds", "best",
 ]  # fmt: skip
-
-
-class TrainError(RuntimeError):
-    pass
-
-
-# ---- distributed ---------------------------------------------------------------------------------
-
-
-@dataclass
-class Dist:
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def active(self) -> bool:
-        return self.world > 1
-
-
-def init_distributed(device_name: str) -> tuple[Dist, torch.device]:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return Dist(), resolve_device(device_name)
-    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-    use_cuda = torch.cuda.is_available() and device_name in ("auto", "cuda") or device_name.startswith("cuda")
-    if use_cuda:
-        torch.cuda.set_device(local)
-        device = torch.device("cuda", local)
-    else:
-        device = torch.device("cpu")
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo")
-    return Dist(rank, world, local), device
-
-
-def gather_concat(x: torch.Tensor, d: Dist) -> torch.Tensor:
-    """Concatenate a CPU tensor across ranks (rank order)."""
-    if not d.active:
-        return x
-    parts: list[Any] = [None] * d.world
-    dist.all_gather_object(parts, x.cpu())
-    return torch.cat(parts)
-
-
-def broadcast_obj(obj: Any, d: Dist) -> Any:
-    if not d.active:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
 
 
 # ---- data ----------------------------------------------------------------------------------------
@@ -626,13 +575,3 @@ def finish_run(
     save_checkpoint(best_path, model, meta)
     atomic_write_json(run / "metrics.json", results)
     log(f"run folder: {run}")
-
-
-def parse_overrides(pairs: list[str]) -> dict[str, str]:
-    out = {}
-    for p in pairs:
-        if "=" not in p:
-            raise ConfigError(f"--set expects key=value, got {p!r}")
-        k, v = p.split("=", 1)
-        out[k.strip()] = v.strip()
-    return out

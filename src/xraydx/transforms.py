@@ -21,11 +21,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps
 
-LUNG_MASK_MODES = ("none", "crop", "mask")
-INTENSITY_MODES = ("none", "equalize")
-#: resampling of the random affine: bilinear (smooth), or nearest (what torchvision's RandomAffine does by
-#: default; about 2x cheaper on a CPU)
-AUGMENT_INTERPOLATIONS = ("bilinear", "nearest")
+from xraydx.constants import AUGMENT_INTERPOLATIONS, INTENSITY_MODES, LUNG_MASK_MODES
+
 CROP_MARGIN = 0.08  # of the lung box's size, each side
 MASK_DILATE = 0.02  # of the image size, so the pleura and costophrenic angles stay visible
 

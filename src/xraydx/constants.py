@@ -1,0 +1,66 @@
+"""Names and values every layer shares: the classes, the splits, the mode vocabularies, the texts
+shown to users, and where the shipped assets are.
+
+One home for each: ``config`` validates against these vocabularies, ``transforms`` checks them, and
+the CLI offers them as choices. Nothing here imports anything beyond the standard library and
+:mod:`xraydx.errors`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from xraydx.errors import UsageError
+
+# ---- labels and splits ---------------------------------------------------------------------------
+
+CLASSES: tuple[str, ...] = ("covid", "non_covid", "normal")
+SPLITS: tuple[str, ...] = ("train", "val", "test")
+#: a split for a source never trained on (train --holdout-source, or a CSV split column)
+ALL_SPLITS: tuple[str, ...] = (*SPLITS, "external")
+
+# ---- mode vocabularies (config values and CLI choices) -------------------------------------------
+
+LUNG_MASK_MODES: tuple[str, ...] = ("none", "crop", "mask")
+INTENSITY_MODES: tuple[str, ...] = ("none", "equalize")
+#: resampling of the random affine: bilinear (smooth), or nearest (what torchvision's RandomAffine does by
+#: default; about 2x cheaper on a CPU)
+AUGMENT_INTERPOLATIONS: tuple[str, ...] = ("bilinear", "nearest")
+AUGMENT_PRESETS: tuple[str, ...] = ("none", "light", "strong")
+PRETRAINED_MODES: tuple[str, ...] = ("offline", "timm", "none")
+BALANCE_MODES: tuple[str, ...] = ("loss", "sampler", "none")
+ENGINES: tuple[str, ...] = ("torch", "onnx")
+
+# ---- texts shown to users ------------------------------------------------------------------------
+
+#: the predictions' ``flag`` column where the abstention rule refers a case
+UNCERTAIN_FLAG = "uncertain: refer to a radiologist"
+RESEARCH_NOTE = (
+    "Research use only; not a medical device. Figures describe this data set, not another hospital's."
+)
+
+# ---- shipped assets ------------------------------------------------------------------------------
+
+PACKAGE_DIR = Path(__file__).parent
+WEIGHTS_DIR = PACKAGE_DIR / "weights"
+STATIC_DIR = PACKAGE_DIR / "static"
+DEFAULT_CHECKPOINT = WEIGHTS_DIR / "default.safetensors"
+DEFAULT_SEGMENTER = WEIGHTS_DIR / "lungseg.safetensors"
+DEFAULT_GUARD = WEIGHTS_DIR / "ood.safetensors"
+
+
+def sample_dir() -> Path:
+    """The bundled sample dataset (``data/sample`` of a source checkout, else of the working folder)."""
+    for cand in (Path(__file__).resolve().parents[2] / "data" / "sample", Path("data/sample")):
+        if cand.is_dir():
+            return cand
+    return Path("data/sample")
+
+
+def checkpoint_or_default(given: str | Path | None) -> Path:
+    """``given`` as a path, else the shipped default model; a UsageError when neither exists."""
+    if given:
+        return Path(given)
+    if DEFAULT_CHECKPOINT.is_file():
+        return DEFAULT_CHECKPOINT
+    raise UsageError("--checkpoint is required (no default model is installed)")

@@ -1,0 +1,92 @@
+"""Every error xraydx raises on purpose, and the exit code each one ends the command with.
+
+One base class, :class:`XraydxError`, carries ``exit_code``; ``xraydx.cli.main`` prints the message
+and returns that code (one ``except``, no ladder). The kinds keep the built-in base they always had
+(``ValueError``, ``RuntimeError``, ``FileExistsError``), so code that catches those still works.
+
+Exit codes: 0 success; 1 a fatal error (message on stderr); 2 bad usage or config; 3 finished, but
+some input files could not be read (they are listed in the output and on stderr); 130 interrupted.
+
+``xraydx.io.ImageReadError`` (one unreadable file, exit 1 when it ends a command) and the
+stage-specific kinds (``OODError``, ``SegmenterError``: checkpoint errors) subclass these.
+"""
+
+from __future__ import annotations
+
+EXIT_OK = 0
+EXIT_FATAL = 1
+EXIT_USAGE = 2
+EXIT_PARTIAL = 3
+EXIT_INTERRUPTED = 130
+
+
+class XraydxError(Exception):
+    """Base of every deliberate xraydx error; ``exit_code`` is what the command exits with."""
+
+    exit_code: int = EXIT_FATAL
+
+
+class UsageError(XraydxError):
+    """The command line asks for something that cannot be done as given."""
+
+    exit_code = EXIT_USAGE
+
+
+class ConfigError(XraydxError, ValueError):
+    """A config file, override or value that is not valid."""
+
+    exit_code = EXIT_USAGE
+
+
+class DeviceError(XraydxError, RuntimeError):
+    """A ``--device`` that does not exist or is not available here (e.g. ``cuda`` without CUDA)."""
+
+    exit_code = EXIT_USAGE
+
+
+class DatasetError(XraydxError, ValueError):
+    """The data at a path cannot be turned into a usable 3-class manifest."""
+
+
+class AuditError(XraydxError, ValueError):
+    """Nothing to audit (no images in the split, none readable)."""
+
+
+class CheckpointError(XraydxError, ValueError):
+    """A checkpoint that cannot be read or used (names the file and why)."""
+
+
+class ExportError(XraydxError, ValueError):
+    """Export or ONNX loading failed."""
+
+
+class OutputExistsError(XraydxError, FileExistsError):
+    """An output exists and ``--overwrite`` was not given."""
+
+
+class TrainError(XraydxError, RuntimeError):
+    """Training cannot start or go on (no usable data, a run folder that cannot be resumed, ...)."""
+
+
+class ServeError(XraydxError, RuntimeError):
+    """The server cannot start as asked (engine unavailable, bad limits, ...)."""
+
+
+__all__ = [
+    "EXIT_FATAL",
+    "EXIT_INTERRUPTED",
+    "EXIT_OK",
+    "EXIT_PARTIAL",
+    "EXIT_USAGE",
+    "AuditError",
+    "CheckpointError",
+    "ConfigError",
+    "DatasetError",
+    "DeviceError",
+    "ExportError",
+    "OutputExistsError",
+    "ServeError",
+    "TrainError",
+    "UsageError",
+    "XraydxError",
+]
