@@ -7,7 +7,9 @@ the development machines, both from the ieee8023 COVID-19 image data collection 
 and hospital case reports; many hospitals, adult patients):
 
 * ``lungseg``: 250 COVID-19 CXRs (163 patients), labelled covid;
-* ``cxr3_adult_pneumonia``: 21 adult non-COVID pneumonia CXRs (12 patients), labelled non_covid.
+* ``cxr3_adult_pneumonia``: 21 adult non-COVID pneumonia CXRs (12 patients), labelled non_covid;
+* ``cxr3_adult_normal``: 640 adult normals from three sites in no other set (shenzhen, montgomery,
+  openist), split by xraydx's own patient-grouped rule.
 
 Splits: cxr3 rows keep exactly the split ``xraydx train --data cxr3`` makes (patient-grouped,
 stratified, seed 0), so its test split is the one every candidate is compared on.  The ieee8023 rows
@@ -92,11 +94,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{args.out}: exists (use --overwrite)", file=sys.stderr)
         return 2
     shared = Path(os.path.abspath(args.shared))
-    man = discover(shared / "cxr3", seed=args.seed)
-    rows = [
-        {"path": str(r.path), "label": r.label, "split": r.split, "group": r.group, "source": r.source}
-        for r in man.records
-    ]
+    rows = []
+    for name in ("cxr3", "cxr3_adult_normal"):
+        # each set is split by xraydx's own rule (patient-grouped, stratified, seeded)
+        man = discover(shared / name, seed=args.seed, require_all_classes=False)
+        rows += [
+            {"path": str(r.path), "label": r.label, "split": r.split, "group": r.group, "source": r.source}
+            for r in man.records
+        ]
     extra = ieee_rows(shared)
     split_ieee(extra, args.seed)
     rows += extra

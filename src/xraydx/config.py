@@ -55,8 +55,10 @@ class TrainConfig:
     weight_decay: float = 0.05
     warmup_epochs: float = 1.0
     label_smoothing: float = 0.1
-    balance: str = "loss"  # loss (inverse-frequency class weights) | sampler | none
+    balance: str = "loss"  # loss (inverse-frequency class weights) | sampler | class_source | none
+    epoch_size: int = 0  # >0: images drawn per epoch (fixed cost per epoch, whatever the data's size)
     augment: str = "light"  # none | light | strong  (batched, on the training device)
+    acquisition: float = 0.0  # 0-1: strength of the acquisition-cue augmentation (xraydx.acqaug); 0 = off
     augment_interpolation: str = "nearest"  # nearest (as torchvision; fused kernel on CPU) | bilinear
     patience: int = 5  # early stopping: epochs without a better val macro-F1
     seed: int = 0
@@ -184,6 +186,10 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"data.base_size must be 0 (off) or at least 32; got {cfg.data.base_size}")
     if cfg.data.image_size < 32:
         raise ConfigError(f"data.image_size must be at least 32; got {cfg.data.image_size}")
+    if not 0.0 <= cfg.train.acquisition <= 1.0:
+        raise ConfigError(f"train.acquisition must be in [0, 1]; got {cfg.train.acquisition}")
+    if cfg.train.epoch_size < 0:
+        raise ConfigError(f"train.epoch_size must be 0 (the whole train split) or positive; got {cfg.train.epoch_size}")
     if cfg.train.epochs < 1 or cfg.train.batch_size < 1:
         raise ConfigError("train.epochs and train.batch_size must be positive")
     if not (0.0 < cfg.data.val_fraction < 0.5 and 0.0 <= cfg.data.test_fraction < 0.5):

@@ -28,7 +28,7 @@ INTENSITY_MODES: tuple[str, ...] = ("none", "equalize")
 AUGMENT_INTERPOLATIONS: tuple[str, ...] = ("bilinear", "nearest")
 AUGMENT_PRESETS: tuple[str, ...] = ("none", "light", "strong")
 PRETRAINED_MODES: tuple[str, ...] = ("offline", "timm", "none")
-BALANCE_MODES: tuple[str, ...] = ("loss", "sampler", "none")
+BALANCE_MODES: tuple[str, ...] = ("loss", "sampler", "class_source", "none")
 ENGINES: tuple[str, ...] = ("torch", "onnx")
 
 # ---- texts shown to users ------------------------------------------------------------------------

@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -25,6 +26,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from xraydx import __version__
+from xraydx.acqaug import AcquisitionAugment
 from xraydx.cache import BatchBuffers, iter_batches, load_many
 from xraydx.config import Config, validate
 from xraydx.config import parse_overrides as parse_overrides  # moved to config; importable here as before
@@ -203,17 +205,43 @@ def lr_lambda(total_steps: int, warmup_steps: int) -> Any:
     return f
 
 
-def epoch_order(n: int, labels: np.ndarray, cfg: Config, epoch: int, d: Dist) -> np.ndarray:
-    """This rank's sample indices for an epoch: a seeded permutation (or balanced draw), sharded by rank."""
-    g = torch.Generator().manual_seed(cfg.train.seed * 100_003 + epoch)
-    if cfg.train.balance == "sampler":
+def sampling_weights(labels: np.ndarray, sources: Sequence[str], balance: str) -> np.ndarray | None:
+    """Per-image draw weights for a balanced epoch, or None for a plain permutation.
+
+    ``sampler``: every class drawn equally often. ``class_source``: every class equally often and, within a
+    class, every source (hospital / collection) equally often, so no one collection's look dominates what a
+    class looks like (images without a source count as one source)."""
+    if balance == "sampler":
         counts = np.bincount(labels, minlength=len(CLASSES)).astype(np.float64)
-        w = torch.as_tensor(1.0 / counts[labels])
-        order = torch.multinomial(w, n, replacement=True, generator=g).numpy()
+        return 1.0 / counts[labels]
+    if balance == "class_source":
+        cells: dict[tuple[int, str], int] = {}
+        for y, s in zip(labels.tolist(), sources, strict=True):
+            cells[(y, s)] = cells.get((y, s), 0) + 1
+        per_class = {y: sum(1 for c in cells if c[0] == y) for y, _ in cells}
+        return np.array(
+            [1.0 / (per_class[y] * cells[(y, s)]) for y, s in zip(labels.tolist(), sources, strict=True)]
+        )
+    return None
+
+
+def epoch_order(
+    n: int, labels: np.ndarray, cfg: Config, epoch: int, d: Dist, sources: Sequence[str] | None = None
+) -> np.ndarray:
+    """This rank's sample indices for an epoch: a seeded permutation (or balanced draw), sharded by rank.
+    ``train.epoch_size`` > 0 draws that many per epoch (with replacement where balanced, else the first
+    ones of a fresh permutation), so an epoch costs the same whatever the data's size."""
+    g = torch.Generator().manual_seed(cfg.train.seed * 100_003 + epoch)
+    size = cfg.train.epoch_size or n
+    w = sampling_weights(labels, list(sources) if sources is not None else [""] * n, cfg.train.balance)
+    if w is not None:
+        order = torch.multinomial(torch.as_tensor(w), size, replacement=True, generator=g).numpy()
     else:
         order = torch.randperm(n, generator=g).numpy()
+        if size != n:
+            order = np.resize(order, size)
     if d.active:
-        per = math.ceil(n / d.world)
+        per = math.ceil(len(order) / d.world)
         order = np.resize(order, per * d.world)  # pad by wrapping so every rank has the same count
         order = order[d.rank :: d.world]
     return order
@@ -331,7 +359,7 @@ def _run(cfg: Config, d: Dist, device: torch.device, resume: Path | None, progre
     if cfg.train.balance == "loss":
         weight = torch.tensor(counts.sum() / (len(CLASSES) * counts), dtype=torch.float32, device=device)
     bs = cfg.train.batch_size
-    steps_per_epoch = math.ceil(math.ceil(len(tr.labels) / d.world) / bs)
+    steps_per_epoch = math.ceil(math.ceil((cfg.train.epoch_size or len(tr.labels)) / d.world) / bs)
     total = steps_per_epoch * cfg.train.epochs
     opt = torch.optim.AdamW(param_groups(model, cfg.train.weight_decay), lr=cfg.train.lr)
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -345,6 +373,8 @@ def _run(cfg: Config, d: Dist, device: torch.device, resume: Path | None, progre
         if aug_spec
         else None
     )
+
+    acquisition = AcquisitionAugment(cfg.train.acquisition) if cfg.train.acquisition > 0 else None
 
     start_epoch, best_f1, best_epoch, bad_epochs = 1, -1.0, 0, 0
     rows: list[dict[str, Any]] = []
@@ -383,7 +413,7 @@ def _run(cfg: Config, d: Dist, device: torch.device, resume: Path | None, progre
         t0 = time.perf_counter()
         torch.manual_seed(cfg.train.seed * 1_000 + epoch)
         gen = torch.Generator().manual_seed(cfg.train.seed * 7_919 + epoch)
-        order = epoch_order(len(tr.labels), tr.labels, cfg, epoch, d)
+        order = epoch_order(len(tr.labels), tr.labels, cfg, epoch, d, [r.source for r in tr.records])
         train_model.train()
         loss_sum, correct, seen = 0.0, 0, 0
         # one batch gathered ahead in a thread; pinned memory + non_blocking copies on CUDA; on a CPU into
@@ -393,6 +423,8 @@ def _run(cfg: Config, d: Dist, device: torch.device, resume: Path | None, progre
             desc=f"epoch {epoch}", leave=False, disable=not progress, unit="b",
         )  # fmt: skip
         for xb, yb in batches:
+            if acquisition is not None:
+                xb = acquisition(xb, gen)
             if augment:
                 x = augment(xb, gen, norm=(spec.mean, spec.std))
             else:

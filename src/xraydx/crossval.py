@@ -1,0 +1,331 @@
+"""Leave-one-source-out cross-validation: how a training recipe does at a hospital it has never seen.
+
+For each fold (one source, or several joined with ``+``), the same recipe is trained with that fold's
+sources removed from train and validation (their images go to a split ``external`` that the run never
+trains, selects or calibrates on); the fold's best checkpoint then predicts the held-out images through
+the deployed pipeline (``Predictor.predict_files``: the file is read, segmented, checked by the OOD
+guard and classified exactly as ``xraydx predict`` would). Every image of a held-out source is thus
+predicted by a model that never saw that source: the pooled out-of-source predictions estimate what a
+new hospital gets, which a random split of the same sources cannot.
+
+A crossval run folder::
+
+    <runs>/<name>/config.yaml          the recipe (resolved config)
+    <runs>/<name>/crossval.json        the folds and their state (for --resume)
+    <runs>/<name>/folds/<k>-<src>.csv  fold k's manifest (held-out sources in split 'external')
+    <runs>/<name>/folds/<k>-<src>/     fold k's training run (config, log, checkpoints, metrics)
+    <runs>/<name>/folds/<k>-<src>/oos_predictions.csv   its held-out images, predicted
+    <runs>/<name>/predictions.csv      the pooled out-of-source predictions (column ``fold``)
+    <runs>/<name>/metrics.json         summary: pooled + per source + per fold + the flag's coverage
+    <runs>/<name>/report.html          the same, as a page
+    <runs>/<name>/crossval.log
+
+Resumable per fold: a fold with its predictions is skipped, a fold whose training was killed resumes
+from its last checkpoint, a fold trained but not yet predicted is predicted.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import csv
+import json
+from dataclasses import dataclass, replace
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from xraydx.config import Config, validate
+from xraydx.crossval_metrics import summarize
+from xraydx.data import CLASSES, Manifest, discover
+from xraydx.errors import DatasetError, OutputExistsError, UsageError
+from xraydx.fsutil import atomic_write_json, printable_path
+
+PIPELINES = ("cached", "deployed")
+FOLD_SEP = ";"
+JOIN = "+"
+
+
+@dataclass(frozen=True)
+class Fold:
+    index: int
+    sources: tuple[str, ...]
+
+    @property
+    def name(self) -> str:
+        return f"{self.index}-{JOIN.join(self.sources)}"
+
+
+def parse_folds(spec: str | None, manifest: Manifest) -> list[Fold]:
+    """``'a;b;c+d'`` -> folds [a], [b], [c, d]; None or '' -> one fold per source. Every named source must
+    be in the data; a source named in two folds is an error. Sources in no fold are always trained on."""
+    known = sorted({r.source for r in manifest.records if r.source})
+    if not known:
+        raise DatasetError(
+            f"{manifest.root}: no image has a source (hospital / collection); crossval needs one per image"
+            " (a 'source' column, or file names '<source>__<name>')"
+        )
+    if not spec:
+        groups = [[s] for s in known]
+    else:
+        groups = [[s.strip() for s in part.split(JOIN) if s.strip()] for part in spec.split(FOLD_SEP)]
+        groups = [g for g in groups if g]
+    seen: set[str] = set()
+    for g in groups:
+        for s in g:
+            if s not in known:
+                raise UsageError(f"--folds: source {s!r} is not in the data; sources: {', '.join(known)}")
+            if s in seen:
+                raise UsageError(f"--folds: source {s!r} is in more than one fold")
+            seen.add(s)
+    if not groups:
+        raise UsageError("--folds: no fold given")
+    return [Fold(i + 1, tuple(g)) for i, g in enumerate(groups)]
+
+
+def fold_manifest(manifest: Manifest, fold: Fold) -> Manifest:
+    """The data of one fold: the fold's sources in split 'external', every other image in its own split.
+    Refuses a fold whose remaining train or val split lacks a class (the recipe could not learn it)."""
+    held = set(fold.sources)
+    recs = [replace(r, split="external") if r.source in held else r for r in manifest.records]
+    for split in ("train", "val"):
+        have = {r.label for r in recs if r.split == split}
+        missing = [c for c in CLASSES if c not in have]
+        if missing:
+            raise UsageError(
+                f"fold {fold.name}: without {', '.join(fold.sources)} the {split} split has no "
+                f"{', '.join(missing)} images; join that source with another in one fold, or leave it out"
+                " of --folds (then it is always trained on)"
+            )
+    note = f"crossval fold {fold.name}: {sum(r.split == 'external' for r in recs)} images held out"
+    return replace(manifest, records=recs, notes=[*manifest.notes, note])
+
+
+class CrossVal:
+    """One crossval run folder: plans the folds, trains and predicts each, pools, summarises."""
+
+    def __init__(
+        self, run: Path, cfg: Config, folds: list[Fold], progress: bool = True, pipeline: str = "cached"
+    ) -> None:
+        if pipeline not in PIPELINES:
+            raise UsageError(f"--oos-pipeline must be one of {', '.join(PIPELINES)}; got {pipeline!r}")
+        self.run, self.cfg, self.folds, self.progress, self.pipeline = run, cfg, folds, progress, pipeline
+        self.fold_dir = run / "folds"
+
+    # ---- the run folder -------------------------------------------------------------------------
+    @classmethod
+    def create(
+        cls, cfg: Config, folds_spec: str | None, progress: bool = True, pipeline: str = "cached"
+    ) -> CrossVal:
+        validate(cfg)
+        manifest = _discover(cfg)
+        folds = parse_folds(folds_spec, manifest)
+        for f in folds:
+            fold_manifest(manifest, f)  # refuse an impossible fold before any training
+        name = cfg.name or f"crossval-{cfg.model.name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+        run = Path(cfg.runs_dir) / name
+        if run.exists() and any(run.iterdir()):
+            raise OutputExistsError(f"{run}: already exists; use --resume {run} to continue it, or another --name")
+        run.mkdir(parents=True, exist_ok=True)
+        cfg.save(run / "config.yaml")
+        atomic_write_json(
+            run / "crossval.json",
+            {"data": cfg.data.path, "by": "source", "pipeline": pipeline, "folds": [list(f.sources) for f in folds]},
+        )
+        cv = cls(run, cfg, folds, progress, pipeline)
+        cv._write_fold_manifests(manifest)
+        return cv
+
+    @classmethod
+    def open(cls, run: Path, progress: bool = True) -> CrossVal:
+        run = Path(run)
+        if not (run / "crossval.json").is_file() or not (run / "config.yaml").is_file():
+            raise UsageError(f"{printable_path(str(run))}: not a crossval run folder (no crossval.json)")
+        cfg = Config.load(run / "config.yaml")
+        info = json.loads((run / "crossval.json").read_text(encoding="utf-8"))
+        folds = [Fold(i + 1, tuple(s)) for i, s in enumerate(info["folds"])]
+        return cls(run, cfg, folds, progress, info.get("pipeline", "cached"))
+
+    def _write_fold_manifests(self, manifest: Manifest) -> None:
+        self.fold_dir.mkdir(exist_ok=True)
+        for f in self.folds:
+            fold_manifest(manifest, f).to_csv(self.fold_dir / f"{f.name}.csv")
+
+    def log(self, msg: str) -> None:
+        msg = printable_path(msg)
+        print(f"crossval: {msg}", flush=True)
+        with open(self.run / "crossval.log", "a", encoding="utf-8") as fh:
+            fh.write(f"{datetime.now().isoformat(timespec='seconds')} {msg}\n")
+
+    # ---- one fold -------------------------------------------------------------------------------
+    def fold_config(self, f: Fold) -> Config:
+        cfg = copy.deepcopy(self.cfg)
+        cfg.name = f.name
+        cfg.runs_dir = str(self.fold_dir)
+        cfg.data.path = str(self.fold_dir / f"{f.name}.csv")
+        cfg.data.holdout_source = ""
+        # one cache for every fold (and for later crossvals beside this one): an image decoded once
+        cfg.data.cache_dir = self.cfg.data.cache_dir or str(Path(self.cfg.runs_dir) / ".cache")
+        return cfg
+
+    def train_fold(self, f: Fold) -> Path:
+        from xraydx.train import run_training
+
+        run = self.fold_dir / f.name
+        best = run / "checkpoints" / "best.safetensors"
+        if (run / "metrics.json").is_file() and best.is_file():
+            return run
+        if (run / "config.yaml").is_file():
+            self.log(f"fold {f.name}: resuming its training")
+            return run_training(None, resume=run, progress=self.progress)
+        self.log(f"fold {f.name}: training without {', '.join(f.sources)}")
+        return run_training(self.fold_config(f), progress=self.progress)
+
+    def predict_fold(self, f: Fold, run: Path) -> Path:
+        """The fold's held-out images, predicted by its best checkpoint into ``oos_predictions.csv``.
+
+        pipeline ``cached``: the images as the training cache holds them, i.e. exactly the model inputs
+        ``xraydx predict`` makes (the one preprocessing function, the shipped segmenter's lung box);
+        ``deployed``: every file through ``Predictor.predict_files`` (read, segment, OOD guard, classify),
+        slower, and the guard's ``not_cxr`` status counts in the flag."""
+        from xraydx.predict import Prediction, write_predictions
+
+        out = run / "oos_predictions.csv"
+        if out.is_file():
+            return out
+        held = [r for r in Manifest.from_csv(self.fold_dir / f"{f.name}.csv").records if r.split == "external"]
+        ckpt = run / "checkpoints" / "best.safetensors"
+        info = {str(r.path): r for r in held}
+        if self.pipeline == "deployed":
+            from xraydx.predict import Predictor
+
+            pred = Predictor(ckpt, self.cfg.train.device)
+            stream: Any = pred.predict_files([r.path for r in held], progress=self.progress, total=len(held))
+        else:
+            stream = self._cached_predictions(ckpt, held)
+
+        def rows() -> Any:
+            for p in stream:
+                r = info[p.path]
+                p.extra.update(label=r.label, source=r.source, group=r.group, fold=f.name)
+                yield p
+
+        write_predictions(
+            rows(), out, CLASSES, overwrite=True, extra_columns=("label", "source", "group", "fold", "flag")
+        )
+        return out
+
+    def _cached_predictions(self, ckpt: Path, held: list[Any]) -> Any:
+        import torch
+
+        from xraydx.evaluate import abstention_flags, softmax
+        from xraydx.models import load_checkpoint
+        from xraydx.device import resolve_device
+        from xraydx.predict import UNCERTAIN_FLAG, Prediction, batch_logits
+        from xraydx.train import load_split
+        from xraydx.transforms import Preprocessing
+
+        device = resolve_device(self.cfg.train.device)
+        model, meta = load_checkpoint(ckpt, device)
+        spec = Preprocessing.from_dict(meta["preprocessing"])
+        cache = Path(self.fold_config(self.folds[0]).data.cache_dir)
+        data, bad = load_split(held, spec, cache, "held-out", self.progress)
+        with torch.no_grad():
+            logits = batch_logits(model, data.images, spec, device).numpy()
+        probs = softmax(logits, float(meta.get("calibration", {}).get("temperature", 1.0)))
+        flags = abstention_flags(probs, (meta.get("abstention") or {}).get("threshold"))
+        for r, reason in bad:
+            yield Prediction(str(r.path), None, f"error: {reason}")
+        for r, p, fl in zip(data.records, probs, flags, strict=True):
+            yield Prediction(str(r.path), [float(v) for v in p], "ok", {"flag": UNCERTAIN_FLAG if fl else ""})
+
+    # ---- all folds ------------------------------------------------------------------------------
+    def run_all(self) -> Path:
+        main = int(os.environ.get("RANK", "0")) == 0  # under torchrun: rank 0 predicts and pools
+        for f in self.folds:
+            run = self.train_fold(f)
+            if main:
+                self.predict_fold(f, run)
+                self.log(f"fold {f.name}: done ({run})")
+        if main:
+            self.finish()
+        return self.run
+
+    def pooled_rows(self) -> list[dict[str, str]]:
+        rows: list[dict[str, str]] = []
+        for f in self.folds:
+            with open(self.fold_dir / f.name / "oos_predictions.csv", encoding="utf-8", newline="") as fh:
+                rows += list(csv.DictReader(fh))
+        return rows
+
+    def finish(self) -> dict[str, Any]:
+        from xraydx.fsutil import atomic_open
+        from xraydx.report import crossval_page, write_html
+
+        rows = self.pooled_rows()
+        with atomic_open(self.run / "predictions.csv", "w", encoding="utf-8", newline="") as fh:
+            w = csv.DictWriter(fh, fieldnames=list(rows[0]) if rows else ["path"])
+            w.writeheader()
+            w.writerows(rows)
+        in_source = {f.name: _in_source_test(self.fold_dir / f.name) for f in self.folds}
+        summary = summarize(rows, CLASSES, folds=[f.name for f in self.folds], in_source=in_source)
+        summary["recipe"] = {"data": self.cfg.data.path, "config": "config.yaml", **_recipe(self.cfg)}
+        atomic_write_json(self.run / "metrics.json", summary)
+        write_html(self.run / "report.html", crossval_page(summary, title=f"xraydx crossval {self.run.name}"),
+                   overwrite=True)  # fmt: skip
+        p = summary["pooled"]
+        self.log(
+            f"pooled out-of-source: n={p['n']}, balanced accuracy {p['balanced_accuracy']:.3f} "
+            f"[{p['ci']['balanced_accuracy'][0]:.3f}-{p['ci']['balanced_accuracy'][1]:.3f}], "
+            f"macro-F1 {p['macro_f1']:.3f}; errors flagged {summary['flag']['errors_flagged']:.0%}"
+        )
+        self.log(f"run folder: {self.run}")
+        return summary
+
+
+def _discover(cfg: Config) -> Manifest:
+    return discover(
+        cfg.data.path, val_fraction=cfg.data.val_fraction, test_fraction=cfg.data.test_fraction,
+        seed=cfg.data.split_seed,
+    )  # fmt: skip
+
+
+def _in_source_test(run: Path) -> dict[str, Any] | None:
+    """The fold run's own test split (its training sources' held-back patients), as its metrics.json has it."""
+    try:
+        m = json.loads((run / "metrics.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    t = m.get("test")
+    if not t:
+        return None
+    return {"n": t["n"], "macro_f1": t["macro_f1"], "balanced_accuracy": t.get("balanced_accuracy")}
+
+
+def _recipe(cfg: Config) -> dict[str, Any]:
+    return {
+        "model": cfg.model.name, "image_size": cfg.data.image_size, "lung_mask": cfg.data.lung_mask,
+        "intensity": cfg.data.intensity, "base_size": cfg.data.base_size, "epochs": cfg.train.epochs,
+        "augment": cfg.train.augment, "balance": cfg.train.balance,
+    }  # fmt: skip
+
+
+def run_crossval(
+    cfg: Config | None,
+    *,
+    folds: str | None = None,
+    resume: Path | None = None,
+    progress: bool = True,
+    pipeline: str = "cached",
+) -> Path:
+    """Run (or, with ``resume``, continue) a leave-source-out crossval; returns its run folder."""
+    if resume is not None:
+        cv = CrossVal.open(Path(resume), progress)
+    elif cfg is not None:
+        cv = CrossVal.create(cfg, folds, progress, pipeline)
+    else:
+        raise UsageError("crossval: give a config or --resume RUN")
+    return cv.run_all()
+
+
+__all__ = ["CrossVal", "Fold", "fold_manifest", "parse_folds", "run_crossval"]

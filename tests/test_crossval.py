@@ -1,0 +1,144 @@
+"""Leave-source-out crossval on the real bundled sample (tiny network, 64 px): the pooled out-of-source
+predictions come only from fold models that never saw the image's source, and the summary holds."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import tiny_config
+from xraydx.crossval import fold_manifest, parse_folds, run_crossval
+from xraydx.crossval_metrics import flag_summary, summarize, wilson
+from xraydx.data import CLASSES, discover
+from xraydx.errors import UsageError
+
+FOLDS = "kermany;nihcxr8"
+
+
+def _rows(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="", encoding="utf-8") as fh:
+        return list(csv.DictReader(fh))
+
+
+@pytest.fixture(scope="module")
+def cv_run(tmp_path_factory: pytest.TempPathFactory, sample_dir: Path) -> Path:
+    cfg = tiny_config(sample_dir, tmp_path_factory.mktemp("cv"), epochs=1)
+    cfg.name = "cv"
+    return run_crossval(cfg, folds=FOLDS, progress=False)
+
+
+def test_no_image_is_predicted_by_a_model_trained_on_its_source(cv_run: Path, sample_dir: Path) -> None:
+    pooled = _rows(cv_run / "predictions.csv")
+    sample = discover(sample_dir).records
+    held = [r for r in sample if r.source in ("kermany", "nihcxr8")]
+    assert sorted(r["path"] for r in pooled) == sorted(str(r.path) for r in held)  # each once, none missing
+    for row in pooled:
+        # the fold's own training run wrote the manifest it trained on
+        trained = [r for r in _rows(cv_run / "folds" / row["fold"] / "manifest.csv") if r["split"] in ("train", "val")]
+        assert trained, row["fold"]
+        assert row["source"] not in {r["source"] for r in trained}
+        assert Path(row["path"]).name not in {Path(r["path"]).name for r in trained}
+        assert row["source"] in row["fold"]
+
+
+def test_summary_is_consistent_with_the_pooled_predictions(cv_run: Path) -> None:
+    m = json.loads((cv_run / "metrics.json").read_text())
+    pooled = _rows(cv_run / "predictions.csv")
+    y = np.array([CLASSES.index(r["label"]) for r in pooled])
+    pred = np.array([CLASSES.index(r["prediction"]) for r in pooled])
+    assert m["pooled"]["n"] == len(pooled)
+    assert np.array(m["pooled"]["confusion_matrix"]).sum() == len(pooled)
+    present = sorted(set(y.tolist()))
+    bal = np.mean([(pred[y == c] == c).mean() for c in present])
+    assert m["pooled"]["balanced_accuracy"] == pytest.approx(bal)
+    lo, hi = m["pooled"]["ci"]["balanced_accuracy"]
+    assert lo <= m["pooled"]["balanced_accuracy"] <= hi
+    assert set(m["per_source"]) == {"kermany", "nihcxr8"}
+    assert m["per_source"]["kermany"]["n"] == sum(r["source"] == "kermany" for r in pooled)
+    assert set(m["per_fold"]) == {"1-kermany", "2-nihcxr8"}
+    assert m["per_fold"]["1-kermany"]["in_source_test"]["n"] > 0
+    flagged = sum(bool(r["flag"]) or r["status"] != "ok" for r in pooled)
+    assert m["flag"]["n_flagged"] == flagged
+    assert (cv_run / "report.html").read_text().count("<table") >= 4
+
+
+def test_resume_trains_only_the_missing_fold_and_gives_the_same_pooled_predictions(
+    cv_run: Path, tmp_path: Path
+) -> None:
+    run = tmp_path / "cv"
+    shutil.copytree(cv_run, run)
+    # the copied fold manifests and run configs point into the original folder: re-root them
+    for f in run.rglob("*"):
+        if f.suffix in (".csv", ".yaml", ".json") and f.is_file():
+            f.write_text(f.read_text().replace(str(cv_run), str(run)))
+    first = run / "folds" / "1-kermany" / "checkpoints" / "best.safetensors"
+    before = first.stat().st_mtime_ns
+    shutil.rmtree(run / "folds" / "2-nihcxr8")  # killed before fold 2 started
+    (run / "predictions.csv").unlink()
+    (run / "metrics.json").unlink()
+    run_crossval(None, resume=run, progress=False)
+    assert first.stat().st_mtime_ns == before
+    a = {r["path"]: r for r in _rows(cv_run / "predictions.csv")}
+    b = {r["path"]: r for r in _rows(run / "predictions.csv")}
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k]["prediction"] == b[k]["prediction"]
+        assert float(a[k]["prob_covid"]) == pytest.approx(float(b[k]["prob_covid"]), abs=1e-6)
+
+
+def test_folds_are_checked_before_any_training(sample_dir: Path, tmp_path: Path) -> None:
+    man = discover(sample_dir)
+    assert [f.sources for f in parse_folds(None, man)] == [("kermany",), ("nihcxr8",), ("radiographydb",)]
+    assert [f.name for f in parse_folds("kermany+nihcxr8", man)] == ["1-kermany+nihcxr8"]
+    with pytest.raises(UsageError, match="'nope' is not in the data"):
+        parse_folds("kermany;nope", man)
+    with pytest.raises(UsageError, match="more than one fold"):
+        parse_folds("kermany;kermany+nihcxr8", man)
+    # every COVID-19 image of the sample is radiographydb's: without it, training has no covid class
+    with pytest.raises(UsageError, match="no covid images"):
+        fold_manifest(man, parse_folds("radiographydb", man)[0])
+    cfg = tiny_config(sample_dir, tmp_path, epochs=1)
+    with pytest.raises(UsageError):
+        run_crossval(cfg, folds="radiographydb", progress=False)
+    assert not (tmp_path / "tiny" / "folds").exists()
+
+
+def test_wilson_interval_is_honest_at_small_n() -> None:
+    lo, hi = wilson(10, 10)
+    assert hi == pytest.approx(1.0) and lo < 0.75  # a bootstrap would say 1.000-1.000
+    lo, hi = wilson(2, 4)
+    assert lo < 0.2 and hi > 0.8
+
+
+def test_flag_summary_counts_and_the_out_of_source_threshold() -> None:
+    classes = list(CLASSES)
+    # 6 images: 3 right and confident, 3 wrong of which 2 unconfident
+    p = np.array([[0.9, 0.05, 0.05], [0.8, 0.1, 0.1], [0.1, 0.85, 0.05],
+                  [0.5, 0.3, 0.2], [0.45, 0.35, 0.2], [0.95, 0.03, 0.02]])  # fmt: skip
+    y = np.array([0, 0, 1, 2, 2, 2])
+    rows = [
+        {"label": classes[t], "prediction": classes[int(q.argmax())], "status": "ok", "source": "s", "fold": "1-s",
+         "flag": "uncertain" if q.max() < 0.6 else "", **{f"prob_{c}": str(v) for c, v in zip(classes, q, strict=True)}}
+        for q, t in zip(p, y, strict=True)
+    ]  # fmt: skip
+    s = summarize(rows, classes, folds=["1-s"], n_boot=50)
+    fl = s["flag"]
+    assert fl["n_errors"] == 3 and fl["n_flagged"] == 2
+    assert fl["errors_flagged"] == pytest.approx(2 / 3)
+    assert fl["accuracy_accepted"] == pytest.approx(3 / 4)
+    # >= half of the 3 errors flagged, keeping the most cases: below 0.5 flags one error, below 0.8 two
+    t = fl["oos_threshold"]
+    assert t["threshold"] == pytest.approx(0.8)
+    assert t["errors_flagged"] == pytest.approx(2 / 3) and t["coverage"] == pytest.approx(4 / 6)
+    assert t["accuracy_accepted"] == pytest.approx(3 / 4)
+    direct = flag_summary(
+        {"y": y, "p": p, "flagged": p.max(1) < 0.6, "not_cxr": np.zeros(6, bool)}, target=1.0
+    )["oos_threshold"]
+    # the confident error (0.95) is caught only by flagging everything
+    assert direct["errors_flagged"] == pytest.approx(1.0) and direct["threshold"] == pytest.approx(1.0)
+    assert direct["coverage"] == 0.0
