@@ -39,7 +39,11 @@ def test_no_image_is_predicted_by_a_model_trained_on_its_source(cv_run: Path, sa
     assert sorted(r["path"] for r in pooled) == sorted(str(r.path) for r in held)  # each once, none missing
     for row in pooled:
         # the fold's own training run wrote the manifest it trained on
-        trained = [r for r in _rows(cv_run / "folds" / row["fold"] / "manifest.csv") if r["split"] in ("train", "val")]
+        trained = [
+            r
+            for r in _rows(cv_run / "folds" / row["fold"] / "manifest.csv")
+            if r["split"] in ("train", "val")
+        ]
         assert trained, row["fold"]
         assert row["source"] not in {r["source"] for r in trained}
         assert Path(row["path"]).name not in {Path(r["path"]).name for r in trained}

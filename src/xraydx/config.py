@@ -189,7 +189,9 @@ def validate(cfg: Config) -> None:
     if not 0.0 <= cfg.train.acquisition <= 1.0:
         raise ConfigError(f"train.acquisition must be in [0, 1]; got {cfg.train.acquisition}")
     if cfg.train.epoch_size < 0:
-        raise ConfigError(f"train.epoch_size must be 0 (the whole train split) or positive; got {cfg.train.epoch_size}")
+        raise ConfigError(
+            f"train.epoch_size must be 0 (the whole train split) or positive; got {cfg.train.epoch_size}"
+        )
     if cfg.train.epochs < 1 or cfg.train.batch_size < 1:
         raise ConfigError("train.epochs and train.batch_size must be positive")
     if not (0.0 < cfg.data.val_fraction < 0.5 and 0.0 <= cfg.data.test_fraction < 0.5):

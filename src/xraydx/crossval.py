@@ -27,9 +27,9 @@ from its last checkpoint, a fold trained but not yet predicted is predicted.
 from __future__ import annotations
 
 import copy
-import os
 import csv
 import json
+import os
 from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
@@ -125,12 +125,19 @@ class CrossVal:
         name = cfg.name or f"crossval-{cfg.model.name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
         run = Path(cfg.runs_dir) / name
         if run.exists() and any(run.iterdir()):
-            raise OutputExistsError(f"{run}: already exists; use --resume {run} to continue it, or another --name")
+            raise OutputExistsError(
+                f"{run}: already exists; use --resume {run} to continue it, or another --name"
+            )
         run.mkdir(parents=True, exist_ok=True)
         cfg.save(run / "config.yaml")
         atomic_write_json(
             run / "crossval.json",
-            {"data": cfg.data.path, "by": "source", "pipeline": pipeline, "folds": [list(f.sources) for f in folds]},
+            {
+                "data": cfg.data.path,
+                "by": "source",
+                "pipeline": pipeline,
+                "folds": [list(f.sources) for f in folds],
+            },
         )
         cv = cls(run, cfg, folds, progress, pipeline)
         cv._write_fold_manifests(manifest)
@@ -188,12 +195,14 @@ class CrossVal:
         ``xraydx predict`` makes (the one preprocessing function, the shipped segmenter's lung box);
         ``deployed``: every file through ``Predictor.predict_files`` (read, segment, OOD guard, classify),
         slower, and the guard's ``not_cxr`` status counts in the flag."""
-        from xraydx.predict import Prediction, write_predictions
+        from xraydx.predict import write_predictions
 
         out = run / "oos_predictions.csv"
         if out.is_file():
             return out
-        held = [r for r in Manifest.from_csv(self.fold_dir / f"{f.name}.csv").records if r.split == "external"]
+        held = [
+            r for r in Manifest.from_csv(self.fold_dir / f"{f.name}.csv").records if r.split == "external"
+        ]
         ckpt = run / "checkpoints" / "best.safetensors"
         info = {str(r.path): r for r in held}
         if self.pipeline == "deployed":
@@ -218,9 +227,9 @@ class CrossVal:
     def _cached_predictions(self, ckpt: Path, held: list[Any]) -> Any:
         import torch
 
+        from xraydx.device import resolve_device
         from xraydx.evaluate import abstention_flags, softmax
         from xraydx.models import load_checkpoint
-        from xraydx.device import resolve_device
         from xraydx.predict import UNCERTAIN_FLAG, Prediction, batch_logits
         from xraydx.train import load_split
         from xraydx.transforms import Preprocessing

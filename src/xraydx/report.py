@@ -453,7 +453,9 @@ def _recall_cell(cell: dict[str, Any] | None) -> str:
     if not cell:
         return "&mdash;"
     small = " <span class=muted>(n&lt;30)</span>" if cell["small"] else ""
-    return f"{fmt_ci(cell['recall'], cell['ci'])} <span class=muted>{cell['correct']}/{cell['n']}</span>{small}"
+    return (
+        f"{fmt_ci(cell['recall'], cell['ci'])} <span class=muted>{cell['correct']}/{cell['n']}</span>{small}"
+    )
 
 
 def crossval_page(s: dict[str, Any], title: str) -> str:
@@ -470,31 +472,73 @@ def crossval_page(s: dict[str, Any], title: str) -> str:
         "<h2>Pooled out-of-source</h2>",
         table(
             ["n", "balanced accuracy", "macro-F1", "accuracy"],
-            [[str(p["n"]), fmt_ci(p["balanced_accuracy"], ci.get("balanced_accuracy")),
-              fmt_ci(p["macro_f1"], ci.get("macro_f1")), fmt_ci(p["accuracy"], ci.get("accuracy"))]],
+            [
+                [
+                    str(p["n"]),
+                    fmt_ci(p["balanced_accuracy"], ci.get("balanced_accuracy")),
+                    fmt_ci(p["macro_f1"], ci.get("macro_f1")),
+                    fmt_ci(p["accuracy"], ci.get("accuracy")),
+                ]
+            ],
         ),  # fmt: skip
-        table(["class", "recall (Wilson 95%)"], [[esc(c), _recall_cell(p["recall"].get(c))] for c in classes]),
+        table(
+            ["class", "recall (Wilson 95%)"], [[esc(c), _recall_cell(p["recall"].get(c))] for c in classes]
+        ),
         "<p>Confusion matrix (rows true, columns predicted):</p>",
-        table(["", *map(esc, classes)], [[esc(c), *map(str, row)] for c, row in zip(classes, p["confusion_matrix"],
-                                                                                       strict=True)]),
+        table(
+            ["", *map(esc, classes)],
+            [[esc(c), *map(str, row)] for c, row in zip(classes, p["confusion_matrix"], strict=True)],
+        ),
         "<h2>Per held-out source</h2>",
         table(
             ["source", "fold", "n", "accuracy", *[f"recall {esc(c)}" for c in classes], "flagged"],
-            [[esc(src), esc(v["fold"]), str(v["n"]), fmt(v["accuracy"]),
-              *[_recall_cell(v["recall"].get(c)) for c in classes], f"{v['flagged']:.0%}"]
-             for src, v in s["per_source"].items()],
+            [
+                [
+                    esc(src),
+                    esc(v["fold"]),
+                    str(v["n"]),
+                    fmt(v["accuracy"]),
+                    *[_recall_cell(v["recall"].get(c)) for c in classes],
+                    f"{v['flagged']:.0%}",
+                ]
+                for src, v in s["per_source"].items()
+            ],
         ),  # fmt: skip
         "<h2>Per fold</h2>",
         table(
             ["fold", "n held out", "balanced accuracy (held-out)", "in-source test macro-F1"],
-            [[esc(f), str(v["n"]), fmt(v["balanced_accuracy"]),
-              fmt((v.get("in_source_test") or {}).get("macro_f1"))] for f, v in s["per_fold"].items()],
+            [
+                [
+                    esc(f),
+                    str(v["n"]),
+                    fmt(v["balanced_accuracy"]),
+                    fmt((v.get("in_source_test") or {}).get("macro_f1")),
+                ]
+                for f, v in s["per_fold"].items()
+            ],
         ),  # fmt: skip
         "<h2>The uncertainty flag on out-of-source images</h2>",
         table(
-            ["images", "errors", "flagged", "errors flagged", "coverage", "accuracy accepted", "accuracy all"],
-            [[str(fl["n"]), str(fl["n_errors"]), str(fl["n_flagged"]), fmt(fl["errors_flagged"]),
-              fmt(fl["coverage"]), fmt(fl["accuracy_accepted"]), fmt(fl["accuracy_all"])]],
+            [
+                "images",
+                "errors",
+                "flagged",
+                "errors flagged",
+                "coverage",
+                "accuracy accepted",
+                "accuracy all",
+            ],
+            [
+                [
+                    str(fl["n"]),
+                    str(fl["n_errors"]),
+                    str(fl["n_flagged"]),
+                    fmt(fl["errors_flagged"]),
+                    fmt(fl["coverage"]),
+                    fmt(fl["accuracy_accepted"]),
+                    fmt(fl["accuracy_all"]),
+                ]
+            ],
         ),  # fmt: skip
     ]
     t = fl.get("oos_threshold")
