@@ -146,3 +146,19 @@ def test_flag_summary_counts_and_the_out_of_source_threshold() -> None:
     # the confident error (0.95) is caught only by flagging everything
     assert direct["errors_flagged"] == pytest.approx(1.0) and direct["threshold"] == pytest.approx(1.0)
     assert direct["coverage"] == 0.0
+
+
+def test_a_threshold_chosen_out_of_source_is_what_the_checkpoint_flags_by(
+    sample_dir: Path, tmp_path: Path
+) -> None:
+    from xraydx.models import read_metadata
+    from xraydx.predict import Predictor
+    from xraydx.train import run_training
+
+    cfg = tiny_config(sample_dir, tmp_path, epochs=1)
+    cfg.train.abstention_threshold = 0.9
+    run = run_training(cfg, progress=False)
+    ab = read_metadata(run / "checkpoints" / "best.safetensors")["abstention"]
+    assert ab["threshold"] == 0.9 and ab["chosen_on"].startswith("given")
+    pred = Predictor(run / "checkpoints" / "best.safetensors")
+    assert pred.flag([0.89, 0.1, 0.01]) and not pred.flag([0.91, 0.08, 0.01])

@@ -67,6 +67,7 @@ class TrainConfig:
     channels_last: bool = True  # on GPU
     compile: bool = False  # torch.compile the model
     threads: int = 0  # CPU intra-op threads; 0 = all cores
+    abstention_threshold: float = 0.0  # 0: chosen on val; (0, 1]: this one (e.g. a crossval's oos_threshold)
     calibrate: bool = True  # fit temperature scaling on val at the end
 
 
@@ -186,6 +187,10 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"data.base_size must be 0 (off) or at least 32; got {cfg.data.base_size}")
     if cfg.data.image_size < 32:
         raise ConfigError(f"data.image_size must be at least 32; got {cfg.data.image_size}")
+    if not 0.0 <= cfg.train.abstention_threshold <= 1.0:
+        raise ConfigError(
+            f"train.abstention_threshold must be in [0, 1]; got {cfg.train.abstention_threshold}"
+        )
     if not 0.0 <= cfg.train.acquisition <= 1.0:
         raise ConfigError(f"train.acquisition must be in [0, 1]; got {cfg.train.acquisition}")
     if cfg.train.epoch_size < 0:

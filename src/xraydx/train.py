@@ -563,6 +563,16 @@ def finish_run(
     meta["val_metrics"] = val_after
     val_probs = torch.softmax(val_logits / temperature, 1).numpy()
     meta["abstention"] = choose_abstention(va.labels, val_probs)
+    if cfg.train.abstention_threshold > 0:
+        # a threshold chosen outside this run, e.g. on a crossval's out-of-source predictions (flag.oos_threshold):
+        # val figures are still reported for it, but val did not choose it
+        t = float(cfg.train.abstention_threshold)
+        kept = val_probs.max(1) >= t
+        meta["abstention"].update(
+            threshold=t, chosen_on="given (train.abstention_threshold)", target_reached=None,
+            val_coverage=float(kept.mean()),
+            val_accuracy_accepted=float((val_probs.argmax(1) == va.labels)[kept].mean()) if kept.any() else 0.0,
+        )  # fmt: skip
     log(
         f"abstention: flag 'uncertain' below top probability {meta['abstention']['threshold']:.3f} (on val: keeps "
         f"{meta['abstention']['val_coverage']:.0%} at accuracy {meta['abstention']['val_accuracy_accepted']:.3f})"
