@@ -300,7 +300,7 @@ def test_a_crash_while_saving_a_checkpoint_leaves_the_old_one_loadable(
 # A new one fails test_every_write_in_the_package_is_atomic_or_listed: make it atomic, or list it here.
 NON_ATOMIC_ALLOWED = {
     ("train.py", 'open(run / "train.log", "a"'): "append-only human log; each line written whole",
-    ("segment.py", 'open(out / "train.log", "a"'): "append-only human log; each line written whole",
+    ("segment_train.py", 'open(out / "train.log", "a"'): "append-only human log; each line written whole",
     (
         "predict.py",
         'open(partial, "a"',

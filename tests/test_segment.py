@@ -1,5 +1,5 @@
 """The shipped lung segmenter: accuracy on held-out real images, post-processing, masks that line up with
-the image at every size, its checkpoint format, training, the CLI, and the lung-mask fallback in train/predict."""
+the image at every size, its checkpoint format, the CLI, and the lung-mask fallback in train/predict."""
 
 from __future__ import annotations
 
@@ -19,11 +19,9 @@ from xraydx.segment import (
     LungSegmenter,
     LungUNet,
     SegmenterError,
-    collect_samples,
     dice_iou,
     load_segmenter,
     postprocess,
-    train_segmenter,
 )
 from xraydx.transforms import Preprocessing, apply_lung_mask, mask_bbox, preprocess, resize_uint8
 
@@ -148,66 +146,6 @@ def test_segmenter_checkpoint_format(tmp_path: Path) -> None:
         LungSegmenter.load(clf)
     with pytest.raises(ValueError, match="2-D uint8"):
         LungSegmenter(loaded, m2).predict_mask(np.zeros((64, 64, 3), np.uint8))
-
-
-def _mini_lungseg(tmp_path: Path, n: int = 10) -> Path:
-    """A lungseg-layout folder: the fixtures repeated under distinct patient ids."""
-    root = tmp_path / "mini"
-    shutil.copytree(FIXTURES / "images", root / "images")
-    shutil.copytree(FIXTURES / "masks", root / "masks")
-    names = sorted(p.name for p in (root / "images").iterdir())
-    with open(root / "manifest.csv", "w", encoding="utf-8", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(["image", "mask", "patientid"])
-        for i in range(n):
-            nm = names[i % len(names)]
-            w.writerow([f"images/{nm}", f"masks/{nm}", f"p{i // 2}"])
-    return root
-
-
-def test_collect_samples_splits_by_patient(tmp_path: Path) -> None:
-    samples, notes = collect_samples(
-        [_mini_lungseg(tmp_path, 20)], seed=3, val_fraction=0.2, test_fraction=0.2
-    )
-    assert len(samples) == 20 and notes
-    by_group: dict[str, set[str]] = {}
-    for s in samples:
-        by_group.setdefault(s.group, set()).add(s.split)
-    assert all(len(v) == 1 for v in by_group.values()), "a patient in two splits"
-    assert {s.split for s in samples} == {"train", "val", "test"}
-    again, _ = collect_samples(
-        [_mini_lungseg(tmp_path / "b", 20)], seed=3, val_fraction=0.2, test_fraction=0.2
-    )
-    assert [s.split for s in samples] == [s.split for s in again], "split not reproducible"
-    with pytest.raises(SegmenterError, match="not found"):
-        collect_samples([tmp_path / "nowhere"])
-
-
-def test_train_tiny_segmenter(tmp_path: Path) -> None:
-    data = _mini_lungseg(tmp_path)
-    out = tmp_path / "run"
-    res = train_segmenter(
-        [data],
-        out,
-        pretrained="none",
-        size=64,
-        epochs=1,
-        batch_size=4,
-        threads=1,
-        val_fraction=0.2,
-        test_fraction=0.2,
-        progress=False,
-        half=True,
-    )
-    ck = out / "lungseg.safetensors"
-    assert ck.is_file() and (out / "log.csv").is_file() and (out / "split.csv").is_file()
-    assert 0.0 <= res["test"]["dice_mean"] <= 1.0 and res["test"]["n"] >= 1
-    seg = LungSegmenter.load(ck)
-    assert seg.meta["architecture"]["dtype"] == "float16" and seg.size == 64
-    img = read_image(sample_images("test")[0])
-    assert seg.predict_mask(img).shape == img.shape
-    with pytest.raises(FileExistsError):
-        train_segmenter([data], out, pretrained="none", size=64, epochs=1, progress=False)
 
 
 def test_cli_segment_writes_masks_and_overlays(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
