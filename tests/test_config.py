@@ -4,7 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from xraydx.config import Config, ConfigError, validate
+from xraydx.config import MIB, Config, ConfigError, ServeConfig, validate
+from xraydx.errors import ServeError
 
 
 def test_yaml_then_overrides(tmp_path: Path) -> None:
@@ -43,3 +44,14 @@ def test_yaml_is_loaded_safely(tmp_path: Path) -> None:
     f.write_text("train: !!python/object/apply:os.system ['echo pwned']\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         Config.load(f)
+
+
+def test_serve_config_defaults_and_checks(tmp_path: Path) -> None:
+    cfg = ServeConfig(str(tmp_path / "m.safetensors"))
+    assert cfg.checkpoint == tmp_path / "m.safetensors"  # a Path, whatever was given
+    assert (cfg.engine, cfg.device, cfg.max_upload_bytes, cfg.token) == ("torch", "cpu", 20 * MIB, None)
+    for bad, words in (({"engine": "tensorrt"}, "torch or onnx"), ({"max_batch": 0}, "max_batch"),
+                       ({"max_upload_bytes": 0}, "max_upload_bytes"), ({"batch_window_ms": -1}, "batch_window_ms"),
+                       ({"max_batch_files": 0}, "max_batch_files")):  # fmt: skip
+        with pytest.raises(ServeError, match=words):
+            ServeConfig(tmp_path, **bad)

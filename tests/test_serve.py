@@ -7,7 +7,6 @@ import hashlib
 import io
 import json
 import struct
-import threading
 import types
 import zlib
 from collections.abc import Iterator
@@ -590,7 +589,8 @@ def test_page_and_security_headers(client: TestClient) -> None:
 
 
 def test_static_files_stay_inside_the_package(client: TestClient) -> None:
-    for path in ("/static/../serve.py", "/static/%2e%2e/serve.py", "/static/..%2fserve.py"):
+    for path in ("/static/../serve/app.py", "/static/%2e%2e/serve/app.py", "/static/..%2fserve/app.py",
+                 "/static/../serve/__init__.py"):  # fmt: skip
         r = client.get(path)
         assert r.status_code == 404, path
         assert "def create_app" not in r.text
@@ -613,7 +613,7 @@ def test_health(client: TestClient, app: Any) -> None:
     assert d["status"] == "ok" and d["model_id"] == app.state.service.model_id
 
 
-# ---- engines and the batcher ---------------------------------------------------------------------
+# ---- engines -------------------------------------------------------------------------------------
 
 
 def test_onnx_engine_matches_torch(checkpoint: Path, predictor: Predictor) -> None:
@@ -634,68 +634,14 @@ def test_unknown_engine_refused(checkpoint: Path) -> None:
         serve.create_app(checkpoint, engine="tensorrt")
 
 
-class _RecordingEngine:
-    name = "fake"
-
-    def __init__(self) -> None:
-        self.sizes: list[int] = []
-        self.entered = threading.Event()
-        self.gate = threading.Event()
-
-    def probs(self, batch: np.ndarray) -> np.ndarray:
-        self.entered.set()
-        self.gate.wait(10)
-        self.sizes.append(len(batch))
-        v = batch.reshape(len(batch), -1)[:, 0].astype(np.float64)
-        return np.stack([v, -v, v * 0], axis=1)  # each row identifies its input
-
-
-def test_worker_groups_queued_requests_and_keeps_order() -> None:
-    eng = _RecordingEngine()
-    heat_calls: list[tuple[int, list[int]]] = []
-
-    def heat_fn(images: np.ndarray, classes: list[int]) -> np.ndarray:
-        heat_calls.append((len(images), classes))
-        return images.astype(np.float32) + np.asarray(classes, np.float32)[:, None, None]
-
-    w = serve.InferenceWorker(eng, max_batch=4, window_s=0.0, heat_fn=heat_fn)
-    try:
-        first = w.submit_probs(np.full((4, 4), 1, np.uint8))
-        assert eng.entered.wait(10)
-        # the engine is blocked on the first batch; these queue up meanwhile
-        futs = [w.submit_probs(np.full((4, 4), i, np.uint8)) for i in range(2, 12)]
-        heats = [w.submit_heat(np.full((4, 4), 10 * i, np.uint8), i) for i in range(3)]
-        call = w.submit_call(lambda: "exclusive")
-        later = w.submit_probs(np.full((4, 4), 99, np.uint8))
-        eng.gate.set()
-        assert first.result(10)[0] == 1
-        assert [int(f.result(10)[0]) for f in futs] == list(range(2, 12))
-        assert [float(h.result(10)[0, 0]) for h in heats] == [0.0, 11.0, 22.0]
-        assert call.result(10) == "exclusive"
-        assert later.result(10)[0] == 99
-    finally:
-        w.stop()
-    assert eng.sizes[0] == 1
-    assert max(eng.sizes) == 4  # queued requests were grouped, never beyond max_batch
-    assert sum(eng.sizes) == 12
-    assert heat_calls == [(3, [0, 1, 2])]  # the heat maps ran as one batch of their own, classes in order
-    assert w._thread is None  # stopped
-
-
-def test_worker_delivers_engine_errors() -> None:
-    class Failing:
-        name = "fail"
-
-        def probs(self, batch: np.ndarray) -> np.ndarray:
-            raise ValueError("engine broke")
-
-    w = serve.InferenceWorker(Failing(), max_batch=2)
-    try:
-        with pytest.raises(ValueError, match="engine broke"):
-            w.submit_probs(np.zeros((4, 4), np.uint8)).result(10)
-        assert w.submit_call(lambda: 5).result(10) == 5  # the thread survives
-    finally:
-        w.stop()
+def test_bad_options_refused_before_the_model_loads(tmp_path: Path) -> None:
+    missing = tmp_path / "missing.safetensors"  # a ServeError, not "checkpoint not found": checked first
+    for option, value in (("max_batch", 0), ("max_upload_bytes", 0), ("batch_window_ms", -1.0),
+                          ("max_batch_files", 0)):  # fmt: skip
+        with pytest.raises(serve.ServeError, match=option):
+            serve.create_app(missing, **{option: value})
+    with pytest.raises(TypeError, match="colour"):
+        serve.create_app(missing, colour="red")  # only ServeConfig's fields
 
 
 # ---- CLI -----------------------------------------------------------------------------------------

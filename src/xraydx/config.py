@@ -18,11 +18,12 @@ from xraydx.constants import (
     AUGMENT_INTERPOLATIONS,
     AUGMENT_PRESETS,
     BALANCE_MODES,
+    ENGINES,
     INTENSITY_MODES,
     LUNG_MASK_MODES,
     PRETRAINED_MODES,
 )
-from xraydx.errors import ConfigError
+from xraydx.errors import ConfigError, ServeError
 
 
 @dataclass
@@ -212,3 +213,34 @@ def parse_overrides(pairs: list[str]) -> dict[str, str]:
         k, v = p.split("=", 1)
         out[k.strip()] = v.strip()
     return out
+
+
+# ---- the server --------------------------------------------------------------------------------
+
+MIB = 1024 * 1024
+
+
+@dataclass
+class ServeConfig:
+    """What ``xraydx serve`` runs with: the command line builds one, :func:`xraydx.serve.create_app` takes
+    one (or a checkpoint and any of these fields), :class:`xraydx.serve.service.Service` keeps it."""
+
+    checkpoint: Path
+    token: str | None = None  # required on /api/* (except /api/health) when set
+    max_upload_bytes: int = 20 * MIB  # largest accepted file
+    engine: str = "torch"  # torch | onnx (onnxruntime, checked against PyTorch at start-up)
+    device: str = "cpu"  # torch device of the model and Grad-CAM (the command line asks for "auto")
+    threads: int | None = None  # intra-op threads for inference; None = the library's default
+    max_batch: int = 16  # most images per inference batch
+    batch_window_ms: float = 5.0  # wait this long to group concurrent requests (0: greedy)
+    max_batch_files: int = 32  # most files in one POST /api/predict/batch
+
+    def __post_init__(self) -> None:
+        self.checkpoint = Path(self.checkpoint)
+        if self.engine not in ENGINES:
+            raise ServeError(f"engine must be {' or '.join(ENGINES)}; got {self.engine!r}")
+        for name in ("max_upload_bytes", "max_batch", "max_batch_files"):
+            if not getattr(self, name) >= 1:
+                raise ServeError(f"{name} must be >= 1; got {getattr(self, name)}")
+        if not self.batch_window_ms >= 0:
+            raise ServeError(f"batch_window_ms must be >= 0; got {self.batch_window_ms}")

@@ -1,0 +1,24 @@
+"""A client's problem with one request: :class:`ApiError`, answered as JSON with its HTTP status.
+
+(The server's own start-up problems are :class:`xraydx.errors.ServeError`.)"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class ApiError(Exception):
+    """A client-side problem, answered as JSON ``{"error": {...}}`` with ``status``."""
+
+    def __init__(self, status: int, code: str, message: str, file: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.file = file
+
+    def payload(self) -> dict[str, Any]:
+        err: dict[str, Any] = {"status": self.status, "code": self.code, "message": self.message}
+        if self.file is not None:
+            err["file"] = self.file
+        return {"error": err, "detail": self.message}
