@@ -310,6 +310,10 @@ NON_ATOMIC_ALLOWED = {
         "os.open(self.path, os.O_WRONLY | os.O_APPEND",
     ): "append-only stat index; torn lines ignored",
     ("cache.py", "np.lib.format.open_memmap(tmp"): "a temp file (mkstemp), renamed by _ArrayStore.publish",
+    (
+        "results.py",
+        "os.open(path, os.O_WRONLY | os.O_APPEND",
+    ): "append-only DICOM results log: one record per write, fsynced; torn last line ignored",
 }
 _WRITE_RE = re.compile(
     r"""open\([^)]*["'][wax]b?\+?["']|\.write_text\(|\.write_bytes\(|np\.save[z]?\(|\bsave_file\(|\.to_csv\("""

@@ -38,6 +38,7 @@ from pydicom.dataset import Dataset
 
 from xraydx.dicom.results import Record, clean_code, clean_uid
 from xraydx.dicom.sr import Classification, ModelInfo, build_heatmap_sc, build_sr
+from xraydx.fsutil import atomic_write_bytes
 from xraydx.io import MAX_FILE_BYTES, MAX_PIXELS, ImageReadError
 
 __all__ = ["ACCEPTED_SOP_CLASSES", "Outcome", "Pipeline", "decodable_transfer_syntaxes", "screen"]
@@ -157,6 +158,11 @@ class Pipeline:
         self.keep = keep
         for sub in ("incoming", "results") + (("received",) if keep else ()):
             (self.out / sub).mkdir(parents=True, exist_ok=True)
+        for stale in (self.out / "incoming").glob(
+            "*.dcm"
+        ):  # a killed run's; never answered, so resent by the PACS
+            with contextlib.suppress(OSError):
+                stale.unlink()
         self.decodable = set(decodable_transfer_syntaxes())
         self._lock = threading.Lock()
         self._cam: Any = None
@@ -164,6 +170,15 @@ class Pipeline:
         self._series: dict[tuple[str, str], str] = {}
         if heatmap and getattr(predictor, "model", None) is None:
             raise ValueError("heatmaps need the PyTorch model (Grad-CAM): pass the .safetensors, not .onnx")
+
+    def warm_up(self) -> None:
+        """Load the OOD guard and the lung segmenter and run the model once, so that the first C-STORE is
+        not answered seconds late (an SCU's DIMSE timeout may be as short as 10 s)."""
+        p = self.predictor
+        p.ood_guard()
+        img = np.full((p.spec.size, p.spec.size), 128, np.uint8)
+        with contextlib.suppress(ImageReadError, ValueError):
+            p.probs(p.prepare(img)[None])
 
     def series_uid(self, study: str, kind: str) -> str:
         with self._lock:
@@ -198,7 +213,7 @@ class Pipeline:
             rec.status = f"skipped: {reason}"
             return Outcome(rec, status)
         path = self.out / "incoming" / f"{rec.sop_instance_uid}.dcm"
-        path.write_bytes(raw)
+        atomic_write_bytes(path, raw)
         try:
             with self._lock:
                 pred = next(iter(self.predictor.predict_files([path], batch_size=1, progress=False)))
@@ -248,8 +263,6 @@ class Pipeline:
         return written
 
     def _save(self, ds: Dataset) -> Path:
-        from xraydx.fsutil import atomic_write_bytes
-
         path = self.out / "results" / f"{ds.SOPInstanceUID}.dcm"
         buf = io.BytesIO()
         ds.save_as(buf, enforce_file_format=True)

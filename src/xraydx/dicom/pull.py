@@ -20,6 +20,7 @@ from typing import Any
 from xraydx.dicom.pipeline import Pipeline
 from xraydx.dicom.results import Record, ResultsLog, clean_uid
 from xraydx.dicom.send import Outbox, Sender, send_results
+from xraydx.errors import XraydxError
 
 __all__ = ["connect", "pull"]
 
@@ -27,8 +28,8 @@ STUDY, SERIES, SOP = "0020000D", "0020000E", "00080018"
 _DATE = re.compile(r"^\d{8}$")
 
 
-class PullError(RuntimeError):
-    pass
+class PullError(XraydxError, RuntimeError):
+    """The DICOMweb server cannot be searched (unreachable, refused, not DICOMweb)."""
 
 
 def _value(item: dict[str, Any], tag: str) -> str:

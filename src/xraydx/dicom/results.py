@@ -28,6 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from xraydx.errors import XraydxError
+
 __all__ = ["Record", "ResultsLog", "ResultsLogError", "clean_code", "clean_uid", "read_records"]
 
 _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
@@ -35,8 +37,8 @@ _CODE = re.compile(r"[^A-Za-z0-9_ .\-]")
 JSONL, CSV = "results.jsonl", "results.csv"
 
 
-class ResultsLogError(ValueError):
-    pass
+class ResultsLogError(XraydxError, ValueError):
+    """A results log that cannot be used (other columns, not a log folder)."""
 
 
 def clean_uid(value: Any) -> str:
@@ -141,6 +143,16 @@ class ResultsLog:
             )
         if header is None:
             _append_line(self.csv, _csv_line(self.columns), truncate_torn=True)
+
+    @classmethod
+    def open_existing(cls, folder: Path) -> ResultsLog:
+        """The log already in ``folder`` (its classes read from the CSV header), for ``resend``."""
+        header = _csv_header(Path(folder) / CSV)
+        if header is None or "prob_" not in ",".join(header):
+            raise ResultsLogError(
+                f"{folder}: no results log here (not an output folder of xraydx dicom listen/pull)"
+            )
+        return cls(folder, [c.removeprefix("prob_") for c in header if c.startswith("prob_")])
 
     def write(self, rec: Record) -> dict[str, Any]:
         row = _row(rec, self.classes)

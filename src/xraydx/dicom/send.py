@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -20,6 +19,8 @@ from pathlib import Path
 from typing import Any
 
 import pydicom
+
+from xraydx.fsutil import atomic_write_bytes
 
 __all__ = ["CStoreSender", "Destination", "Outbox", "SendError", "Sender", "StowSender", "deliver", "resend"]
 
@@ -160,8 +161,8 @@ class Outbox:
                 continue
             try:
                 os.link(p, target)
-            except OSError:
-                shutil.copy2(p, target)
+            except OSError:  # a file system without hard links
+                atomic_write_bytes(target, p.read_bytes())
 
     def release(self, paths: Sequence[Path]) -> None:
         for p in paths:

@@ -4,24 +4,10 @@ Both go into the source image's study as new series (one per node run and kind),
 which copies the Patient and Study modules from the source image (the PACS files them with the
 patient; that is the point) and lists the source in the Current Requested Procedure Evidence.
 
-The SR's content tree (docs/pacs.md shows it in full)::
-
-    CONTAINER Imaging Measurement Report (TID 1500)
-      HAS CONCEPT MOD  Language of Content Item and Descendants = English
-      HAS OBS CONTEXT  Observer Type = Device (uid, name "xraydx", manufacturer, model name = the model id)
-      HAS CONCEPT MOD  Procedure Reported = Plain chest X-ray (SCT 399208008)
-      CONTAINS CONTAINER Imaging Measurements
-        CONTAINS CONTAINER Measurement Group (TID 1501)
-          Tracking Identifier / Tracking Unique Identifier
-          Finding Site = Lung
-          Algorithm Name / Algorithm Version / Algorithm Parameters (model id, engine, threshold)
-          NUM  Probability of <class> (one per class, unit UCUM "1", calibrated softmax)
-          NUM  Out-of-distribution score (where the guard ran; below 1 looks like a frontal chest X-ray)
-          CODE Predicted class = <class code>
-          CODE Uncertainty status = Uncertain, refer to a radiologist | Not flagged
-          CODE Out-of-distribution check = Passed | Not run
-          TEXT Comment = research use only, not for diagnosis (+ the model's abstention rule)
-          IMAGE Source = the classified image (SOP Class + SOP Instance UID)
+The SR's content tree is drawn in full in docs/pacs.md (TID 1500 > Imaging Measurements > one TID 1501
+Measurement Group: tracking ids, finding site, algorithm name/version/parameters, a NUM probability per
+class, the OOD score, CODEs for the predicted class, the uncertainty status and the OOD check, the
+source IMAGE, and a TEXT comment saying research use only, not for diagnosis).
 
 Codes: classes and xraydx's own concepts use the private coding scheme ``99XRAYDX`` (the ``99`` prefix is
 DICOM's rule for local schemes); COVID-19 and "Normal" also exist in SNOMED CT and use those codes.
