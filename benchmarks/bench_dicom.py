@@ -73,6 +73,7 @@ def _start_node(orthanc: Any, out: Path, threads: int) -> tuple[subprocess.Popen
 
 
 def _sr_count(orthanc: Any) -> int:
+    """Instances in Orthanc: only the node's SRs arrive there in this benchmark."""
     return int(orthanc.get("/statistics")["CountInstances"])
 
 
@@ -85,21 +86,10 @@ def _wait_count(orthanc: Any, n: int, timeout: float = 300.0) -> float:
     raise TimeoutError(f"Orthanc did not reach {n} instances in {timeout:.0f} s")
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
-    import torch
-    from dicomfiles import scu, write, xray_dataset
-    from orthanc_server import Orthanc, missing_reason
-
+def _baseline(files: list[Path]) -> tuple[list[float], float]:
+    """``xraydx predict``'s Predictor, warm: ms per file alone (batch 1), and img/s at its default batch 32."""
     from xraydx.constants import DEFAULT_CHECKPOINT
     from xraydx.predict import Predictor
-
-    if missing_reason():
-        raise SystemExit(f"bench_dicom: {missing_reason()}")
-    torch.set_num_threads(args.threads)
-    tmp = Path(tempfile.mkdtemp(prefix="bench_dicom_"))
-    images, source = cxr_images(args.n + 2)
-    datasets = [xray_dataset(p) for p in images]
-    files = [write(ds, tmp / "in" / f"{i:03d}.dcm") for i, ds in enumerate(datasets)]
 
     pred = Predictor(DEFAULT_CHECKPOINT, "cpu")
     list(pred.predict_files(files[:2], batch_size=1, progress=False))  # warm-up
@@ -110,9 +100,20 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         single.append((time.perf_counter() - t0) * 1000)
     t0 = time.perf_counter()
     list(pred.predict_files(files[2:], batch_size=32, progress=False))
-    batch_ips = args.n / (time.perf_counter() - t0)
+    batch_ips = len(files[2:]) / (time.perf_counter() - t0)
+    print(
+        f"predict baseline: {median(single):.0f} ms per image alone, {batch_ips:.2f} img/s at batch 32",
+        flush=True,
+    )
+    return single, batch_ips
 
-    orthanc = Orthanc(tmp / "orthanc", 0).start()
+
+def _through_node(
+    orthanc: Any, datasets: list[Any], images: list[Path], tmp: Path, args: argparse.Namespace
+) -> tuple[list[float], float]:
+    """Sequential C-STORE -> SR-in-Orthanc latencies (ms), then instances/s with concurrent associations."""
+    from dicomfiles import scu, xray_dataset
+
     node, port = _start_node(orthanc, tmp / "out", args.threads)
     try:
         assoc = scu(port)
@@ -141,13 +142,33 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         t0 = time.perf_counter()
         for t in threads:
             t.start()
-        t_end = _wait_count(orthanc, len(fresh))
+        t_end = _wait_count(orthanc, len(fresh))  # the SRs (the images go to the node only)
         for t in threads:
             t.join()
-        throughput = len(fresh) / (t_end - t0)
+        return latency, len(fresh) / (t_end - t0)
     finally:
         node.terminate()
         node.wait(timeout=120)
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    import torch
+    from dicomfiles import write, xray_dataset
+    from orthanc_server import Orthanc, free_port, missing_reason
+
+    if missing_reason():
+        raise SystemExit(f"bench_dicom: {missing_reason()}")
+    torch.set_num_threads(args.threads)
+    tmp = Path(tempfile.mkdtemp(prefix="bench_dicom_"))
+    images, source = cxr_images(args.n + 2)
+    datasets = [xray_dataset(p) for p in images]
+    files = [write(ds, tmp / "in" / f"{i:03d}.dcm") for i, ds in enumerate(datasets)]
+
+    orthanc = Orthanc(tmp / "orthanc", free_port()).start()  # first: fail fast where Orthanc cannot start
+    try:
+        single, batch_ips = _baseline(files)
+        latency, throughput = _through_node(orthanc, datasets, images, tmp, args)
+    finally:
         orthanc.stop()
 
     lat_sorted = sorted(latency)
