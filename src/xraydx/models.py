@@ -1,15 +1,13 @@
-"""Model factory over timm, offline ImageNet weights, and the self-describing checkpoint format.
+"""Model factory over timm, offline ImageNet weights, and loading a classifier checkpoint.
 
-A checkpoint is one ``.safetensors`` file: the weights, plus a JSON document stored in the
-safetensors header under the key ``"xraydx"`` (classes, architecture, input size, preprocessing,
-calibration, training-data summary, metrics, tool version). Loading never unpickles anything.
+The checkpoint format itself (one ``.safetensors`` file, JSON metadata in its header; never
+unpickled) is :mod:`xraydx.checkpoint`; ``save_checkpoint``, ``read_metadata``, ``load_weights``,
+``FORMAT`` and ``FORMAT_VERSION`` stay importable from here.
 """
 
 from __future__ import annotations
 
 import importlib.util
-import json
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,10 +15,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from xraydx.checkpoint import FORMAT as FORMAT
+from xraydx.checkpoint import FORMAT_VERSION as FORMAT_VERSION
+from xraydx.checkpoint import load_weights as load_weights
+from xraydx.checkpoint import read_metadata as read_metadata
+from xraydx.checkpoint import save as save_checkpoint  # noqa: F401  (the name callers use)
 from xraydx.errors import CheckpointError
 
-FORMAT = "xraydx-checkpoint"
-FORMAT_VERSION = 1
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -177,72 +178,7 @@ def _classifier_keys(model: nn.Module) -> set[str]:
     return {names[id(t)] for t in list(head.parameters()) + list(head.buffers()) if id(t) in names}
 
 
-# ---- checkpoints ---------------------------------------------------------------------------------
-
-
-def save_checkpoint(path: str | Path, model: nn.Module, meta: dict[str, Any]) -> None:
-    """Write weights + metadata atomically as safetensors."""
-    from safetensors.torch import save_file
-
-    from xraydx.fsutil import atomic_write_with
-
-    module = model.module if hasattr(model, "module") else model
-    module = getattr(module, "_orig_mod", module)  # torch.compile wrapper
-    state = {k: v.detach().to("cpu").contiguous() for k, v in module.state_dict().items()}
-    doc = {"format": FORMAT, "format_version": FORMAT_VERSION, **meta}
-    header = {"xraydx": json.dumps(doc, default=str)}
-    atomic_write_with(Path(path), lambda tmp: save_file(state, str(tmp), metadata=header))
-
-
-def read_metadata(path: str | Path) -> dict[str, Any]:
-    """Read the JSON metadata of a checkpoint without loading its weights."""
-    p = Path(path)
-    header = _read_safetensors_header(p)
-    raw = (header.get("__metadata__") or {}).get("xraydx")
-    if raw is None:
-        raise CheckpointError(f"{p}: a safetensors file, but not an xraydx checkpoint (no 'xraydx' metadata)")
-    try:
-        meta = json.loads(raw)
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{p}: checkpoint metadata is not valid JSON ({exc})") from exc
-    if meta.get("format") != FORMAT:
-        raise CheckpointError(f"{p}: unknown checkpoint format {meta.get('format')!r}")
-    if int(meta.get("format_version", 0)) > FORMAT_VERSION:
-        raise CheckpointError(
-            f"{p}: checkpoint format version {meta['format_version']} is newer than this xraydx"
-        )
-    return meta
-
-
-def _read_safetensors_header(p: Path) -> dict[str, Any]:
-    try:
-        with open(p, "rb") as fh:
-            head = fh.read(9)
-            if len(head) < 9:
-                raise CheckpointError(f"{p}: not a checkpoint (file too short)")
-            if head[8:9] != b"{":  # safetensors: 8-byte header length, then the JSON header
-                if (head[:1] == b"\x80" and 2 <= head[1] <= 5) or head[:4] == b"PK\x03\x04":
-                    raise CheckpointError(
-                        f"{p}: refusing a pickle/zip file (torch.save format); xraydx only loads safetensors"
-                        " checkpoints, because unpickling can run arbitrary code"
-                    )
-                raise CheckpointError(f"{p}: not a safetensors checkpoint")
-            (n,) = struct.unpack("<Q", head[:8])
-            size = p.stat().st_size
-            if n <= 1 or n > min(size - 8, 100 * 2**20):
-                raise CheckpointError(f"{p}: not a safetensors checkpoint (bad header length)")
-            blob = b"{" + fh.read(n - 1)
-    except FileNotFoundError as exc:
-        raise CheckpointError(f"{p}: checkpoint not found") from exc
-    except IsADirectoryError as exc:
-        raise CheckpointError(f"{p}: is a directory, not a checkpoint file") from exc
-    try:
-        header = json.loads(blob)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{p}: not a safetensors checkpoint (header is not JSON)") from exc
-    if not isinstance(header, dict):
-        raise CheckpointError(f"{p}: not a safetensors checkpoint")
-    return header
+# ---- checkpoints (the format: xraydx.checkpoint) ------------------------------------------------
 
 
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
@@ -256,21 +192,6 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tup
     load_weights(model, path, CheckpointError, arch["name"])
     model.to(device).eval()
     return model, meta
-
-
-def load_weights(model: nn.Module, path: str | Path, error: type[Exception], what: str) -> None:
-    """Load a safetensors file's tensors into ``model`` (strict); failures become ``error`` naming the file."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    try:
-        state = load_file(str(path), device="cpu")
-    except (SafetensorError, OSError) as exc:
-        raise error(f"{path}: cannot read weights ({exc})") from exc
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        raise error(f"{path}: weights do not match {what}: {str(exc)[:300]}") from exc
 
 
 def count_parameters(model: nn.Module) -> int:

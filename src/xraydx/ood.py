@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import sys
 import threading
 from collections.abc import Sequence
@@ -56,9 +55,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from xraydx import checkpoint
+from xraydx.checkpoint import read_metadata
 from xraydx.constants import DEFAULT_GUARD
+from xraydx.errors import CheckpointError
 from xraydx.io import ImageReadError, read_image
-from xraydx.models import CheckpointError, read_metadata
 from xraydx.segment import LungSegmenter, SegAnalysis
 
 __all__ = [
@@ -210,18 +211,12 @@ class OODGuard:
     def load(
         cls, path: str | Path, segmenter: LungSegmenter | None = None, device: str | torch.device = "cpu"
     ) -> OODGuard:
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
         meta = read_metadata(path)
         if meta.get("kind") != OOD_KIND:
             raise OODError(
                 f"{path}: an xraydx file, but not OOD-guard statistics (kind={meta.get('kind')!r})"
             )
-        try:
-            tensors = load_file(str(path), device="cpu")
-        except (SafetensorError, OSError) as exc:
-            raise OODError(f"{path}: cannot read the statistics ({exc})") from exc
+        tensors = checkpoint.load_tensors(path, OODError, "the statistics")
         missing = {"mean", "scale", "components", "eigenvalues"} - set(tensors)
         if missing:
             raise OODError(f"{path}: statistics missing {sorted(missing)}")
@@ -498,17 +493,8 @@ def fit_guard(
 
 
 def save_guard(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
-    from safetensors.torch import save_file
-
-    from xraydx.fsutil import atomic_write_with
-    from xraydx.models import FORMAT, FORMAT_VERSION
-
-    doc = {"format": FORMAT, "format_version": FORMAT_VERSION, "kind": OOD_KIND, **meta}
-    header = {"xraydx": json.dumps(doc, default=str)}
-    atomic_write_with(
-        Path(path),
-        lambda tmp: save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=header),
-    )
+    """Write the guard's statistics as an xraydx checkpoint of kind ``ood-guard``."""
+    checkpoint.save(path, tensors, {"kind": OOD_KIND, **meta})
 
 
 def _cmd_fit(args: argparse.Namespace) -> int:

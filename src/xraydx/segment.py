@@ -38,10 +38,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from xraydx.checkpoint import load_weights, read_metadata
 from xraydx.constants import DEFAULT_SEGMENTER
 from xraydx.errors import EXIT_OK, EXIT_PARTIAL, CheckpointError, UsageError
 from xraydx.fsutil import file_sha256
-from xraydx.models import create_model, load_weights, read_metadata
+from xraydx.models import create_model
 from xraydx.transforms import resize_uint8
 
 __all__ = [

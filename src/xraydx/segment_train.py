@@ -32,10 +32,11 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from xraydx.checkpoint import save as save_checkpoint
 from xraydx.data import discover
 from xraydx.fsutil import atomic_open, atomic_write_json, atomic_write_text, refuse_overwrite
 from xraydx.io import ImageReadError, read_image
-from xraydx.models import normalization_for, save_checkpoint
+from xraydx.models import normalization_for
 from xraydx.predict import expand_inputs
 from xraydx.segment import (
     SECOND_COMPONENT_MIN,
