@@ -18,7 +18,6 @@ ellipses, :data:`PRIOR_ELLIPSES`). The verdict rules and thresholds are below an
 from __future__ import annotations
 
 import argparse
-import io
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +28,7 @@ import torch
 
 from xraydx.data import checkpoint_split
 from xraydx.errors import EXIT_OK, EXIT_PARTIAL, AuditError, UsageError
+from xraydx.render import gray_png, heat_overlay, outline, png_bytes, png_uri
 from xraydx.transforms import Preprocessing, apply_lung_mask, resize_uint8
 
 # Two ellipses (centre x, centre y, radius x, radius y) as fractions of the image width / height, for a
@@ -332,22 +332,14 @@ def _examples(
     data: AuditData, model: Any, spec: Preprocessing, temperature: float, border: float, corner: float
 ) -> dict[str, str]:
     """Base64 PNGs of the first image under each variant, and its Grad-CAM with the lung field outlined."""
-    from xraydx.explain import GradCAM, overlay
-    from xraydx.report import gray_png, png_uri
+    from xraydx.explain import GradCAM
 
     img, lung = data.images[:1], data.lungs[:1]
     blank = border_mask(spec.size, border, corner)
     out = {name: png_uri(gray_png(variant(img, lung, name, blank)[0])) for name in VARIANTS}
     heat, _ = GradCAM(model, spec, temperature=temperature)(img[0])
-    rgb = overlay(img[0], heat)
-    m = lung[0]
-    inner = m & np.roll(m, 1, 0) & np.roll(m, -1, 0) & np.roll(m, 1, 1) & np.roll(m, -1, 1)
-    rgb[m & ~inner] = (255, 255, 255)  # the lung field's outline
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.fromarray(rgb).save(buf, format="PNG")
-    out["gradcam"] = png_uri(buf.getvalue())
+    rgb = outline(heat_overlay(img[0], heat), lung[0])  # the lung field's outline, in white
+    out["gradcam"] = png_uri(png_bytes(rgb))
     return out
 
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import io
 import re
 import sys
 from collections.abc import Iterable, Iterator, Sequence
@@ -32,11 +31,13 @@ from torch import nn
 
 from xraydx.constants import checkpoint_or_default
 from xraydx.errors import EXIT_OK, EXIT_PARTIAL, UsageError
+from xraydx.render import COLORMAP as COLORMAP
+from xraydx.render import heat_overlay as overlay
+from xraydx.render import heat_overlay_png as overlay_png
+from xraydx.render import heat_png as heat_png
 from xraydx.transforms import Preprocessing, normalize, resize_uint8
 
 __all__ = ["GradCAM", "heat_png", "lung_share", "overlay", "overlay_png", "with_heatmaps"]
-
-COLORMAP = "jet"
 
 
 def _last_conv(model: nn.Module) -> nn.Module:
@@ -183,47 +184,6 @@ class GradCAM:
 
 
 # ---- drawing -------------------------------------------------------------------------------------
-
-
-def _colormap(heat: np.ndarray) -> np.ndarray:
-    from matplotlib import colormaps
-
-    return colormaps[COLORMAP](np.clip(heat, 0.0, 1.0))  # float RGBA (..., 4)
-
-
-def overlay(img: np.ndarray, heat: np.ndarray, alpha: float = 0.45) -> np.ndarray:
-    """The heat map ('jet' colormap) blended over the gray image: RGB uint8 (S, S, 3)."""
-    if img.ndim != 2:
-        raise ValueError(f"expected a 2-D gray image; got shape {img.shape}")
-    h = heat if heat.shape == img.shape else _resize_float(heat, img.shape)
-    gray = (img.astype(np.float32) / 255.0)[..., None]
-    color = _colormap(h)[..., :3]
-    out = (1.0 - alpha) * gray + alpha * color
-    return np.clip(out * 255.0 + 0.5, 0, 255).astype(np.uint8)
-
-
-def _resize_float(a: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-    t = torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))[None, None]
-    return F.interpolate(t, size=tuple(shape[:2]), mode="bilinear", align_corners=False)[0, 0].numpy()
-
-
-def _png(arr: np.ndarray) -> bytes:
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def overlay_png(img: np.ndarray, heat: np.ndarray, alpha: float = 0.45) -> bytes:
-    return _png(overlay(img, heat, alpha))
-
-
-def heat_png(heat: np.ndarray) -> bytes:
-    """The heat map alone as RGBA PNG: colormap colour, opacity = heat (for a client-side slider)."""
-    rgba = _colormap(heat)
-    rgba[..., 3] = np.clip(heat, 0.0, 1.0)
-    return _png(np.clip(rgba * 255.0 + 0.5, 0, 255).astype(np.uint8))
 
 
 def lung_share(heat: np.ndarray, lung_mask: np.ndarray) -> float:

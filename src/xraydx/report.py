@@ -10,9 +10,7 @@ directly (no pyplot, no global backend switch).
 
 from __future__ import annotations
 
-import base64
 import html
-import io
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -21,6 +19,7 @@ import numpy as np
 
 from xraydx.constants import RESEARCH_NOTE
 from xraydx.evaluate import evaluation_summary
+from xraydx.render import fig_png, figure, gray_png, heat_overlay_png, png_uri
 
 # ---- small HTML helpers (also used by xraydx.audit) ----------------------------------------------
 
@@ -41,25 +40,9 @@ def fmt_ci(v: float | None, ci: Sequence[float] | None, digits: int = 3) -> str:
     return f"{fmt(v, digits)} <span class=ci>({fmt(ci[0], digits)}&ndash;{fmt(ci[1], digits)})</span>"
 
 
-def png_uri(data: bytes) -> str:
-    return "data:image/png;base64," + base64.b64encode(data).decode("ascii")
-
-
 def img_tag(data: bytes, alt: str, width: int | None = None) -> str:
     w = f' width="{width}"' if width else ""
     return f'<img src="{png_uri(data)}" alt="{esc(alt)}"{w}>'
-
-
-def figure(width: float = 4.0, height: float = 3.2) -> Any:
-    from matplotlib.figure import Figure
-
-    return Figure(figsize=(width, height), dpi=100, layout="constrained")
-
-
-def fig_png(fig: Any) -> bytes:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    return buf.getvalue()
 
 
 def table(header: Sequence[str], rows: Sequence[Sequence[str]], cls: str = "") -> str:
@@ -190,14 +173,6 @@ def coverage_png(m: dict[str, Any]) -> bytes:
     ax.set_ylabel("accuracy on accepted cases")
     ax.set_title("coverage vs accuracy")
     return fig_png(fig)
-
-
-def gray_png(img: np.ndarray) -> bytes:
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.fromarray(np.asarray(img, dtype=np.uint8)).save(buf, format="PNG")
-    return buf.getvalue()
 
 
 # ---- sections ------------------------------------------------------------------------------------
@@ -405,7 +380,7 @@ def error_thumbnails(
     model: Any, spec: Any, images: np.ndarray, m: dict[str, Any], temperature: float = 1.0
 ) -> list[tuple[bytes, bytes | None]]:
     """(image PNG, Grad-CAM overlay PNG of the predicted class) for each of m["worst_errors"]."""
-    from xraydx.explain import GradCAM, overlay_png
+    from xraydx.explain import GradCAM
 
     errs = m.get("worst_errors") or []
     if not errs:
@@ -416,7 +391,7 @@ def error_thumbnails(
     heats, _ = GradCAM(model, spec, temperature=temperature).batch(
         imgs, [classes.index(e["prediction"]) for e in errs]
     )
-    return [(gray_png(im), overlay_png(im, h)) for im, h in zip(imgs, heats, strict=True)]
+    return [(gray_png(im), heat_overlay_png(im, h)) for im, h in zip(imgs, heats, strict=True)]
 
 
 def evaluate_and_report(

@@ -30,14 +30,14 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
 from xraydx.checkpoint import save as save_checkpoint
 from xraydx.data import discover
-from xraydx.fsutil import atomic_open, atomic_write_json, atomic_write_text, refuse_overwrite
+from xraydx.fsutil import atomic_write_json, atomic_write_text, refuse_overwrite
 from xraydx.io import ImageReadError, read_image
 from xraydx.models import normalization_for
 from xraydx.predict import expand_inputs
+from xraydx.render import mask_overlay, save_png
 from xraydx.segment import (
     SECOND_COMPONENT_MIN,
     SEG_KIND,
@@ -481,25 +481,6 @@ def train_segmenter(
 # ---- writing masks and overlays ------------------------------------------------------------------
 
 
-def overlay(img: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """RGB uint8: the gray image with the lungs tinted and their outline drawn."""
-    from scipy import ndimage
-
-    fg = mask > 127
-    rgb = np.repeat(img[..., None], 3, axis=2).astype(np.float32)
-    tint = np.array([0.0, 200.0, 255.0], np.float32)
-    rgb[fg] = 0.7 * rgb[fg] + 0.3 * tint
-    k = max(1, round(max(img.shape) / 300))
-    edge = fg & ~ndimage.binary_erosion(fg, iterations=k)
-    rgb[edge] = (255.0, 220.0, 0.0)
-    return rgb.clip(0, 255).astype(np.uint8)
-
-
-def _save_png(path: Path, arr: np.ndarray) -> None:
-    with atomic_open(path, "wb") as fh:
-        Image.fromarray(arr).save(fh, format="PNG")
-
-
 def _out_names(paths: Sequence[Path]) -> list[str]:
     seen: dict[str, int] = {}
     names = []
@@ -545,10 +526,10 @@ def segment_files(
             continue
         mask = seg.predict_mask(img)
         mpath = out / "masks" / f"{n}.png"
-        _save_png(mpath, mask)
+        save_png(mpath, mask)
         opath = ""
         if overlays:
-            _save_png(out / "overlays" / f"{n}.png", overlay(img, mask))
+            save_png(out / "overlays" / f"{n}.png", mask_overlay(img, mask))
             opath = str(out / "overlays" / f"{n}.png")
         rows.append([str(p), str(mpath), opath, f"{float((mask > 0).mean()):.4f}", "ok"])
         counts["ok"] += 1
