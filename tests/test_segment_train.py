@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 
 from conftest import sample_images
+from xraydx.data import collect_samples
 from xraydx.io import read_image
 from xraydx.segment import LungSegmenter, SegmenterError
-from xraydx.segment_train import collect_samples, train_segmenter
+from xraydx.segment_train import train_segmenter
 
 FIXTURES = Path(__file__).parent / "fixtures" / "lungseg"
 

@@ -8,7 +8,7 @@ Exit codes: 0 success; 1 a fatal error (message on stderr); 2 bad usage or confi
 some input files could not be read (they are listed in the output and on stderr); 130 interrupted.
 
 ``xraydx.io.ImageReadError`` (one unreadable file, exit 1 when it ends a command) and the
-stage-specific kinds (``OODError``, ``SegmenterError``: checkpoint errors) subclass these.
+stage-specific ``OODError`` (a checkpoint error) subclasses these.
 """
 
 from __future__ import annotations
@@ -56,6 +56,10 @@ class CheckpointError(XraydxError, ValueError):
     """A checkpoint that cannot be read or used (names the file and why)."""
 
 
+class SegmenterError(CheckpointError):
+    """A lung-segmenter checkpoint or segmentation dataset that cannot be used (names the file and why)."""
+
+
 class ExportError(XraydxError, ValueError):
     """Export or ONNX loading failed."""
 
@@ -85,6 +89,7 @@ __all__ = [
     "DeviceError",
     "ExportError",
     "OutputExistsError",
+    "SegmenterError",
     "ServeError",
     "TrainError",
     "UsageError",

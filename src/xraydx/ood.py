@@ -418,7 +418,7 @@ def cxr3_parts(
 
 def lungseg_parts(root: Path, seed: int = 0) -> dict[str, list[Path]]:
     """The lungseg images by the segmenter's own patient split: train -> fit, val -> calib, test -> test."""
-    from xraydx.segment_train import collect_samples
+    from xraydx.data import collect_samples
 
     samples, _ = collect_samples([root], seed=seed)
     names = {"train": "fit", "val": "calib", "test": "test"}

@@ -40,7 +40,7 @@ from torch import nn
 
 from xraydx.checkpoint import load_weights, read_metadata
 from xraydx.constants import DEFAULT_SEGMENTER
-from xraydx.errors import EXIT_OK, EXIT_PARTIAL, CheckpointError, UsageError
+from xraydx.errors import EXIT_OK, EXIT_PARTIAL, SegmenterError, UsageError
 from xraydx.fsutil import file_sha256
 from xraydx.models import create_model
 from xraydx.transforms import resize_uint8
@@ -63,10 +63,6 @@ ENCODERS = ("mobilenetv2_100", "tf_efficientnet_lite0")
 DECODER_CHANNELS = (96, 48, 32, 16)
 THRESHOLD = 0.5
 SECOND_COMPONENT_MIN = 0.05  # the second lung is kept if its area is at least this share of the first's
-
-
-class SegmenterError(CheckpointError):
-    """A segmenter checkpoint or segmentation dataset that cannot be used (names the file and why)."""
 
 
 # ---- model ---------------------------------------------------------------------------------------
