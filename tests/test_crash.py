@@ -301,6 +301,11 @@ def test_a_crash_while_saving_a_checkpoint_leaves_the_old_one_loadable(
 NON_ATOMIC_ALLOWED = {
     ("train.py", 'open(run / "train.log", "a"'): "append-only human log; each line written whole",
     ("segment_train.py", 'open(out / "train.log", "a"'): "append-only human log; each line written whole",
+    ("crossval.py", 'open(self.run / "crossval.log", "a"'): "append-only human log; each line written whole",
+    (
+        "crossval.py",
+        ".to_csv(self.fold_dir",
+    ): "Manifest.to_csv: temp file + rename (test_manifest_to_csv_is_atomic)",
     (
         "predict.py",
         'open(partial, "a"',

@@ -15,7 +15,7 @@ from xraydx.config import CHOICES, ConfigError, parse_overrides
 def test_every_kind_is_an_xraydx_error_with_its_exit_code() -> None:
     usage = {errors.UsageError, errors.ConfigError, errors.DeviceError}
     kinds = [v for v in vars(errors).values() if isinstance(v, type) and issubclass(v, Exception)]
-    assert len(kinds) == 11  # the base and its ten kinds
+    assert len(kinds) == 12  # the base and its eleven kinds
     for kind in kinds:
         assert issubclass(kind, errors.XraydxError)
         assert kind.exit_code == (errors.EXIT_USAGE if kind in usage else errors.EXIT_FATAL), kind
@@ -44,6 +44,7 @@ def test_old_homes_still_export_the_same_classes() -> None:
     assert issubclass(ExportError, ValueError) and issubclass(TrainError, RuntimeError)
     assert issubclass(OutputExistsError, FileExistsError) and issubclass(ServeError, RuntimeError)
     assert issubclass(OODError, CheckpointError) and issubclass(SegmenterError, CheckpointError)
+    assert SegmenterError is errors.SegmenterError  # moved to errors (xraydx.data.lungseg raises it)
     err = ImageReadError("x.png", "truncated")
     assert isinstance(err, errors.XraydxError) and err.exit_code == errors.EXIT_FATAL
     assert str(err) == "x.png: truncated"
