@@ -5,7 +5,7 @@
 #   scripts/train_default.sh [SHARED_DATA_DIR] [RUNS_DIR]
 #
 # CPU only is fine (it was made on a 2-core machine, one core each): the two screening crossvals take
-# about 70 min each on half a core, the final training about FINAL_MINUTES min on one core.
+# about 70 min each on half a core, the final training 38 min on one core.
 # Copy the result into the package to ship it:
 #   cp RUNS_DIR/default-model/checkpoints/best.safetensors src/xraydx/weights/default.safetensors
 set -euo pipefail
