@@ -55,7 +55,7 @@ def measure(
     from xraydx.cache import BatchBuffers, iter_batches
     from xraydx.config import TrainConfig
     from xraydx.models import create_model
-    from xraydx.train import param_groups
+    from xraydx.optim import param_groups
     from xraydx.transforms import AugmentSpec, BatchAugment
 
     size = images.shape[1]

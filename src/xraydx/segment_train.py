@@ -36,6 +36,7 @@ from xraydx.errors import SegmenterError
 from xraydx.fsutil import atomic_write_json, atomic_write_text, refuse_overwrite
 from xraydx.io import ImageReadError, read_image
 from xraydx.models import normalization_for
+from xraydx.optim import make_optimizer, write_log
 from xraydx.predict import expand_inputs
 from xraydx.render import mask_overlay, save_png
 from xraydx.segment import (
@@ -256,20 +257,10 @@ def train_segmenter(
     model = LungUNet(encoder, pretrained=pretrained)
     n_params = sum(p.numel() for p in model.parameters())
     log(f"LungUNet({encoder}, pretrained={pretrained}): {n_params / 1e6:.2f} M parameters")
-    decay = [p for p in model.parameters() if p.ndim > 1]
-    no_decay = [p for p in model.parameters() if p.ndim <= 1]
-    opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=lr
+    steps = math.ceil(len(tr_x) / batch_size)  # one epoch of warmup, then cosine down to 2% of lr
+    opt, sched = make_optimizer(
+        model, lr=lr, weight_decay=weight_decay, total_steps=steps * epochs, warmup_steps=steps, floor=0.02
     )
-    steps = math.ceil(len(tr_x) / batch_size)
-    total, warm = steps * epochs, steps
-
-    def lr_at(step: int) -> float:
-        if step < warm:
-            return (step + 1) / warm
-        return 0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
-
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
     aug = SegAugment()
     best, best_epoch = -1.0, 0
     best_state: dict[str, torch.Tensor] = {}
@@ -312,11 +303,7 @@ def train_segmenter(
             f"epoch {epoch}/{epochs}: train loss {rows[-1]['train_loss']:.4f} | val Dice {vd:.4f}"
             f"{' (best)' if improved else ''} | {rows[-1]['seconds']:.0f}s"
         )
-        lbuf = _io.StringIO()
-        lw = csv.DictWriter(lbuf, fieldnames=list(rows[0]))
-        lw.writeheader()
-        lw.writerows(rows)
-        atomic_write_text(out / "log.csv", lbuf.getvalue())
+        write_log(out / "log.csv", rows)
 
     model.load_state_dict(best_state)
     model.eval()

@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import csv
 import io as _io
-import json
 import math
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -22,22 +21,26 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from safetensors.torch import load_file
 from torch import nn
 from tqdm.auto import tqdm
 
 from xraydx import __version__
 from xraydx.acqaug import AcquisitionAugment
 from xraydx.cache import BatchBuffers, iter_batches, load_many
-from xraydx.config import Config, validate
+from xraydx.checkpoint import save as save_checkpoint
+from xraydx.config import Config
 from xraydx.config import parse_overrides as parse_overrides  # moved to config; importable here as before
+from xraydx.config import validate as validate_config
 from xraydx.data import CLASSES, Manifest, Record, discover, hold_out_source
 from xraydx.device import Dist, available_cpus, broadcast_obj, init_distributed
 from xraydx.device import gather_concat as gather_concat  # moved to device; importable here as before
 from xraydx.device import resolve_device as resolve_device  # moved to device; importable here as before
 from xraydx.errors import TrainError
 from xraydx.evaluate import bootstrap_ci, compute_metrics, fit_temperature, format_metrics
-from xraydx.fsutil import atomic_write_bytes, atomic_write_json, atomic_write_text, printable_path
-from xraydx.models import count_parameters, create_model, normalization_for, save_checkpoint
+from xraydx.fsutil import atomic_write_bytes, atomic_write_json, printable_path
+from xraydx.models import count_parameters, create_model, normalization_for
+from xraydx.optim import load_train_state, make_optimizer, save_train_state, write_log
 from xraydx.predict import batch_logits
 from xraydx.transforms import AugmentSpec, BatchAugment, Preprocessing
 
@@ -127,52 +130,6 @@ def build_meta(cfg: Config, spec: Preprocessing, manifest: Manifest, extra: dict
     }
 
 
-# ---- optimiser state (for resume) as safetensors + JSON ------------------------------------------
-
-
-def save_train_state(path: Path, opt: torch.optim.Optimizer, sched: Any, info: dict[str, Any]) -> None:
-    from safetensors.torch import save_file
-
-    from xraydx.fsutil import atomic_write_with
-
-    sd = opt.state_dict()
-    tensors: dict[str, torch.Tensor] = {}
-    scalars: dict[str, dict[str, Any]] = {}
-    for idx, st in sd["state"].items():
-        for k, v in st.items():
-            if torch.is_tensor(v):
-                tensors[f"opt.{idx}.{k}"] = v.detach().cpu().contiguous()
-            else:
-                scalars.setdefault(str(idx), {})[k] = v
-    doc = {
-        "param_groups": sd["param_groups"],
-        "scalars": scalars,
-        "scheduler": sched.state_dict(),
-        "info": info,
-    }
-    if not tensors:
-        tensors["_empty"] = torch.zeros(1)
-    atomic_write_with(path, lambda tmp: save_file(tensors, str(tmp), metadata={"state": json.dumps(doc)}))
-
-
-def load_train_state(path: Path, opt: torch.optim.Optimizer, sched: Any) -> dict[str, Any]:
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as fh:
-        doc = json.loads(fh.metadata()["state"])
-        state: dict[int, dict[str, Any]] = {}
-        for key in fh.keys():  # noqa: SIM118 (safe_open is not a dict)
-            if key == "_empty":
-                continue
-            _, idx, name = key.split(".", 2)
-            state.setdefault(int(idx), {})[name] = fh.get_tensor(key)
-    for idx, sc in doc["scalars"].items():
-        state.setdefault(int(idx), {}).update(sc)
-    opt.load_state_dict({"state": state, "param_groups": doc["param_groups"]})
-    sched.load_state_dict(doc["scheduler"])
-    return doc["info"]
-
-
 # ---- the run -------------------------------------------------------------------------------------
 
 
@@ -184,25 +141,6 @@ def new_run_dir(cfg: Config) -> Path:
             f"{run}: run folder already exists; use --resume to continue it or choose another --name"
         )
     return run
-
-
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    decay, no_decay = [], []
-    for _, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        (no_decay if p.ndim <= 1 else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def lr_lambda(total_steps: int, warmup_steps: int) -> Any:
-    def f(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / max(1, warmup_steps)
-        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        return 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-    return f
 
 
 def sampling_weights(labels: np.ndarray, sources: Sequence[str], balance: str) -> np.ndarray | None:
@@ -255,7 +193,7 @@ def run_training(cfg: Config | None, *, resume: Path | None = None, progress: bo
         cfg = Config.load(resume / "config.yaml")
     if cfg is None:
         raise TrainError("no config given")
-    validate(cfg)
+    validate_config(cfg)
     d, device = init_distributed(cfg.train.device)
     try:
         return _run(cfg, d, device, resume, progress and d.main)
@@ -264,18 +202,44 @@ def run_training(cfg: Config | None, *, resume: Path | None = None, progress: bo
             dist.destroy_process_group()
 
 
-def _run(cfg: Config, d: Dist, device: torch.device, resume: Path | None, progress: bool) -> Path:
-    threads = cfg.train.threads or available_cpus()
-    if device.type == "cpu":
-        torch.set_num_threads(max(1, threads // d.world))
-    torch.manual_seed(cfg.train.seed)
-    torch.use_deterministic_algorithms(device.type == "cpu", warn_only=True)
+@dataclass
+class Trainer:
+    """Everything one training run holds between epochs (built by :func:`setup`)."""
 
-    run = resume if resume is not None else broadcast_obj(str(new_run_dir(cfg)) if d.main else None, d)
-    run = Path(run)
-    ckdir = run / "checkpoints"
+    cfg: Config
+    d: Dist
+    device: torch.device
+    run: Path
+    log: Callable[[str], None]
+    manifest: Manifest
+    spec: Preprocessing
+    splits: dict[str, SplitData]
+    model: nn.Module
+    train_model: nn.Module  # the model as trained: wrapped in DDP and/or torch.compile where asked
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LambdaLR
+    augment: BatchAugment | None
+    acquisition: AcquisitionAugment | None
+    class_weight: torch.Tensor | None
+    start_epoch: int = 1
+    best_f1: float = -1.0
+    best_epoch: int = 0
+    bad_epochs: int = 0
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    buffers: BatchBuffers = field(default_factory=BatchBuffers)
+
+    @property
+    def ckdir(self) -> Path:
+        return self.run / "checkpoints"
+
+
+def _open_run(
+    cfg: Config, d: Dist, resume: Path | None, progress: bool
+) -> tuple[Path, Callable[[str], None]]:
+    """The run folder (new, or the one resumed; config.yaml saved) and the run's logger (rank 0 writes)."""
+    run = Path(resume if resume is not None else broadcast_obj(str(new_run_dir(cfg)) if d.main else None, d))
     if d.main:
-        ckdir.mkdir(parents=True, exist_ok=True)
+        (run / "checkpoints").mkdir(parents=True, exist_ok=True)
         if resume is None:
             cfg.save(run / "config.yaml")
 
@@ -286,6 +250,13 @@ def _run(cfg: Config, d: Dist, device: torch.device, resume: Path | None, progre
             with open(run / "train.log", "a", encoding="utf-8") as fh:
                 fh.write(f"{datetime.now().isoformat(timespec='seconds')} {msg}\n")
 
+    return run, log
+
+
+def load_data(
+    cfg: Config, d: Dist, run: Path, log: Callable[[str], None], progress: bool
+) -> tuple[Manifest, Preprocessing, dict[str, SplitData]]:
+    """The manifest (written to the run), the preprocessing, and every split's images (cached)."""
     manifest = discover(
         cfg.data.path, val_fraction=cfg.data.val_fraction, test_fraction=cfg.data.test_fraction,
         seed=cfg.data.split_seed,
@@ -298,15 +269,10 @@ def _run(cfg: Config, d: Dist, device: torch.device, resume: Path | None, progre
             log(f"data: {note}")
     mean, std = normalization_for(cfg.model.name, cfg.model.pretrained)
     spec = Preprocessing(
-        size=cfg.data.image_size,
-        lung_mask=cfg.data.lung_mask,
-        mean=mean,
-        std=std,
-        intensity=cfg.data.intensity,
-        base_size=cfg.data.base_size,
-    )
+        size=cfg.data.image_size, lung_mask=cfg.data.lung_mask, mean=mean, std=std,
+        intensity=cfg.data.intensity, base_size=cfg.data.base_size,
+    )  # fmt: skip
     cache_dir = Path(cfg.data.cache_dir) if cfg.data.cache_dir else Path(cfg.runs_dir) / ".cache"
-
     splits: dict[str, SplitData] = {}
     skipped: list[tuple[Record, str]] = []
     for name in ("train", "val", "test", "external"):
@@ -330,11 +296,22 @@ def _run(cfg: Config, d: Dist, device: torch.device, resume: Path | None, progre
     for name in ("train", "val"):
         if name not in splits or len(splits[name].labels) == 0:
             raise TrainError(f"{cfg.data.path}: no readable {name} images")
-    tr, va = splits["train"], splits["val"]
-    missing = [c for i, c in enumerate(CLASSES) if not (tr.labels == i).any()]
+    missing = [c for i, c in enumerate(CLASSES) if not (splits["train"].labels == i).any()]
     if missing:
         raise TrainError(f"{cfg.data.path}: the train split has no images of class {', '.join(missing)}")
+    return manifest, spec, splits
 
+
+def setup(cfg: Config, d: Dist, device: torch.device, resume: Path | None, progress: bool) -> Trainer:
+    """Seeds and threads, the run folder, the data, the model, optimiser and augmentation; resumed state."""
+    threads = cfg.train.threads or available_cpus()
+    if device.type == "cpu":
+        torch.set_num_threads(max(1, threads // d.world))
+    torch.manual_seed(cfg.train.seed)
+    torch.use_deterministic_algorithms(device.type == "cpu", warn_only=True)
+    run, log = _open_run(cfg, d, resume, progress)
+    manifest, spec, splits = load_data(cfg, d, run, log, progress)
+    tr, va = splits["train"], splits["val"]
     model = create_model(
         cfg.model.name, len(CLASSES), in_chans=cfg.model.in_chans, pretrained=cfg.model.pretrained,
         drop_rate=cfg.model.drop_rate,
@@ -353,18 +330,17 @@ def _run(cfg: Config, d: Dist, device: torch.device, resume: Path | None, progre
         )
     if cfg.train.compile:
         train_model = torch.compile(train_model)  # type: ignore[assignment]
-
     counts = np.bincount(tr.labels, minlength=len(CLASSES)).astype(np.float64)
     weight = None
     if cfg.train.balance == "loss":
         weight = torch.tensor(counts.sum() / (len(CLASSES) * counts), dtype=torch.float32, device=device)
-    bs = cfg.train.batch_size
-    steps_per_epoch = math.ceil(math.ceil((cfg.train.epoch_size or len(tr.labels)) / d.world) / bs)
-    total = steps_per_epoch * cfg.train.epochs
-    opt = torch.optim.AdamW(param_groups(model, cfg.train.weight_decay), lr=cfg.train.lr)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lr_lambda(total, int(cfg.train.warmup_epochs * steps_per_epoch))
+    steps_per_epoch = math.ceil(
+        math.ceil((cfg.train.epoch_size or len(tr.labels)) / d.world) / cfg.train.batch_size
     )
+    opt, sched = make_optimizer(
+        model, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay, total_steps=steps_per_epoch * cfg.train.epochs,
+        warmup_steps=int(cfg.train.warmup_epochs * steps_per_epoch),
+    )  # fmt: skip
     aug_spec = AugmentSpec.preset(cfg.train.augment)
     # each augmented batch is consumed (forward + backward) before the next is made, so on a CPU the fused
     # kernel may write every batch into the same buffer
@@ -373,130 +349,152 @@ def _run(cfg: Config, d: Dist, device: torch.device, resume: Path | None, progre
         if aug_spec
         else None
     )
-
     acquisition = AcquisitionAugment(cfg.train.acquisition) if cfg.train.acquisition > 0 else None
+    t = Trainer(cfg, d, device, run, log, manifest, spec, splits, model, train_model, opt, sched, augment,
+                acquisition, weight)  # fmt: skip
+    if resume is not None and (t.ckdir / "last.state.safetensors").is_file():
+        _resume(t)
+    return t
 
-    start_epoch, best_f1, best_epoch, bad_epochs = 1, -1.0, 0, 0
-    rows: list[dict[str, Any]] = []
-    if resume is not None and (ckdir / "last.state.safetensors").is_file():
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
 
-        try:  # safetensors only: a planted pickle is refused here, never unpickled
-            model.load_state_dict(load_file(str(ckdir / "last.safetensors"), device=str(device)))
-            info = load_train_state(ckdir / "last.state.safetensors", opt, sched)
-        except (SafetensorError, OSError, RuntimeError, KeyError, ValueError) as exc:
-            raise TrainError(
-                f"{ckdir}: cannot resume from last.safetensors / last.state.safetensors ({str(exc)[:200]})"
-            ) from exc
-        start_epoch = int(info["epoch"]) + 1
-        best_f1, best_epoch, bad_epochs = (
-            float(info["best_f1"]),
-            int(info["best_epoch"]),
-            int(info["bad_epochs"]),
-        )
-        rows = list(info["rows"])
-        log(
-            f"resumed {run} after epoch {info['epoch']} (best val macro-F1 {best_f1:.4f} at epoch {best_epoch})"
-        )
-        if info.get("stopped"):
-            start_epoch = cfg.train.epochs + 1
+def _resume(t: Trainer) -> None:
+    """Model, optimiser, schedule and bookkeeping as they were after the last finished epoch."""
+    from safetensors import SafetensorError
 
+    try:  # safetensors only: a planted pickle is refused here, never unpickled
+        t.model.load_state_dict(load_file(str(t.ckdir / "last.safetensors"), device=str(t.device)))
+        info = load_train_state(t.ckdir / "last.state.safetensors", t.opt, t.sched)
+    except (SafetensorError, OSError, RuntimeError, KeyError, ValueError) as exc:
+        raise TrainError(
+            f"{t.ckdir}: cannot resume from last.safetensors / last.state.safetensors ({str(exc)[:200]})"
+        ) from exc
+    t.start_epoch = int(info["epoch"]) + 1
+    t.best_f1, t.best_epoch, t.bad_epochs = (
+        float(info["best_f1"]),
+        int(info["best_epoch"]),
+        int(info["bad_epochs"]),
+    )
+    t.rows = list(info["rows"])
+    t.log(
+        f"resumed {t.run} after epoch {info['epoch']} (best val macro-F1 {t.best_f1:.4f} at epoch {t.best_epoch})"
+    )
+    if info.get("stopped"):
+        t.start_epoch = t.cfg.train.epochs + 1
+
+
+def train_one_epoch(t: Trainer, epoch: int, progress: bool) -> torch.Tensor:
+    """One pass over this rank's share of the epoch; (loss sum, correct, seen) summed over ranks."""
+    cfg, spec, device, tr = t.cfg, t.spec, t.device, t.splits["train"]
+    torch.manual_seed(cfg.train.seed * 1_000 + epoch)
+    gen = torch.Generator().manual_seed(cfg.train.seed * 7_919 + epoch)
+    order = epoch_order(len(tr.labels), tr.labels, cfg, epoch, t.d, [r.source for r in tr.records])
+    bs = cfg.train.batch_size
     use_amp = device.type == "cuda" and cfg.train.amp
-    epochs_bar = tqdm(
-        range(start_epoch, cfg.train.epochs + 1), desc="epochs", disable=not progress, unit="ep",
-        initial=start_epoch - 1, total=cfg.train.epochs,
+    t.train_model.train()
+    loss_sum, correct, seen = 0.0, 0, 0
+    # one batch gathered ahead in a thread; pinned memory + non_blocking copies on CUDA; on a CPU into
+    # reused buffers (each batch is augmented into a new tensor before the next is asked for)
+    batches = tqdm(
+        iter_batches(tr.images, tr.labels, order, bs, device, reuse=t.buffers), total=math.ceil(len(order) / bs),
+        desc=f"epoch {epoch}", leave=False, disable=not progress, unit="b",
     )  # fmt: skip
-    stopped = False
-    gather_buffers = BatchBuffers()
+    for xb, yb in batches:
+        if t.acquisition is not None:
+            xb = t.acquisition(xb, gen)
+        if t.augment:
+            x = t.augment(xb, gen, norm=(spec.mean, spec.std))
+        else:
+            x = xb.float().div_(255.0).sub_(spec.mean).div_(spec.std)
+        if device.type == "cuda" and cfg.train.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+            logits = t.train_model(x)
+            loss = F.cross_entropy(
+                logits.float(), yb, weight=t.class_weight, label_smoothing=cfg.train.label_smoothing
+            )
+        t.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        t.opt.step()
+        t.sched.step()
+        loss_sum += float(loss.detach()) * len(yb)
+        correct += int((logits.argmax(1) == yb).sum())
+        seen += len(yb)
+        batches.set_postfix(loss=f"{loss_sum / seen:.3f}")
+    stats = torch.tensor([loss_sum, correct, seen], dtype=torch.float64)
+    if t.d.active:
+        dist.all_reduce(stats)
+    return stats
+
+
+def validate(t: Trainer) -> tuple[dict[str, Any], float]:
+    """Val metrics (uncalibrated) and val loss of the model as it is now."""
+    va = t.splits["val"]
+    val_logits = eval_logits(t.model, va.images, t.spec, t.device, t.d)
+    vm = compute_metrics(va.labels, torch.softmax(val_logits, 1).numpy(), CLASSES)
+    return vm, float(F.cross_entropy(val_logits, torch.from_numpy(va.labels)))
+
+
+def end_epoch(
+    t: Trainer, epoch: int, stats: torch.Tensor, vm: dict[str, Any], val_loss: float, t0: float
+) -> bool:
+    """Best/patience bookkeeping, the log row, checkpoints and train state; True when stopping early."""
+    cfg = t.cfg
+    improved = vm["macro_f1"] > t.best_f1 + 1e-6
+    if improved:
+        t.best_f1, t.best_epoch, t.bad_epochs = vm["macro_f1"], epoch, 0
+    else:
+        t.bad_epochs += 1
+    row = {
+        "epoch": epoch, "lr": f"{t.sched.get_last_lr()[0]:.3e}",
+        "train_loss": round(float(stats[0] / stats[2]), 5), "train_acc": round(float(stats[1] / stats[2]), 5),
+        "val_loss": round(val_loss, 5), "val_acc": round(vm["accuracy"], 5),
+        "val_macro_f1": round(vm["macro_f1"], 5), "val_balanced_acc": round(vm["balanced_accuracy"] or 0.0, 5),
+        "val_macro_auc": round(vm["macro_roc_auc"] or 0.0, 5), "seconds": round(time.perf_counter() - t0, 2),
+        "best": int(improved),
+    }  # fmt: skip
+    t.rows.append(row)
+    stopped = t.bad_epochs >= cfg.train.patience and epoch < cfg.train.epochs
+    if t.d.main:
+        meta = build_meta(cfg, t.spec, t.manifest, {"epoch": epoch, "val_metrics": vm})
+        if improved:
+            save_checkpoint(t.ckdir / "best.safetensors", t.model, meta)
+        save_checkpoint(t.ckdir / "last.safetensors", t.model, meta)
+        info = {"epoch": epoch, "best_f1": t.best_f1, "best_epoch": t.best_epoch, "bad_epochs": t.bad_epochs,
+                "rows": t.rows, "stopped": stopped}  # fmt: skip
+        save_train_state(t.ckdir / "last.state.safetensors", t.opt, t.sched, info)
+        write_log(t.run / "log.csv", t.rows, LOG_COLUMNS)
+    t.log(
+        f"epoch {epoch}/{cfg.train.epochs}: train loss {row['train_loss']:.4f} acc {row['train_acc']:.3f} | "
+        f"val loss {row['val_loss']:.4f} acc {row['val_acc']:.3f} macro-F1 {row['val_macro_f1']:.3f}"
+        f"{' (best)' if improved else ''} | {row['seconds']:.1f}s"
+    )
+    if stopped:
+        t.log(
+            f"early stopping: no better val macro-F1 for {cfg.train.patience} epochs (best {t.best_f1:.4f} at {t.best_epoch})"
+        )
+    return stopped
+
+
+def _run(cfg: Config, d: Dist, device: torch.device, resume: Path | None, progress: bool) -> Path:
+    t = setup(cfg, d, device, resume, progress)
+    epochs_bar = tqdm(
+        range(t.start_epoch, cfg.train.epochs + 1), desc="epochs", disable=not progress, unit="ep",
+        initial=t.start_epoch - 1, total=cfg.train.epochs,
+    )  # fmt: skip
     for epoch in epochs_bar:
         t0 = time.perf_counter()
-        torch.manual_seed(cfg.train.seed * 1_000 + epoch)
-        gen = torch.Generator().manual_seed(cfg.train.seed * 7_919 + epoch)
-        order = epoch_order(len(tr.labels), tr.labels, cfg, epoch, d, [r.source for r in tr.records])
-        train_model.train()
-        loss_sum, correct, seen = 0.0, 0, 0
-        # one batch gathered ahead in a thread; pinned memory + non_blocking copies on CUDA; on a CPU into
-        # reused buffers (each batch is augmented into a new tensor before the next is asked for)
-        batches = tqdm(
-            iter_batches(tr.images, tr.labels, order, bs, device, reuse=gather_buffers), total=math.ceil(len(order) / bs),
-            desc=f"epoch {epoch}", leave=False, disable=not progress, unit="b",
-        )  # fmt: skip
-        for xb, yb in batches:
-            if acquisition is not None:
-                xb = acquisition(xb, gen)
-            if augment:
-                x = augment(xb, gen, norm=(spec.mean, spec.std))
-            else:
-                x = xb.float().div_(255.0).sub_(spec.mean).div_(spec.std)
-            if device.type == "cuda" and cfg.train.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-                logits = train_model(x)
-                loss = F.cross_entropy(
-                    logits.float(), yb, weight=weight, label_smoothing=cfg.train.label_smoothing
-                )
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            loss_sum += float(loss.detach()) * len(yb)
-            correct += int((logits.argmax(1) == yb).sum())
-            seen += len(yb)
-            batches.set_postfix(loss=f"{loss_sum / seen:.3f}")
-        stats = torch.tensor([loss_sum, correct, seen], dtype=torch.float64)
-        if d.active:
-            dist.all_reduce(stats)
-        val_logits = eval_logits(model, va.images, spec, device, d)
-        vm = compute_metrics(va.labels, torch.softmax(val_logits, 1).numpy(), CLASSES)
-        val_loss = float(F.cross_entropy(val_logits, torch.from_numpy(va.labels)))
-        improved = vm["macro_f1"] > best_f1 + 1e-6
-        if improved:
-            best_f1, best_epoch, bad_epochs = vm["macro_f1"], epoch, 0
-        else:
-            bad_epochs += 1
-        row = {
-            "epoch": epoch,
-            "lr": f"{sched.get_last_lr()[0]:.3e}",
-            "train_loss": round(float(stats[0] / stats[2]), 5),
-            "train_acc": round(float(stats[1] / stats[2]), 5),
-            "val_loss": round(val_loss, 5),
-            "val_acc": round(vm["accuracy"], 5),
-            "val_macro_f1": round(vm["macro_f1"], 5),
-            "val_balanced_acc": round(vm["balanced_accuracy"] or 0.0, 5),
-            "val_macro_auc": round(vm["macro_roc_auc"] or 0.0, 5),
-            "seconds": round(time.perf_counter() - t0, 2),
-            "best": int(improved),
-        }
-        rows.append(row)
-        stopped = bad_epochs >= cfg.train.patience and epoch < cfg.train.epochs
-        if d.main:
-            meta = build_meta(cfg, spec, manifest, {"epoch": epoch, "val_metrics": vm})
-            if improved:
-                save_checkpoint(ckdir / "best.safetensors", model, meta)
-            save_checkpoint(ckdir / "last.safetensors", model, meta)
-            info = {"epoch": epoch, "best_f1": best_f1, "best_epoch": best_epoch, "bad_epochs": bad_epochs,
-                    "rows": rows, "stopped": stopped}  # fmt: skip
-            save_train_state(ckdir / "last.state.safetensors", opt, sched, info)
-            write_log(run / "log.csv", rows)
-        log(
-            f"epoch {epoch}/{cfg.train.epochs}: train loss {row['train_loss']:.4f} acc {row['train_acc']:.3f} | "
-            f"val loss {row['val_loss']:.4f} acc {row['val_acc']:.3f} macro-F1 {row['val_macro_f1']:.3f}"
-            f"{' (best)' if improved else ''} | {row['seconds']:.1f}s"
-        )
-        if stopped:
-            log(
-                f"early stopping: no better val macro-F1 for {cfg.train.patience} epochs (best {best_f1:.4f} at {best_epoch})"
-            )
+        stats = train_one_epoch(t, epoch, progress)
+        vm, val_loss = validate(t)
+        if end_epoch(t, epoch, stats, vm, val_loss, t0):
             break
     epochs_bar.close()
     if d.active:
         dist.barrier()
     if d.main:
-        finish_run(run, cfg, spec, manifest, splits, device, log, best_epoch)
+        finish_run(t.run, cfg, t.spec, t.manifest, t.splits, device, t.log, t.best_epoch)
     if d.active:
         dist.barrier()
-    return run
+    return t.run
 
 
 def eval_logits(
@@ -514,14 +512,6 @@ def eval_logits(
         if len(ix):
             out[torch.as_tensor(ix)] = lg
     return out
-
-
-def write_log(path: Path, rows: list[dict[str, Any]]) -> None:
-    buf = _io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=LOG_COLUMNS)
-    w.writeheader()
-    w.writerows(rows)
-    atomic_write_text(path, buf.getvalue())
 
 
 def finish_run(
