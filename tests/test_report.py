@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from xraydx.cli import EXIT_OK, main
-from xraydx.evaluate import (
+from xraydx.metrics import (
     CI_METRICS,
     _weighted_metrics,
     bootstrap_ci,

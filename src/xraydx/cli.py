@@ -115,72 +115,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 # ---- evaluate ------------------------------------------------------------------------------------
 
 
-def evaluate_checkpoint(
-    checkpoint: Path, data: str, split: str, out: Path, *, device: str = "auto", overwrite: bool = False,
-    progress: bool = True, audit: bool = False,
-) -> dict[str, Any]:  # fmt: skip
-    """Evaluate on one split of a dataset; write metrics.json, report.html and predictions.csv into ``out``."""
-    import numpy as np
-
-    from xraydx.cache import load_many
-    from xraydx.data import CLASSES, checkpoint_split
-    from xraydx.evaluate import softmax
-    from xraydx.fsutil import atomic_write_json, refuse_overwrite
-    from xraydx.predict import Prediction, Predictor, batch_logits, write_predictions
-    from xraydx.report import evaluate_and_report, write_html
-
-    refuse_overwrite(out / "metrics.json", overwrite)
-    refuse_overwrite(out / "report.html", overwrite)
-    pred = Predictor(checkpoint, device)
-    recs = checkpoint_split(pred.meta.get("config", {}).get("data", {}), data, split)
-    if not recs:
-        raise UsageError(f"{data}: no images in split {split!r} (as the checkpoint's training run split it)")
-    masks = [r.mask for r in recs] if pred.spec.lung_mask != "none" else None
-    arr, failures = load_many(
-        [r.path for r in recs], pred.spec, cache_dir=None, masks=masks, progress=progress, desc=f"load {split}",
-        mask_fn=pred.lung_mask if masks is not None else None,
-    )  # fmt: skip
-    bad = {i for i, _ in failures}
-    keep = [i for i in range(len(recs)) if i not in bad]
-    logits = batch_logits(pred.model, arr[keep], pred.spec, pred.device).numpy()
-    probs = softmax(logits, pred.temperature)
-    labels = np.array([CLASSES.index(recs[i].label) for i in keep])
-    audit_result = None
-    if audit:
-        from xraydx.audit import run_audit
-
-        audit_result = run_audit(checkpoint, data, split, device=device, progress=progress)
-    metrics, html = evaluate_and_report(
-        model=pred.model, spec=pred.spec, images=arr[keep], labels=labels, logits=logits, classes=pred.classes,
-        temperature=pred.temperature, paths=[str(recs[i].path) for i in keep], sources=[recs[i].source for i in keep],
-        abstention=pred.abstention, title=f"xraydx evaluation: {Path(str(data)).name} [{split}]",
-        meta={"checkpoint": str(checkpoint), "data": str(data), "split": split}, audit=audit_result,
-    )  # fmt: skip
-    if audit_result is not None:
-        metrics["audit"] = {k: v for k, v in audit_result.items() if k != "examples"}
-    metrics["split"] = split
-    metrics["data"] = str(data)
-    metrics["checkpoint"] = str(checkpoint)
-    metrics["unreadable"] = [{"path": str(recs[i].path), "reason": r} for i, r in failures]
-
-    def info(i: int) -> dict[str, str]:
-        return {"label": recs[i].label, "source": recs[i].source}
-
-    rows = [
-        Prediction(str(recs[i].path), [float(v) for v in p], "ok", {**info(i), "flag": pred.flag(p)})
-        for i, p in zip(keep, probs, strict=True)
-    ] + [Prediction(str(recs[i].path), None, f"error: {r}", info(i)) for i, r in failures]
-    out.mkdir(parents=True, exist_ok=True)
-    write_predictions(
-        rows, out / "predictions.csv", pred.classes, overwrite=True, extra_columns=("label", "source", "flag")
-    )
-    atomic_write_json(out / "metrics.json", metrics)
-    write_html(out / "report.html", html, overwrite=True)
-    return metrics
-
-
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from xraydx.evaluate import format_metrics
+    from xraydx.evaluate import evaluate_checkpoint
+    from xraydx.metrics import format_metrics
 
     ckpt = _checkpoint(args)
     out = Path(args.out) if args.out else _default_eval_dir(ckpt, args.split)

@@ -228,7 +228,7 @@ class CrossVal:
         import torch
 
         from xraydx.device import resolve_device
-        from xraydx.evaluate import abstention_flags, softmax
+        from xraydx.metrics import abstention_flags, softmax
         from xraydx.models import load_checkpoint
         from xraydx.predict import UNCERTAIN_FLAG, Prediction, batch_logits
         from xraydx.train import load_split

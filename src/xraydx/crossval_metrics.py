@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from xraydx.evaluate import bootstrap_ci, compute_metrics, coverage_curve
+from xraydx.metrics import bootstrap_ci, compute_metrics, coverage_curve
 
 SMALL_N = 30
 

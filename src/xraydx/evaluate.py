@@ -1,546 +1,165 @@
-"""Metrics for a 3-class CXR classifier, computed with scikit-learn, and a readable table.
+"""Evaluating a classifier on one split: the runner behind ``xraydx evaluate`` and the end of training.
 
-Per class (one-vs-rest): sensitivity (recall), specificity, PPV (precision), NPV, F1, ROC-AUC.
-Overall: accuracy, balanced accuracy, macro-F1, macro ROC-AUC, log-loss, ECE, confusion matrix.
+:func:`evaluate_split` takes the split's preprocessed images and records and a loaded model, and
+writes ``report.html`` and ``predictions.csv`` (path, one probability column per class, label, source,
+the abstention flag; unreadable files as error rows); it returns the metrics (:mod:`xraydx.metrics`'s
+:func:`~xraydx.metrics.evaluation_summary`) for the caller's ``metrics.json``. The computing happens
+here, the Grad-CAM of the worst errors included (:func:`error_thumbnails`); :mod:`xraydx.report`
+only renders what it is given.
+
+:func:`evaluate_checkpoint` is ``xraydx evaluate``: a checkpoint, a dataset and a split (split as
+the checkpoint's training run split it), optionally the shortcut audit.
 """
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
-from sklearn.metrics import (
-    accuracy_score,
-    balanced_accuracy_score,
-    confusion_matrix,
-    f1_score,
-    log_loss,
-    roc_auc_score,
-)
+import torch
+from torch import nn
+
+from xraydx.cache import load_many
+from xraydx.constants import CLASSES, UNCERTAIN_FLAG
+from xraydx.data import Record, checkpoint_split
+from xraydx.errors import UsageError
+from xraydx.explain import GradCAM
+from xraydx.fsutil import atomic_write_json, refuse_overwrite
+from xraydx.metrics import abstention_flags, evaluation_summary, softmax
+from xraydx.predict import Prediction, Predictor, batch_logits, write_predictions
+from xraydx.render import gray_png, heat_overlay_png
+from xraydx.report import render_report, write_html
+from xraydx.transforms import Preprocessing
+
+__all__ = ["error_thumbnails", "evaluate_and_report", "evaluate_checkpoint", "evaluate_split"]
 
 
-def _safe_div(a: float, b: float) -> float | None:
-    return float(a) / float(b) if b else None
-
-
-def expected_calibration_error(y: np.ndarray, probs: np.ndarray, n_bins: int = 15) -> float:
-    """Top-label ECE with equal-width confidence bins."""
-    conf = probs.max(axis=1)
-    correct = (probs.argmax(axis=1) == y).astype(float)
-    edges = np.linspace(0.0, 1.0, n_bins + 1)
-    ece = 0.0
-    for lo, hi in zip(edges[:-1], edges[1:], strict=True):
-        sel = (conf > lo) & (conf <= hi) if lo > 0 else (conf >= lo) & (conf <= hi)
-        if sel.any():
-            ece += sel.mean() * abs(correct[sel].mean() - conf[sel].mean())
-    return float(ece)
-
-
-def compute_metrics(
-    y_true: Sequence[int] | np.ndarray, probs: np.ndarray, classes: Sequence[str]
-) -> dict[str, Any]:
-    y = np.asarray(y_true, dtype=int)
-    p = np.asarray(probs, dtype=np.float64)
-    k = len(classes)
-    if p.ndim != 2 or p.shape[1] != k or len(y) != len(p):
-        raise ValueError(f"probs must be (N, {k}) with N = len(y_true); got {p.shape} and {len(y)}")
-    if len(y) == 0:
-        raise ValueError("no samples to evaluate")
-    pred = p.argmax(axis=1)
-    labels = list(range(k))
-    cm = confusion_matrix(y, pred, labels=labels)
-    n = cm.sum()
-    per_class: dict[str, dict[str, Any]] = {}
-    f1s = f1_score(y, pred, labels=labels, average=None, zero_division=0)
-    for i, name in enumerate(classes):
-        tp = cm[i, i]
-        fn = cm[i].sum() - tp
-        fp = cm[:, i].sum() - tp
-        tn = n - tp - fn - fp
-        present = bool((y == i).any()) and bool((y != i).any())
-        per_class[name] = {
-            "support": int(cm[i].sum()),
-            "sensitivity": _safe_div(tp, tp + fn),
-            "specificity": _safe_div(tn, tn + fp),
-            "ppv": _safe_div(tp, tp + fp),
-            "npv": _safe_div(tn, tn + fn),
-            "f1": float(f1s[i]),
-            "roc_auc": float(roc_auc_score(y == i, p[:, i])) if present else None,
-        }
-    aucs = [v["roc_auc"] for v in per_class.values() if v["roc_auc"] is not None]
-    clipped = np.clip(p, 1e-12, 1.0)
-    clipped = clipped / clipped.sum(axis=1, keepdims=True)
-    return {
-        "n": int(n),
-        "classes": list(classes),
-        "accuracy": float(accuracy_score(y, pred)),
-        "balanced_accuracy": float(balanced_accuracy_score(y, pred)) if len(set(y.tolist())) > 1 else None,
-        "macro_f1": float(f1_score(y, pred, labels=labels, average="macro", zero_division=0)),
-        "macro_roc_auc": float(np.mean(aucs)) if len(aucs) == k else None,
-        "nll": float(log_loss(y, clipped, labels=labels)),
-        "ece": expected_calibration_error(y, p),
-        "per_class": per_class,
-        "confusion_matrix": cm.tolist(),
-    }
-
-
-def _fmt(v: float | None, digits: int = 3) -> str:
-    return "  n/a" if v is None else f"{v:.{digits}f}"
-
-
-def format_metrics(m: dict[str, Any], title: str = "") -> str:
-    classes = m["classes"]
-    lines = []
-    if title:
-        lines.append(title)
-    lines.append(
-        f"n={m['n']}  accuracy={_fmt(m['accuracy'])}  balanced_acc={_fmt(m['balanced_accuracy'])}  "
-        f"macro-F1={_fmt(m['macro_f1'])}  macro-AUC={_fmt(m['macro_roc_auc'])}  ECE={_fmt(m['ece'])}"
-    )
-    w = max(9, *(len(c) for c in classes))
-    head = (
-        f"{'class':<{w}}  {'n':>5}  {'sens':>6}  {'spec':>6}  {'PPV':>6}  {'NPV':>6}  {'F1':>6}  {'AUC':>6}"
-    )
-    lines += [head, "-" * len(head)]
-    for c in classes:
-        r = m["per_class"][c]
-        lines.append(
-            f"{c:<{w}}  {r['support']:>5}  {_fmt(r['sensitivity']):>6}  {_fmt(r['specificity']):>6}  "
-            f"{_fmt(r['ppv']):>6}  {_fmt(r['npv']):>6}  {_fmt(r['f1']):>6}  {_fmt(r['roc_auc']):>6}"
-        )
-    lines.append("")
-    lines.append("confusion matrix (rows = true, columns = predicted)")
-    cw = max(len(c) for c in classes) + 2
-    lines.append(" " * w + "".join(f"{c:>{cw}}" for c in classes))
-    for c, row in zip(classes, m["confusion_matrix"], strict=True):
-        lines.append(f"{c:<{w}}" + "".join(f"{v:>{cw}}" for v in row))
-    return "\n".join(lines)
-
-
-def fit_temperature(logits: Any, labels: Any, max_iter: int = 200) -> float:
-    """Temperature scaling (Guo et al. 2017): the T > 0 minimising the NLL of softmax(logits / T)."""
-    import torch
-
-    lg = torch.as_tensor(logits, dtype=torch.float64)
-    y = torch.as_tensor(labels, dtype=torch.long)
-    log_t = torch.zeros(1, dtype=torch.float64, requires_grad=True)
-    opt = torch.optim.LBFGS([log_t], lr=0.1, max_iter=max_iter, line_search_fn="strong_wolfe")
-
-    def closure() -> torch.Tensor:
-        opt.zero_grad()
-        loss = torch.nn.functional.cross_entropy(lg / log_t.exp(), y)
-        loss.backward()
-        return loss
-
-    opt.step(closure)
-    t = float(log_t.detach().exp().clamp(0.05, 20.0))
-    return t if np.isfinite(t) else 1.0
-
-
-# ---- bootstrap confidence intervals --------------------------------------------------------------
-
-CI_METRICS = ("accuracy", "balanced_accuracy", "macro_f1", "macro_roc_auc", "ece", "nll")
-CI_PER_CLASS = ("sensitivity", "specificity", "ppv", "npv", "f1", "roc_auc")
-
-
-def _weighted_metrics(
-    w: np.ndarray, y: np.ndarray, probs: np.ndarray, k: int, n_bins: int = 15
-) -> dict[str, np.ndarray]:
-    """The metrics of compute_metrics for B weighted copies of one sample at once.
-
-    ``w`` (B, N) holds how often each sample was drawn in each bootstrap resample (all ones = the sample
-    itself). Returns arrays of shape (B,) (overall) and (B, K) (per class); NaN where undefined."""
-    n = w.sum(axis=1)
-    pred = probs.argmax(axis=1)
-    conf = probs.max(axis=1)
-    correct = (pred == y).astype(np.float64)
-    code = y * k + pred
-    cm = np.stack([w[:, code == c].sum(axis=1) for c in range(k * k)], axis=1).reshape(-1, k, k)
-    tp = np.diagonal(cm, axis1=1, axis2=2)
-    support = cm.sum(axis=2)
-    predicted = cm.sum(axis=1)
-    fn, fp = support - tp, predicted - tp
-    tn = n[:, None] - tp - fn - fp
-    with np.errstate(divide="ignore", invalid="ignore"):
-        sens = np.where(tp + fn > 0, tp / (tp + fn), np.nan)
-        spec = np.where(tn + fp > 0, tn / (tn + fp), np.nan)
-        ppv = np.where(tp + fp > 0, tp / (tp + fp), np.nan)
-        npv = np.where(tn + fn > 0, tn / (tn + fn), np.nan)
-        f1 = np.where(2 * tp + fp + fn > 0, 2 * tp / (2 * tp + fp + fn), 0.0)
-        present = support > 0
-        bal = np.where(
-            present.sum(axis=1) > 1,
-            np.nansum(np.where(present, sens, 0.0), axis=1) / present.sum(axis=1),
-            np.nan,
-        )
-    # ECE with the same bins as expected_calibration_error: (lo, hi], the first bin [0, hi]
-    edges = np.linspace(0.0, 1.0, n_bins + 1)
-    bins = np.clip(np.searchsorted(edges, conf, side="left") - 1, 0, n_bins - 1)
-    gap = correct - conf
-    ece = np.zeros(len(w))
-    for b in range(n_bins):
-        sel = bins == b
-        if sel.any():
-            ece += np.abs(w[:, sel] @ gap[sel])
-    ece /= n
-    clipped = np.clip(probs, 1e-12, 1.0)
-    clipped = clipped / clipped.sum(axis=1, keepdims=True)
-    nll = (w @ -np.log(clipped[np.arange(len(y)), y])) / n
-    auc = np.full((len(w), k), np.nan)
-    for c in range(k):
-        auc[:, c] = _weighted_auc(w, probs[:, c], y == c)
-    return {
-        "accuracy": tp.sum(axis=1) / n,
-        "balanced_accuracy": bal,
-        "macro_f1": f1.mean(axis=1),
-        "macro_roc_auc": auc.mean(axis=1),  # NaN if any class's AUC is undefined, as in compute_metrics
-        "ece": ece,
-        "nll": nll,
-        "sensitivity": sens,
-        "specificity": spec,
-        "ppv": ppv,
-        "npv": npv,
-        "f1": f1,
-        "roc_auc": auc,
-    }
-
-
-def _weighted_auc(w: np.ndarray, score: np.ndarray, positive: np.ndarray) -> np.ndarray:
-    """Mann-Whitney AUC (ties count one half) of each weighted resample; NaN without both kinds."""
-    order = np.argsort(score, kind="stable")
-    s = score[order]
-    starts = np.flatnonzero(np.r_[True, s[1:] != s[:-1]])  # groups of equal scores
-    ws = w[:, order]
-    pos = np.add.reduceat(ws * positive[order], starts, axis=1)
-    neg = np.add.reduceat(ws * ~positive[order], starts, axis=1)
-    below = np.cumsum(neg, axis=1) - neg
-    u = (pos * (below + 0.5 * neg)).sum(axis=1)
-    npos, nneg = pos.sum(axis=1), neg.sum(axis=1)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return np.where((npos > 0) & (nneg > 0), u / (npos * nneg), np.nan)
-
-
-def bootstrap_ci(
-    y_true: Sequence[int] | np.ndarray,
-    probs: np.ndarray,
-    classes: Sequence[str],
-    *,
-    n_boot: int = 1000,
-    seed: int = 0,
-    level: float = 0.95,
-    stratified: bool = True,
-) -> dict[str, Any]:
-    """Percentile-bootstrap confidence intervals for the metrics of :func:`compute_metrics`.
-
-    Each of ``n_boot`` resamples draws N images with replacement; with ``stratified`` (default) the draw
-    is made within each true class, keeping every class's count fixed (so per-class sensitivity is
-    defined in every resample, and the class mix of the test set is what is being described). The
-    interval is the (1-level)/2 and (1+level)/2 percentiles of the metric over the resamples. Seeded:
-    the same inputs and seed give the same intervals. Values are [low, high], or None where the metric
-    is undefined in every resample."""
-    y = np.asarray(y_true, dtype=int)
-    p = np.asarray(probs, dtype=np.float64)
-    k = len(classes)
-    if p.ndim != 2 or p.shape[1] != k or len(y) != len(p) or len(y) == 0:
-        raise ValueError(f"probs must be (N, {k}) with N = len(y_true) > 0; got {p.shape} and {len(y)}")
-    if n_boot < 1:
-        raise ValueError(f"n_boot must be positive; got {n_boot}")
-    rng = np.random.default_rng(seed)
-    n = len(y)
-    groups = [np.flatnonzero(y == c) for c in range(k)] if stratified else [np.arange(n)]
-    groups = [g for g in groups if len(g)]
-    draws: dict[str, list[np.ndarray]] = {}
-    chunk = max(1, min(n_boot, 4_000_000 // max(1, n)))
-    done = 0
-    while done < n_boot:
-        b = min(chunk, n_boot - done)
-        w = np.zeros((b, n))
-        for g in groups:
-            w[:, g] = rng.multinomial(len(g), np.full(len(g), 1.0 / len(g)), size=b)
-        for key, val in _weighted_metrics(w, y, p, k).items():
-            draws.setdefault(key, []).append(val)
-        done += b
-    lo_q, hi_q = 100 * (1 - level) / 2, 100 * (1 + level) / 2
-
-    def interval(a: np.ndarray) -> list[float] | None:
-        a = a[np.isfinite(a)]
-        if a.size == 0:
-            return None
-        return [float(np.percentile(a, lo_q)), float(np.percentile(a, hi_q))]
-
-    out: dict[str, Any] = {
-        "method": "percentile bootstrap" + (", resampled within each true class" if stratified else ""),
-        "n_boot": n_boot,
-        "seed": seed,
-        "level": level,
-    }
-    stacked = {key: np.concatenate(v) for key, v in draws.items()}
-    for key in CI_METRICS:
-        out[key] = interval(stacked[key])
-    out["per_class"] = {
-        c: {key: interval(stacked[key][:, i]) for key in CI_PER_CLASS} for i, c in enumerate(classes)
-    }
-    return out
-
-
-# ---- calibration, coverage and abstention --------------------------------------------------------
-
-
-def reliability_bins(
-    y_true: Sequence[int] | np.ndarray, probs: np.ndarray, n_bins: int = 15
-) -> list[dict[str, Any]]:
-    """The reliability diagram behind :func:`expected_calibration_error`: per confidence bin, the count,
-    mean confidence and accuracy (empty bins have count 0 and None)."""
-    y = np.asarray(y_true, dtype=int)
-    p = np.asarray(probs, dtype=np.float64)
-    conf = p.max(axis=1)
-    correct = p.argmax(axis=1) == y
-    edges = np.linspace(0.0, 1.0, n_bins + 1)
-    bins = np.clip(np.searchsorted(edges, conf, side="left") - 1, 0, n_bins - 1)
-    out = []
-    for b in range(n_bins):
-        sel = bins == b
-        out.append(
-            {
-                "lo": float(edges[b]),
-                "hi": float(edges[b + 1]),
-                "count": int(sel.sum()),
-                "confidence": float(conf[sel].mean()) if sel.any() else None,
-                "accuracy": float(correct[sel].mean()) if sel.any() else None,
-            }
-        )
-    return out
-
-
-def coverage_curve(
-    y_true: Sequence[int] | np.ndarray, probs: np.ndarray, max_points: int = 200
-) -> list[dict[str, float]]:
-    """Accuracy on the accepted cases vs coverage, accepting a case when its top probability >= threshold.
-
-    One point per distinct threshold (ties are accepted together), thinned to about ``max_points``,
-    from the most confident case alone (lowest coverage) to every case (coverage 1)."""
-    y = np.asarray(y_true, dtype=int)
-    p = np.asarray(probs, dtype=np.float64)
-    if len(y) == 0:
+def error_thumbnails(
+    model: nn.Module, spec: Preprocessing, images: np.ndarray, m: dict[str, Any], temperature: float = 1.0
+) -> list[tuple[bytes, bytes | None]]:
+    """(image PNG, Grad-CAM overlay PNG of the predicted class) for each of m["worst_errors"]."""
+    errs = m.get("worst_errors") or []
+    if not errs:
         return []
-    conf = p.max(axis=1)
-    order = np.argsort(-conf, kind="stable")
-    c = conf[order]
-    hits = np.cumsum(p.argmax(axis=1)[order] == y[order])
-    ends = np.flatnonzero(np.r_[c[1:] != c[:-1], True])  # last index of each tie group
-    if len(ends) > max_points:
-        keep = np.unique(np.linspace(0, len(ends) - 1, max_points).round().astype(int))
-        ends = ends[keep]
-    n = len(y)
-    return [
-        {"threshold": float(c[e]), "coverage": float((e + 1) / n), "accuracy": float(hits[e] / (e + 1))}
-        for e in ends
-    ]
+    idx = np.array([e["index"] for e in errs])
+    imgs = np.asarray(images[idx])
+    classes = list(m["classes"])
+    heats, _ = GradCAM(model, spec, temperature=temperature).batch(
+        imgs, [classes.index(e["prediction"]) for e in errs]
+    )
+    return [(gray_png(im), heat_overlay_png(im, h)) for im, h in zip(imgs, heats, strict=True)]
 
 
-def choose_abstention(
-    y_true: Sequence[int] | np.ndarray,
-    probs: np.ndarray,
-    target_accuracy: float = 0.95,
+def evaluate_and_report(
     *,
-    min_accepted: int = 10,
-    fallback_coverage: float = 0.5,
-) -> dict[str, Any]:
-    """The abstention rule, chosen on validation data (calibrated probabilities).
-
-    A prediction is accepted when its top calibrated probability is >= ``threshold``, otherwise flagged
-    "uncertain: refer to a radiologist". The threshold is the lowest one (the most cases accepted) at
-    which the accepted validation cases reach ``target_accuracy``, counting only thresholds that accept
-    at least ``min_accepted`` cases (or all cases, if fewer). If no threshold reaches the target, the
-    threshold with the best accepted accuracy among those keeping at least ``fallback_coverage`` of the
-    cases is used, and ``target_reached`` is False."""
-    y = np.asarray(y_true, dtype=int)
-    if not 0.0 < target_accuracy <= 1.0:
-        raise ValueError(f"target accuracy must be in (0, 1]; got {target_accuracy}")
-    curve = coverage_curve(y, probs, max_points=10**9)
-    if not curve:
-        raise ValueError("no validation cases to choose an abstention threshold on")
-    n = len(y)
-    need = min(min_accepted, n)
-    ok = [pt for pt in curve if pt["coverage"] * n >= need - 1e-9]
-    reach = [pt for pt in ok if pt["accuracy"] >= target_accuracy - 1e-12]
-    if reach:
-        best, reached = max(reach, key=lambda pt: pt["coverage"]), True
-    else:
-        wide = [pt for pt in ok if pt["coverage"] >= fallback_coverage - 1e-12] or ok
-        best, reached = max(wide, key=lambda pt: (pt["accuracy"], pt["coverage"])), False
-    return {
-        "rule": "flag when the top calibrated probability is below threshold",
-        "threshold": best["threshold"],
-        "target_accuracy": target_accuracy,
-        "target_reached": reached,
-        "val_coverage": best["coverage"],
-        "val_accuracy_accepted": best["accuracy"],
-        "val_accuracy_all": curve[-1]["accuracy"],
-        "n_val": n,
-        "min_accepted": need,
-        "fallback_coverage": fallback_coverage,
-    }
-
-
-ABSTENTION_KEYS = ("threshold", "target_accuracy", "target_reached", "val_coverage", "val_accuracy_accepted")
-
-
-def abstention_flags(probs: np.ndarray, threshold: float | None) -> np.ndarray:
-    """True where a prediction is flagged uncertain (top probability below the threshold)."""
-    p = np.asarray(probs, dtype=np.float64)
-    if threshold is None:
-        return np.zeros(len(p), dtype=bool)
-    return p.max(axis=1) < threshold
-
-
-def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
-    """softmax(logits / temperature) in float64, numerically stable."""
-    z = np.asarray(logits, dtype=np.float64) / float(temperature)
-    z = z - z.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)
-
-
-def roc_curves(
-    y_true: Sequence[int] | np.ndarray, probs: np.ndarray, classes: Sequence[str]
-) -> dict[str, Any]:
-    """One-vs-rest ROC curve points (fpr, tpr) per class, or None where a class is absent or alone."""
-    from sklearn.metrics import roc_curve
-
-    y = np.asarray(y_true, dtype=int)
-    out: dict[str, Any] = {}
-    for i, c in enumerate(classes):
-        pos = y == i
-        if not pos.any() or pos.all():
-            out[c] = None
-            continue
-        fpr, tpr, _ = roc_curve(pos, probs[:, i])
-        out[c] = {"fpr": [round(float(v), 5) for v in fpr], "tpr": [round(float(v), 5) for v in tpr]}
-    return out
-
-
-def per_source_metrics(
-    y_true: Sequence[int] | np.ndarray,
-    probs: np.ndarray,
-    classes: Sequence[str],
-    sources: Sequence[str],
-    *,
-    n_boot: int = 1000,
-    seed: int = 0,
-) -> dict[str, Any] | None:
-    """Metrics for each source (collection / hospital), with notes where a class comes mostly from one
-    source or a source holds mostly one class: there the classes can be told apart by the source alone.
-    None when no source is recorded."""
-    y = np.asarray(y_true, dtype=int)
-    src = np.array([s or "(unknown)" for s in sources], dtype=object)
-    if len(src) != len(y):
-        raise ValueError(f"{len(src)} sources for {len(y)} samples")
-    if not any(sources):
-        return None
-    out: dict[str, Any] = {}
-    for s in sorted(set(src.tolist())):
-        sel = src == s
-        ys, ps = y[sel], probs[sel]
-        with warnings.catch_warnings():  # a source often holds one or two classes only
-            warnings.simplefilter("ignore", UserWarning)
-            m = compute_metrics(ys, ps, classes)
-        ci = bootstrap_ci(ys, ps, classes, n_boot=n_boot, seed=seed)
-        present = sorted(set(ys.tolist()))
-        out[s] = {
-            "n": m["n"],
-            "counts": {c: int((ys == i).sum()) for i, c in enumerate(classes)},
-            "accuracy": m["accuracy"],
-            "accuracy_ci": ci["accuracy"],
-            "balanced_accuracy": m["balanced_accuracy"],
-            # over the classes this source holds: averaged over all, a one-class source scores 1/3 at
-            # 100% accuracy (the F1 of the absent classes is 0 by definition)
-            "macro_f1": float(f1_score(ys, ps.argmax(1), labels=present, average="macro", zero_division=0)),
-            "classes_present": [classes[i] for i in present],
-            "recall": {c: m["per_class"][c]["sensitivity"] for c in classes},
-        }
-    notes = []
-    for i, c in enumerate(classes):
-        n_c = int((y == i).sum())
-        if n_c == 0:
-            continue
-        top = max(out, key=lambda s, c=c: out[s]["counts"][c])
-        share = out[top]["counts"][c] / n_c
-        if share >= 0.9 and len(out) > 1:
-            notes.append(f"{share:.0%} of the {c} images come from {top}")
-    for s, v in out.items():
-        top_c = max(classes, key=lambda c, v=v: v["counts"][c])
-        share = v["counts"][top_c] / v["n"]
-        if share >= 0.9 and len(classes) > 1:
-            notes.append(f"{share:.0%} of the {s} images are {top_c}")
-    return {"sources": out, "notes": notes}
-
-
-def evaluation_summary(
-    y_true: Sequence[int] | np.ndarray,
+    model: nn.Module,
+    spec: Preprocessing,
+    images: np.ndarray,
+    labels: np.ndarray,
     logits: np.ndarray,
     classes: Sequence[str],
-    *,
     temperature: float = 1.0,
-    sources: Sequence[str] | None = None,
     paths: Sequence[str] | None = None,
+    sources: Sequence[str] | None = None,
     abstention: dict[str, Any] | None = None,
+    title: str = "xraydx evaluation",
+    meta: dict[str, Any] | None = None,
+    audit: dict[str, Any] | None = None,
     n_boot: int = 1000,
     seed: int = 0,
-    n_worst: int = 12,
+) -> tuple[dict[str, Any], str]:
+    """metrics.json content and report.html text for one evaluated split."""
+    m = evaluation_summary(
+        labels, logits, classes, temperature=temperature, sources=sources, paths=paths, abstention=abstention,
+        n_boot=n_boot, seed=seed,
+    )  # fmt: skip
+    thumbs = error_thumbnails(model, spec, images, m, temperature)
+    return m, render_report(m, title=title, meta=meta, thumbs=thumbs, audit=audit)
+
+
+def evaluate_split(
+    model: nn.Module,
+    spec: Preprocessing,
+    images: np.ndarray,
+    records: Sequence[Record],
+    out: Path,
+    *,
+    device: torch.device,
+    classes: Sequence[str] = CLASSES,
+    temperature: float = 1.0,
+    abstention: dict[str, Any] | None = None,
+    title: str = "xraydx evaluation",
+    meta: dict[str, Any] | None = None,
+    logits: np.ndarray | None = None,
+    failures: Sequence[tuple[Record, str]] = (),
+    audit: dict[str, Any] | None = None,
+    predictions: bool = True,
 ) -> dict[str, Any]:
-    """Everything report.html shows, as JSON-ready data: compute_metrics on the calibrated probabilities,
-    plus ``ci``, ``calibration`` (ECE / NLL before and after temperature scaling, reliability bins),
-    ``roc_curves``, ``coverage_curve``, ``abstention`` (the checkpoint's rule applied to these cases),
-    ``per_source`` (where sources are recorded) and ``worst_errors`` (the most confident wrong ones)."""
-    y = np.asarray(y_true, dtype=int)
-    lg = np.asarray(logits, dtype=np.float64)
-    raw = softmax(lg)
-    cal = softmax(lg, temperature)
-    m = compute_metrics(y, cal, classes)
-    before = compute_metrics(y, raw, classes)
-    m["ci"] = bootstrap_ci(y, cal, classes, n_boot=n_boot, seed=seed)
-    m["calibration"] = {
-        "method": "temperature scaling" if temperature != 1.0 else "none (temperature 1)",
-        "temperature": float(temperature),
-        "ece_before": before["ece"],
-        "ece_after": m["ece"],
-        "nll_before": before["nll"],
-        "nll_after": m["nll"],
-        "reliability_before": reliability_bins(y, raw),
-        "reliability_after": reliability_bins(y, cal),
-    }
-    m["roc_curves"] = roc_curves(y, cal, classes)
-    m["coverage_curve"] = coverage_curve(y, cal)
-    if abstention and abstention.get("threshold") is not None:
-        flagged = abstention_flags(cal, float(abstention["threshold"]))
-        acc = cal.argmax(axis=1) == y
-        m["abstention"] = {
-            **{k: abstention[k] for k in ABSTENTION_KEYS if k in abstention},
-            "coverage": float(1 - flagged.mean()),
-            "n_flagged": int(flagged.sum()),
-            "accuracy_accepted": float(acc[~flagged].mean()) if (~flagged).any() else None,
-            "accuracy_flagged": float(acc[flagged].mean()) if flagged.any() else None,
-        }
-    else:
-        m["abstention"] = None
-    m["per_source"] = (
-        per_source_metrics(y, cal, classes, sources, n_boot=n_boot, seed=seed) if sources else None
-    )
-    pred = cal.argmax(axis=1)
-    wrong = np.flatnonzero(pred != y)
-    wrong = wrong[np.argsort(-cal[wrong].max(axis=1), kind="stable")][:n_worst]
-    m["worst_errors"] = [
-        {
-            "index": int(i),
-            "path": str(paths[i]) if paths is not None else "",
-            "source": (sources[i] if sources is not None else "") or "",
-            "label": classes[y[i]],
-            "prediction": classes[pred[i]],
-            "confidence": float(cal[i].max()),
-        }
-        for i in wrong
-    ]
+    """Evaluate ``model`` on one split's images (``records`` in the same order; ``failures``: records that
+    could not be read); write ``out/report.html`` and, with ``predictions``, ``out/predictions.csv``.
+    Returns the metrics (the caller writes metrics.json)."""
+    if logits is None:
+        logits = batch_logits(model, images, spec, device).numpy()
+    labels = np.array([list(classes).index(r.label) for r in records], dtype=np.int64)
+    m, html = evaluate_and_report(
+        model=model, spec=spec, images=images, labels=labels, logits=logits, classes=classes,
+        temperature=temperature, paths=[str(r.path) for r in records], sources=[r.source for r in records],
+        abstention=abstention, title=title, meta=meta, audit=audit,
+    )  # fmt: skip
+    out.mkdir(parents=True, exist_ok=True)
+    if predictions:
+        probs = softmax(logits, temperature)
+        flags = abstention_flags(probs, (abstention or {}).get("threshold"))
+        rows = [
+            Prediction(str(r.path), [float(v) for v in p], "ok",
+                       {"label": r.label, "source": r.source, "flag": UNCERTAIN_FLAG if f else ""})
+            for r, p, f in zip(records, probs, flags, strict=True)
+        ] + [Prediction(str(r.path), None, f"error: {why}", {"label": r.label, "source": r.source})
+             for r, why in failures]  # fmt: skip
+        write_predictions(
+            rows, out / "predictions.csv", classes, overwrite=True, extra_columns=("label", "source", "flag")
+        )
+    write_html(out / "report.html", html, overwrite=True)
     return m
+
+
+def evaluate_checkpoint(
+    checkpoint: Path, data: str, split: str, out: Path, *, device: str = "auto", overwrite: bool = False,
+    progress: bool = True, audit: bool = False,
+) -> dict[str, Any]:  # fmt: skip
+    """Evaluate on one split of a dataset; write metrics.json, report.html and predictions.csv into ``out``."""
+    refuse_overwrite(out / "metrics.json", overwrite)
+    refuse_overwrite(out / "report.html", overwrite)
+    pred = Predictor(checkpoint, device)
+    recs = checkpoint_split(pred.meta.get("config", {}).get("data", {}), data, split)
+    if not recs:
+        raise UsageError(f"{data}: no images in split {split!r} (as the checkpoint's training run split it)")
+    masks = [r.mask for r in recs] if pred.spec.lung_mask != "none" else None
+    arr, failures = load_many(
+        [r.path for r in recs], pred.spec, cache_dir=None, masks=masks, progress=progress, desc=f"load {split}",
+        mask_fn=pred.lung_mask if masks is not None else None,
+    )  # fmt: skip
+    bad = {i for i, _ in failures}
+    keep = [i for i in range(len(recs)) if i not in bad]
+    audit_result = None
+    if audit:
+        from xraydx.audit import run_audit  # audit is a sibling runner (L4)
+
+        audit_result = run_audit(checkpoint, data, split, device=device, progress=progress)
+    metrics = evaluate_split(
+        pred.model, pred.spec, arr[keep], [recs[i] for i in keep], out, device=pred.device, classes=pred.classes,
+        temperature=pred.temperature, abstention=pred.abstention, audit=audit_result,
+        title=f"xraydx evaluation: {Path(str(data)).name} [{split}]",
+        meta={"checkpoint": str(checkpoint), "data": str(data), "split": split},
+        failures=[(recs[i], r) for i, r in failures],
+    )  # fmt: skip
+    if audit_result is not None:
+        metrics["audit"] = {k: v for k, v in audit_result.items() if k != "examples"}
+    metrics["split"] = split
+    metrics["data"] = str(data)
+    metrics["checkpoint"] = str(checkpoint)
+    metrics["unreadable"] = [{"path": str(recs[i].path), "reason": r} for i, r in failures]
+    atomic_write_json(out / "metrics.json", metrics)
+    return metrics

@@ -1,5 +1,9 @@
-"""The evaluation report: one self-contained HTML file (figures embedded as base64 PNG, no scripts, no
-external resources) built from the data :func:`xraydx.evaluate.evaluation_summary` puts in metrics.json.
+"""Every HTML page xraydx writes; this module renders what it is given and computes nothing.
+
+The evaluation report: one self-contained HTML file (figures embedded as base64 PNG, no scripts, no
+external resources) built from the data :func:`xraydx.metrics.evaluation_summary` puts in metrics.json,
+with the worst errors' thumbnails and Grad-CAM computed by :func:`xraydx.evaluate.error_thumbnails`.
+Also the shortcut audit's page and section (numbers from :mod:`xraydx.audit`) and the crossval page.
 
 Sections: summary, metrics with bootstrap 95% CIs, confusion matrix (counts and row-normalised),
 one-vs-rest ROC curves, calibration (reliability diagrams and ECE before / after temperature scaling),
@@ -17,9 +21,11 @@ from typing import Any
 
 import numpy as np
 
+from xraydx import __version__
+from xraydx.audit import BORDER_DROP, HIDDEN_MARGIN, LUNGS_ONLY_DROP, SALIENCY_MIN, VARIANTS
 from xraydx.constants import RESEARCH_NOTE
-from xraydx.evaluate import evaluation_summary
-from xraydx.render import fig_png, figure, gray_png, heat_overlay_png, png_uri
+from xraydx.fsutil import atomic_write_json, refuse_overwrite
+from xraydx.render import fig_png, figure, png_uri
 
 # ---- small HTML helpers (also used by xraydx.audit) ----------------------------------------------
 
@@ -365,8 +371,6 @@ def render_report(
         _sources(m),
     ]
     if audit is not None:
-        from xraydx.audit import audit_section
-
         parts.append(audit_section(audit))
     parts.append(
         "<section id=methods><h2>Method notes</h2><p class=muted>Metrics: one-vs-rest per class; balanced accuracy "
@@ -376,49 +380,99 @@ def render_report(
     return html_page(title, "\n".join(parts))
 
 
-def error_thumbnails(
-    model: Any, spec: Any, images: np.ndarray, m: dict[str, Any], temperature: float = 1.0
-) -> list[tuple[bytes, bytes | None]]:
-    """(image PNG, Grad-CAM overlay PNG of the predicted class) for each of m["worst_errors"]."""
-    from xraydx.explain import GradCAM
+# ---- the shortcut audit (numbers: xraydx.audit) ----------------------------------------------------------------------------------------
 
-    errs = m.get("worst_errors") or []
-    if not errs:
-        return []
-    idx = np.array([e["index"] for e in errs])
-    imgs = np.asarray(images[idx])
-    classes = list(m["classes"])
-    heats, _ = GradCAM(model, spec, temperature=temperature).batch(
-        imgs, [classes.index(e["prediction"]) for e in errs]
+_VARIANT_TEXT = {
+    "baseline": "unmodified",
+    "lungs_only": "only the lungs visible",
+    "lungs_hidden": "lungs blacked out",
+    "border_blanked": "border band and corners blacked out",
+}
+_LEVEL_CLASS = {"shortcut": "bad", "possible": "warn", "none_found": "good", "inconclusive": "warn"}
+
+
+def audit_name(a: dict[str, Any]) -> str:
+    return f"{Path(a['checkpoint']).parent.parent.name or Path(a['checkpoint']).name} (lung_mask={a['lung_mask']})"
+
+
+def audit_section(audits: dict[str, Any] | Sequence[dict[str, Any]]) -> str:
+    """The audit as an HTML section (one column per checkpoint), for audit.html and report.html."""
+    items = [audits] if isinstance(audits, dict) else list(audits)
+    verdicts = "".join(
+        f'<div class="{_LEVEL_CLASS.get(a["verdict"]["level"], "warn")}"><b>'
+        f"{'' if len(items) == 1 else f'model {i + 1}: '}{esc(audit_name(a))}</b>: {esc(a['verdict']['text'])}</div>"
+        for i, a in enumerate(items)
     )
-    return [(gray_png(im), heat_overlay_png(im, h)) for im, h in zip(imgs, heats, strict=True)]
+    rows = []
+    for name in VARIANTS:
+        cells = [f"{esc(name)}<br><span class=muted>{esc(_VARIANT_TEXT[name])}</span>"]
+        for a in items:
+            r = a["variants"][name]
+            cells.append(
+                f"{fmt_ci(r['balanced_accuracy'], r['ci']['balanced_accuracy'], 2)}<br>"
+                f"<span class=muted>acc {fmt(r['accuracy'], 2)} &middot; macro-F1 {fmt(r['macro_f1'], 2)}"
+                f" &middot; same as baseline {r['agreement_with_baseline']:.0%}</span>"
+            )
+        rows.append(cells)
+    sal = ["Grad-CAM mass inside the lung field<br><span class=muted>mean (median); lung area share</span>"]
+    for a in items:
+        s = a["saliency"]
+        sal.append(
+            f"{fmt(s['mean_lung_share'], 2)} ({fmt(s['median_lung_share'], 2)}); {fmt(s['lung_area'], 2)}"
+        )
+    rows.append(sal)
+    rows.append(["lung field"] + [esc(a["lung_field_text"]) for a in items])
+    rows.append(["checkpoint"] + [f"<code>{esc(a['checkpoint'])}</code>" for a in items])
+    label = [
+        esc(audit_name(a)) if len(items) == 1 else f"model {i + 1}: {esc(audit_name(a))}"
+        for i, a in enumerate(items)
+    ]
+    header = ["check (balanced accuracy, 95% CI)", *label]
+    first = items[0]
+    st = first["settings"]
+    ex = first.get("examples")
+    pics = ""
+    if ex:
+        figs = "".join(
+            f'<figure><img src="{ex[k]}" alt="{esc(k)}" width=150><figcaption>{esc(k)}</figcaption></figure>'
+            for k in (*VARIANTS, "gradcam")
+            if k in ex
+        )
+        pics = f"<p>What the model is shown in each check (first image; Grad-CAM with the lung field outlined):</p><div class=thumbs>{figs}</div>"
+    notes = "".join(f"<li>{esc(n)}</li>" for a in items for n in a.get("notes", []))
+    return (
+        "<section id=audit><h2>Shortcut audit</h2>"
+        + verdicts
+        + table(header, rows)
+        + pics
+        + (f"<ul>{notes}</ul>" if notes else "")
+        + f"<p class=muted>{esc(first['data'])} [{esc(first['split'])}], n = {first['n']}; chance = "
+        f"{first['chance']:.2f}. Blacked-out pixels are set to 0 after preprocessing. Border band "
+        f"{st['border']:.0%} of the side, corner squares {st['corner']:.0%}. Verdict: <i>reads shortcuts</i> when the "
+        f"95% CI of balanced accuracy with the lungs hidden lies above chance + {HIDDEN_MARGIN:.2f}, or blanking the "
+        f"border and corners costs more than {BORDER_DROP:.2f}; <i>possible shortcuts</i> when the point estimate with "
+        f"the lungs hidden is above chance + {HIDDEN_MARGIN:.2f}, under {SALIENCY_MIN:.0%} of the Grad-CAM mass is in "
+        f"the lungs, or showing only the lungs costs more than {LUNGS_ONLY_DROP:.2f}. See docs/trust.md.</p></section>"
+    )
 
 
-def evaluate_and_report(
-    *,
-    model: Any,
-    spec: Any,
-    images: np.ndarray,
-    labels: np.ndarray,
-    logits: np.ndarray,
-    classes: Sequence[str],
-    temperature: float = 1.0,
-    paths: Sequence[str] | None = None,
-    sources: Sequence[str] | None = None,
-    abstention: dict[str, Any] | None = None,
-    title: str = "xraydx evaluation",
-    meta: dict[str, Any] | None = None,
-    audit: dict[str, Any] | None = None,
-    n_boot: int = 1000,
-    seed: int = 0,
-) -> tuple[dict[str, Any], str]:
-    """metrics.json content and report.html text for one evaluated split (used by evaluate and train)."""
-    m = evaluation_summary(
-        labels, logits, classes, temperature=temperature, sources=sources, paths=paths, abstention=abstention,
-        n_boot=n_boot, seed=seed,
-    )  # fmt: skip
-    thumbs = error_thumbnails(model, spec, images, m, temperature)
-    return m, render_report(m, title=title, meta=meta, thumbs=thumbs, audit=audit)
+def render_audit_html(audits: Sequence[dict[str, Any]], title: str = "xraydx shortcut audit") -> str:
+    body = f"<h1>{esc(title)}</h1>" + audit_section(audits) + f"<p class=muted>{esc(RESEARCH_NOTE)}</p>"
+    return html_page(title, body)
+
+
+def write_audit(audits: Sequence[dict[str, Any]], out: Path, overwrite: bool = False) -> None:
+    """audit.json (without the illustration images) and audit.html into ``out``, atomically."""
+    out = Path(out)
+    refuse_overwrite(out / "audit.json", overwrite)
+    refuse_overwrite(out / "audit.html", overwrite)
+    doc = {
+        "tool": "xraydx",
+        "tool_version": __version__,
+        "audits": [{k: v for k, v in a.items() if k != "examples"} for a in audits],
+    }
+    atomic_write_json(out / "audit.json", doc)
+    write_html(out / "audit.html", render_audit_html(audits), overwrite=True)
 
 
 # ---- crossval ------------------------------------------------------------------------------------

@@ -37,8 +37,9 @@ from xraydx.device import Dist, available_cpus, broadcast_obj, init_distributed
 from xraydx.device import gather_concat as gather_concat  # moved to device; importable here as before
 from xraydx.device import resolve_device as resolve_device  # moved to device; importable here as before
 from xraydx.errors import TrainError
-from xraydx.evaluate import bootstrap_ci, compute_metrics, fit_temperature, format_metrics
+from xraydx.evaluate import evaluate_split
 from xraydx.fsutil import atomic_write_bytes, atomic_write_json, printable_path
+from xraydx.metrics import bootstrap_ci, compute_metrics, fit_temperature, format_metrics
 from xraydx.models import count_parameters, create_model, normalization_for
 from xraydx.optim import load_train_state, make_optimizer, save_train_state, write_log
 from xraydx.predict import batch_logits
@@ -526,10 +527,8 @@ def finish_run(
 ) -> None:
     """Calibrate the best checkpoint on val, choose its abstention threshold on val, evaluate it on test,
     write metrics.json, report.html and predictions.csv."""
-    from xraydx.evaluate import abstention_flags, choose_abstention
+    from xraydx.metrics import choose_abstention
     from xraydx.models import load_checkpoint, read_metadata
-    from xraydx.predict import UNCERTAIN_FLAG, Prediction, write_predictions
-    from xraydx.report import evaluate_and_report, write_html
 
     best_path = run / "checkpoints" / "best.safetensors"
     model, meta = load_checkpoint(best_path, device)
@@ -572,27 +571,15 @@ def finish_run(
     # report.html describes the test split (or val, calibrated on itself, when there is no test split)
     has_test = "test" in splits and len(splits["test"].labels) > 0
     rep_name, rep = ("test", splits["test"]) if has_test else ("val", va)
-    rep_logits = (val_logits if rep_name == "val" else batch_logits(model, rep.images, spec, device)).numpy()
-    tm, html = evaluate_and_report(
-        model=model, spec=spec, images=rep.images, labels=rep.labels, logits=rep_logits, classes=CLASSES,
-        temperature=temperature, paths=[str(r.path) for r in rep.records], sources=[r.source for r in rep.records],
-        abstention=meta["abstention"], title=f"xraydx run {run.name}: {rep_name} split",
+    tm = evaluate_split(
+        model, spec, rep.images, rep.records, run, device=device, temperature=temperature,
+        abstention=meta["abstention"], logits=val_logits.numpy() if rep_name == "val" else None,
+        title=f"xraydx run {run.name}: {rep_name} split", predictions=rep_name == "test",
         meta={"run": str(run), "data": cfg.data.path, "split": rep_name, "best epoch": best_epoch},
     )  # fmt: skip
-    write_html(run / "report.html", html, overwrite=True)
     if rep_name == "test":
-        probs = torch.softmax(torch.from_numpy(rep_logits) / temperature, 1).numpy()
         results["test"] = tm
         meta["test_metrics"] = {k: v for k, v in tm.items() if k not in ("roc_curves", "coverage_curve")}
-        flags = abstention_flags(probs, meta["abstention"]["threshold"])
-        preds = [
-            Prediction(str(r.path), [float(v) for v in p], "ok",
-                       {"label": r.label, "source": r.source, "flag": UNCERTAIN_FLAG if f else ""})
-            for r, p, f in zip(rep.records, probs, flags, strict=True)
-        ]  # fmt: skip
-        write_predictions(
-            preds, run / "predictions.csv", CLASSES, overwrite=True, extra_columns=("label", "source", "flag")
-        )
         log(format_metrics(tm, title=f"test split (best epoch {best_epoch}, temperature {temperature:.3f})"))
     else:
         results["val_report"] = tm

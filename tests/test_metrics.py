@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from xraydx.evaluate import compute_metrics, expected_calibration_error, fit_temperature, format_metrics
+from xraydx.metrics import compute_metrics, expected_calibration_error, fit_temperature, format_metrics
 
 CLASSES = ("covid", "non_covid", "normal")
 
