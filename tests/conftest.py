@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("OMP_NUM_THREADS", "2")
+# ONNX exports made by the tests (xraydx.engines caches them) go to a folder of this session, not ~/.cache
+_CACHE = tempfile.mkdtemp(prefix="xraydx-test-cache-")
+os.environ.setdefault("XRAYDX_CACHE_DIR", _CACHE)
+atexit.register(shutil.rmtree, _CACHE, True)
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "data" / "sample"

@@ -90,16 +90,18 @@ def test_parity_failure_writes_nothing(
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    graph = onnx_file[0].read_bytes()  # skip re-tracing: the same graph (its metadata is replaced anyway)
-    monkeypatch.setattr(export_mod, "export_graph", lambda model, meta, opset=17: graph)
-    real = export_mod.OnnxEngine.batch_logits
+    import xraydx.engines as engines
 
-    def off_by_a_bit(self: OnnxEngine, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
-        out = real(self, images, batch_size)
-        out[:, 0] += 0.5
+    graph = onnx_file[0].read_bytes()  # skip re-tracing: the same graph (its metadata is replaced anyway)
+    monkeypatch.setattr(engines, "export_onnx", lambda net, opset=17: graph)
+    real = engines.OnnxEngine.run
+
+    def off_by_a_bit(self: engines.OnnxEngine, x: np.ndarray) -> list[np.ndarray]:
+        out = real(self, x)
+        out[0][:, 0] += 0.5
         return out
 
-    monkeypatch.setattr(export_mod.OnnxEngine, "batch_logits", off_by_a_bit)
+    monkeypatch.setattr(engines.OnnxEngine, "run", off_by_a_bit)
     out = tmp_path / "bad.onnx"
     rc = main(["export", "--checkpoint", str(checkpoint), "--out", str(out)])
     assert rc == 1 and not out.exists()

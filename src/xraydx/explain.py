@@ -270,8 +270,7 @@ def explain_files(
     from tqdm.auto import tqdm
 
     from xraydx.fsutil import atomic_open, refuse_overwrite
-    from xraydx.io import ImageReadError, read_image
-    from xraydx.predict import Predictor, expand_inputs
+    from xraydx.predict import Predictor, decode_ahead, expand_inputs
 
     out_dir = Path(out_dir)
     index = out_dir / "explain.csv"
@@ -283,7 +282,6 @@ def explain_files(
     cam = GradCAM(pred.model, pred.spec, temperature=pred.temperature)
     classes = pred.classes
     cols = ["path", "prediction", *[f"prob_{c}" for c in classes], "flag", "overlay", "status", "ood_score"]
-    guard = pred.ood_guard()
     names = _Names()
     counts = {"ok": 0, "error": 0}
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -294,23 +292,19 @@ def explain_files(
             counts["error"] += 1
             print(f"xraydx: {p}: {reason}", file=sys.stderr)
             w.writerow({"path": str(p), "status": f"error: {reason}"})
-        for p in tqdm(paths, desc="explain", unit="img", disable=not progress, leave=False):
-            try:
-                raw = read_image(p)
-                oc = None
-                if guard is not None:  # the same out-of-distribution check as predict and serve
-                    from xraydx.ood import colourfulness_of_file
-
-                    oc = guard.check(raw, colourfulness_of_file(p))
-                mask = oc.mask if oc is not None and pred.spec.lung_mask != "none" else None
-                img = pred.prepare(raw, mask)
-            except (ImageReadError, ValueError) as exc:
-                reason = exc.reason if isinstance(exc, ImageReadError) else str(exc)
+        decoded = decode_ahead(paths, colour=pred.ood_guard() is not None)
+        for d in tqdm(
+            decoded, total=len(paths), desc="explain", unit="img", disable=not progress, leave=False
+        ):
+            # the same per-image check (OOD guard, lung mask, preprocessing) as predict and serve
+            checked = pred.check([d.image], [d.colour])[0] if d.image is not None else d.error
+            if isinstance(checked, str):
                 counts["error"] += 1
-                print(f"xraydx: {p}: {reason}", file=sys.stderr)
-                w.writerow({"path": str(p), "status": f"error: {reason}"})
+                print(f"xraydx: {d.path}: {checked}", file=sys.stderr)
+                w.writerow({"path": str(d.path), "status": f"error: {checked}"})
                 continue
-            stem = names(p)
+            img = checked.prepared
+            stem = names(d.path)
             if all_classes:
                 heats, probs = cam.all_classes(img)
                 k = int(np.argmax(probs))
@@ -321,15 +315,18 @@ def explain_files(
                 k = int(np.argmax(probs))
                 _write_png(out_dir / f"{stem}__{classes[k]}.png", overlay_png(img, heat, alpha), overwrite)
             counts["ok"] += 1
-            status = "ok" if oc is None or oc.is_cxr else "not_cxr"
-            if status == "not_cxr":
+            if checked.status == "not_cxr":
                 print(
-                    f"xraydx: {p}: does not look like a frontal chest X-ray; heatmap not trustworthy",
+                    f"xraydx: {d.path}: does not look like a frontal chest X-ray; heatmap not trustworthy",
                     file=sys.stderr,
                 )
-            row = {"path": str(p), "prediction": classes[k], "flag": pred.flag(probs), "status": status}
-            if oc is not None:
-                row["ood_score"] = f"{oc.score:.3f}"
+            row = {
+                "path": str(d.path),
+                "prediction": classes[k],
+                "flag": pred.flag(probs),
+                "status": checked.status,
+            }
+            row.update({k2: v for k2, v in checked.extra().items() if k2 in cols})
             row.update({f"prob_{c}": f"{v:.6f}" for c, v in zip(classes, probs, strict=True)})
             row["overlay"] = f"{stem}__{classes[k]}.png"
             w.writerow(row)

@@ -12,7 +12,9 @@ import csv
 import io
 import json
 import os
+import queue
 import sys
+import threading
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -20,45 +22,31 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
-from torch import nn
 from tqdm.auto import tqdm
 
 from xraydx.constants import UNCERTAIN_FLAG
 from xraydx.device import resolve_device
+from xraydx.engines import Classifier, batch_logits
 from xraydx.fsutil import printable_path
 from xraydx.io import ImageReadError, is_image_path, read_image
-from xraydx.transforms import Preprocessing, normalize, preprocess
+from xraydx.ood import OODGuard, OODResult, colourfulness_of_file
+from xraydx.transforms import Preprocessing, preprocess
+
+__all__ = [
+    "UNCERTAIN_FLAG",
+    "Checked",
+    "Prediction",
+    "Predictor",
+    "batch_logits",
+    "decode_ahead",
+    "done_paths",
+    "expand_inputs",
+    "printable_path",
+    "resolve_device",
+    "write_predictions",
+]
 
 LIST_SUFFIXES = (".txt", ".lst", ".list")
-
-
-@torch.inference_mode()
-def batch_logits(
-    model: nn.Module,
-    images: np.ndarray | torch.Tensor,
-    spec: Preprocessing,
-    device: torch.device,
-    batch_size: int = 64,
-) -> torch.Tensor:
-    """Logits (N, C) on CPU for preprocessed uint8 images (N, S, S)."""
-    model.eval()
-    out = []
-    n = len(images)
-    for i in range(0, n, batch_size):
-        chunk = images[i : i + batch_size]
-        if isinstance(chunk, np.ndarray):
-            # read-only arrays (memmaps, cached entries) are copied: torch cannot wrap them safely
-            t = torch.from_numpy(np.ascontiguousarray(chunk) if chunk.flags.writeable else chunk.copy())
-        else:
-            t = chunk
-        x = normalize(t.to(device, non_blocking=True), spec.mean, spec.std)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            y = model(x)
-        out.append(y.float().cpu())
-    if not out:
-        return torch.zeros((0, 0))
-    return torch.cat(out)
 
 
 def expand_inputs(inputs: Sequence[str | os.PathLike[str]]) -> tuple[list[Path], list[tuple[Path, str]]]:
@@ -122,8 +110,40 @@ class Prediction:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def load_lung_segmenter() -> Any | None:
-    """xraydx.segment's default lung segmenter, or None where the module or its shipped model is missing."""
+@dataclass
+class Checked:
+    """One image after the pipeline's per-image checks: what the classifier sees (``prepared``, uint8
+    (S, S)) and the OOD guard's verdict (None where the check is off or missing)."""
+
+    prepared: np.ndarray
+    ood: OODResult | None = None
+
+    @property
+    def status(self) -> str:
+        """``ok``, or ``not_cxr`` where the guard says this is not a frontal chest X-ray (its probabilities
+        are still reported; the status says not to trust them)."""
+        return "ok" if self.ood is None or self.ood.is_cxr else "not_cxr"
+
+    def extra(self) -> dict[str, Any]:
+        """The guard's columns of a predictions row (``ood_score``, and ``ood`` for JSON)."""
+        if self.ood is None:
+            return {}
+        return {"ood_score": f"{self.ood.score:.3f}", "ood": self.ood.to_dict()}
+
+    def ood_info(self) -> dict[str, Any] | None:
+        """The guard's verdict as one JSON-able dict (``status``, ``flagged``, ``score``, ``reasons``,
+        ``reason``, ``details``), or None without a check: what an API reports."""
+        if self.ood is None:
+            return None
+        info = self.ood.to_dict()
+        info.update(status=self.status, flagged=self.status != "ok")
+        if self.ood.reasons:
+            info["reason"] = "; ".join(self.ood.reasons)
+        return info
+
+
+def load_lung_segmenter(engine: str = "torch", threads: int = 0) -> Any | None:
+    """The shipped lung segmenter on ``engine``, or None where the module or its shipped model is missing."""
     try:
         from xraydx.segment import LungSegmenter
 
@@ -132,134 +152,265 @@ def load_lung_segmenter() -> Any | None:
         return None
 
 
+def abstention_threshold(rule: Any) -> float | None:
+    """The threshold of a checkpoint's abstention rule, or None where it has none or an invalid one."""
+    if not isinstance(rule, dict) or rule.get("threshold") is None:
+        return None
+    try:
+        t = float(rule["threshold"])
+    except (TypeError, ValueError):
+        return None
+    return t if 0.0 <= t <= 1.0 else None
+
+
 class Predictor:
-    """A checkpoint loaded once; predicts uint8 images or files."""
+    """A checkpoint loaded once: the lung segmenter, the OOD guard and the classifier, on one engine.
+
+    The one home of the per-image OOD check (:meth:`check`) and of the abstention rule
+    (:meth:`uncertain` / :meth:`flag`): predict, explain and serve all use these."""
 
     def __init__(
-        self, checkpoint: str | Path, device: str = "auto", engine: str = "torch", ood: bool = True
-    ) -> None:
-        """engine: ``torch`` (default) or ``onnx`` (onnxruntime; ``checkpoint`` may then also be an exported
-        ``.onnx`` file, and a ``.safetensors`` checkpoint is exported in memory first). See xraydx.export.
-        ood: check every file with xraydx.ood's guard in predict_files (status ``not_cxr`` + ``ood_score``)."""
-        from xraydx.models import load_checkpoint
-
+        self, checkpoint: str | Path, device: str = "auto", engine: str = "torch", ood: bool = True,
+        threads: int = 0,
+    ) -> None:  # fmt: skip
+        """engine: ``torch`` (default) or ``onnx`` (onnxruntime for every network; ``checkpoint`` may then
+        also be an exported ``.onnx`` file). See :mod:`xraydx.engines`. ood: check every image with
+        :mod:`xraydx.ood`'s guard (status ``not_cxr`` + ``ood_score``). threads: onnxruntime's intra-op
+        threads (0: the CPUs this process may use)."""
         self.device = resolve_device(device)
         self.engine = engine
-        self.onnx: Any = None  # an xraydx.export.OnnxEngine with engine="onnx"
-        if engine == "onnx":
-            from xraydx.export import OnnxEngine
-
-            self.onnx = OnnxEngine(checkpoint, device=self.device)
-            self.meta = self.onnx.meta
-            self.model = self.onnx.model  # None when the source is a .onnx file
-            if self.model is not None:
-                self.model.to(self.device)
-        elif engine == "torch":
-            self.model, self.meta = load_checkpoint(checkpoint, self.device)
-        else:
-            raise ValueError(f"engine must be torch or onnx; got {engine!r}")
+        self.threads = int(threads)
+        self.classifier = Classifier(checkpoint, engine, device=self.device, threads=self.threads)
+        self.meta = self.classifier.meta
+        self.model = self.classifier.model  # the torch classifier (Grad-CAM); None for a .onnx file
         self.checkpoint = Path(checkpoint)
-        self.classes: list[str] = list(self.meta["classes"])
-        self.spec = Preprocessing.from_dict(self.meta["preprocessing"])
-        self.temperature = float(self.meta.get("calibration", {}).get("temperature", 1.0))
+        self.classes: list[str] = list(self.classifier.classes)
+        self.spec: Preprocessing = self.classifier.spec
+        self.temperature = self.classifier.temperature
         self.abstention: dict[str, Any] | None = self.meta.get("abstention") or None  # see docs/trust.md
+        self.threshold = abstention_threshold(self.abstention)
         self._segmenter: Any = None
         self._ood: Any = None if ood else False  # xraydx.ood.OODGuard, loaded on first use; False: no check
 
+    # -- the abstention rule --
+
+    def uncertain(self, probs: Sequence[float] | np.ndarray) -> bool | None:
+        """Whether the top calibrated probability is below the checkpoint's abstention threshold (chosen
+        on validation at the end of training); None where the checkpoint has no (valid) rule."""
+        if self.threshold is None:
+            return None
+        return bool(float(np.max(probs)) < self.threshold)
+
     def flag(self, probs: Sequence[float] | np.ndarray) -> str:
-        """UNCERTAIN_FLAG where the top calibrated probability is below the checkpoint's abstention
-        threshold (chosen on validation at the end of training), else ""."""
-        t = (self.abstention or {}).get("threshold")
-        return UNCERTAIN_FLAG if t is not None and float(np.max(probs)) < float(t) else ""
+        """The predictions' ``flag`` column: UNCERTAIN_FLAG where :meth:`uncertain`, else ""."""
+        return UNCERTAIN_FLAG if self.uncertain(probs) else ""
 
-    def prepare(self, img: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
-        if self.spec.lung_mask != "none" and mask is None:
-            mask = self.lung_mask(img)
-        return preprocess(img, self.spec, mask)
+    def abstention_note(self) -> str:
+        """The rule in words (for an API or a report)."""
+        t, rule = self.threshold, self.abstention or {}
+        if t is None:
+            if rule.get("threshold") is not None:
+                return "the model's abstention threshold is invalid and was ignored: no uncertainty flag"
+            return "this model has no abstention rule, so no prediction is flagged as uncertain"
+        note = f"uncertain when the highest calibrated probability is below {t:.3f}"
+        cov, acc = rule.get("val_coverage"), rule.get("val_accuracy_accepted")
+        if isinstance(cov, (int, float)) and isinstance(acc, (int, float)):
+            note += f" (chosen on validation: keeps {cov:.0%} of cases, accuracy {acc:.3f} on those"
+            target = rule.get("target_accuracy")
+            if rule.get("target_reached") is False and isinstance(target, (int, float)):
+                note += f"; the {target:.2f} target accuracy was not reached"
+            note += ")"
+        return note
 
-    def lung_mask(self, img: np.ndarray) -> np.ndarray:
-        """A lung mask for a model trained with lung_mask=crop|mask: from xraydx.segment's shipped
-        segmenter where installed (``LungSegmenter.default().predict_mask``), else an error."""
+    # -- lung masks and the OOD guard --
+
+    def segmenter(self) -> Any | None:
+        """The shipped lung segmenter on this predictor's engine (None where missing); warns once where the
+        checkpoint was trained with masks from another segmenter."""
         if self._segmenter is None:
-            self._segmenter = load_lung_segmenter() or False
+            self._segmenter = load_lung_segmenter(self.engine, self.threads) or False
             trained = (self.meta.get("lung_segmenter") or {}).get("identity")
             if self._segmenter and trained and trained != self._segmenter.identity:
                 warnings.warn(
                     f"{self.checkpoint.name}: trained with lung masks from segmenter {trained}, but the installed"
                     f" segmenter is {self._segmenter.identity}: crops differ, predictions may shift",
-                    stacklevel=2,
+                    stacklevel=3,
                 )
-        if not self._segmenter:
+        return self._segmenter or None
+
+    def lung_mask(self, img: np.ndarray) -> np.ndarray:
+        """A lung mask for a model trained with lung_mask=crop|mask: from the shipped segmenter, else an
+        ImageReadError saying why none can be made."""
+        seg = self.segmenter()
+        if seg is None:
             raise ImageReadError(
                 None,
                 f"this model was trained with lung_mask={self.spec.lung_mask} and needs a lung mask for each image,"
                 " but no lung segmenter is available (xraydx.segment with a shipped model); use a dataset with"
                 " lung masks, or a model trained with lung_mask=none",
             )
-        return self._segmenter.predict_mask(img)
+        return seg.predict_mask(img)
 
-    def ood_guard(self) -> Any | None:
-        """The shipped OOD guard (on CPU, sharing the segmenter lung_mask uses), or None if off or missing."""
+    def ood_guard(self) -> OODGuard | None:
+        """The shipped OOD guard on this predictor's engine (sharing the segmenter), or None if off or missing."""
         if self._ood is None:
             try:
-                from xraydx.ood import OODGuard
-
                 self._ood = OODGuard.default()
             except (ImportError, OSError, ValueError) as exc:
                 print(f"xraydx: warning: no out-of-distribution check ({exc})", file=sys.stderr)
                 self._ood = False
         return self._ood or None
 
+    def prepare(self, img: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
+        if self.spec.lung_mask != "none" and mask is None:
+            mask = self.lung_mask(img)
+        return preprocess(img, self.spec, mask)
+
+    def check(
+        self, imgs: Sequence[np.ndarray], colours: Sequence[float | None] | None = None
+    ) -> list[Checked | str]:
+        """The one per-image check, batched: the OOD guard (whose lung masks are the segmenter's, i.e. what
+        :meth:`lung_mask` returns) and the preprocessing. One entry per image: a :class:`Checked`, or the
+        reason it cannot be predicted. ``colours``: each file's colourfulness where known."""
+        cols = list(colours) if colours is not None else [None] * len(imgs)
+        guard = self.ood_guard()
+        needs_mask = self.spec.lung_mask != "none"
+        try:
+            if guard is not None:
+                oods: list[OODResult | None] = list(
+                    guard.check_many(imgs, cols, batch_size=max(1, len(imgs)))
+                )
+                masks = [o.mask if needs_mask and o is not None else None for o in oods]
+            else:
+                oods = [None] * len(imgs)
+                seg = self.segmenter() if needs_mask else None
+                masks = (
+                    seg.predict_masks(list(imgs), max(1, len(imgs)))
+                    if seg is not None
+                    else [None] * len(imgs)
+                )
+        except (ImageReadError, ValueError) as exc:
+            if len(imgs) > 1:  # one bad image: the others are still predicted
+                return [c for img, col in zip(imgs, cols, strict=True) for c in self.check([img], [col])]
+            return [_reason(exc)]
+        out: list[Checked | str] = []
+        for img, mask, oc in zip(imgs, masks, oods, strict=True):
+            try:
+                out.append(Checked(self.prepare(img, mask), oc))
+            except (ImageReadError, ValueError) as exc:
+                out.append(_reason(exc))
+        return out
+
+    # -- classification --
+
     def probs(self, images: np.ndarray) -> np.ndarray:
-        if self.onnx is not None:
-            logits = torch.from_numpy(self.onnx.batch_logits(images))
-        else:
-            logits = batch_logits(self.model, images, self.spec, self.device)
-        return torch.softmax(logits / self.temperature, dim=1).numpy()
+        """Calibrated probabilities (N, C) for preprocessed uint8 images (N, S, S)."""
+        return self.classifier.probs(images)
+
+    def predict_images(
+        self, imgs: Sequence[np.ndarray], colours: Sequence[float | None] | None = None
+    ) -> list[tuple[np.ndarray, Checked] | str]:
+        """The whole pipeline on decoded gray images: (probabilities, :class:`Checked`) or an error reason."""
+        checked = self.check(imgs, colours)
+        ok = [c for c in checked if isinstance(c, Checked)]
+        probs = iter(self.probs(np.stack([c.prepared for c in ok])) if ok else [])
+        return [(next(probs), c) if isinstance(c, Checked) else c for c in checked]
+
+    def prediction(self, path: str, probs: np.ndarray, checked: Checked) -> Prediction:
+        """A predictions row: probabilities, status, the abstention flag and the guard's columns."""
+        extra = {"flag": self.flag(probs), **checked.extra()}
+        return Prediction(path, [float(v) for v in probs], checked.status, extra)
 
     def predict_files(
         self, paths: Iterable[Path], batch_size: int = 32, progress: bool = True, total: int | None = None
     ) -> Iterator[Prediction]:
-        batch: list[tuple[Path, np.ndarray]] = []
-        checks: list[Any] = []  # xraydx.ood.OODResult per batch entry, or None
+        """Predictions in input order; files are decoded on a thread ahead of inference (a bounded queue)
+        and predicted ``batch_size`` at a time; an unreadable file is a row with its error."""
         bar = tqdm(total=total, desc="predict", unit="img", disable=not progress, leave=False)
-        guard = self.ood_guard()
+        want_colour = self.ood_guard() is not None
+        pending: list[Decoded] = []
 
         def flush() -> Iterator[Prediction]:
-            if not batch:
-                return
-            arr = np.stack([a for _, a in batch])
-            for (p, _), pr, oc in zip(batch, self.probs(arr), checks, strict=True):
-                extra: dict[str, Any] = {"flag": self.flag(pr)}
-                if oc is not None:  # a non-CXR keeps its probabilities; status not_cxr says not to trust them
-                    extra.update(ood_score=f"{oc.score:.3f}", ood=oc.to_dict())
-                status = "ok" if oc is None or oc.is_cxr else "not_cxr"
-                yield Prediction(str(p), [float(v) for v in pr], status, extra)
-            bar.update(len(batch))
-            batch.clear()
-            checks.clear()
-
-        for p in paths:
-            try:
-                img = read_image(p)
-                oc = None
-                if guard is not None:
-                    from xraydx.ood import colourfulness_of_file
-
-                    oc = guard.check(img, colourfulness_of_file(p))
-                # the guard's mask is the shipped segmenter's (CPU), i.e. exactly what lung_mask() returns
-                mask = oc.mask if oc is not None and self.spec.lung_mask != "none" else None
-                batch.append((p, self.prepare(img, mask)))
-                checks.append(oc)
-            except (ImageReadError, ValueError) as exc:
-                reason = exc.reason if isinstance(exc, ImageReadError) else str(exc)
+            good = [d for d in pending if d.image is not None]
+            imgs = [d.image for d in good if d.image is not None]
+            results = iter(self.predict_images(imgs, [d.colour for d in good]) if good else [])
+            for d in pending:
+                r = next(results) if d.image is not None else d.error
+                if isinstance(r, tuple):
+                    yield self.prediction(str(d.path), *r)
+                else:
+                    yield Prediction(str(d.path), None, f"error: {r}")
                 bar.update(1)
-                yield Prediction(str(p), None, f"error: {reason}")
-                continue
-            if len(batch) >= batch_size:
+            pending.clear()
+
+        n_ok = 0
+        for d in decode_ahead(paths, depth=2 * batch_size, colour=want_colour):
+            pending.append(d)
+            n_ok += d.image is not None
+            if n_ok >= batch_size:
                 yield from flush()
+                n_ok = 0
         yield from flush()
         bar.close()
+
+
+def _reason(exc: Exception) -> str:
+    return exc.reason if isinstance(exc, ImageReadError) else str(exc)
+
+
+@dataclass
+class Decoded:
+    path: Path
+    image: np.ndarray | None  # uint8 (H, W) gray, or None where unreadable
+    colour: float | None = None  # the file's colourfulness (OOD guard), where asked for and readable
+    error: str = ""
+
+
+_END = object()
+
+
+def decode_ahead(paths: Iterable[Path], depth: int = 64, colour: bool = False) -> Iterator[Decoded]:
+    """``read_image`` of each path on a background thread, at most ``depth`` images ahead; in input order.
+    An unreadable file comes through with its reason; an unexpected error is raised here."""
+    q: queue.Queue[Any] = queue.Queue(maxsize=max(1, depth))
+    stop = threading.Event()
+
+    def put(item: Any) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def work() -> None:
+        try:
+            for p in paths:
+                try:
+                    img = read_image(p)
+                    d = Decoded(Path(p), img, colourfulness_of_file(p) if colour else None)
+                except (ImageReadError, ValueError) as exc:
+                    d = Decoded(Path(p), None, error=_reason(exc))
+                if not put(d):
+                    return
+        except BaseException as exc:  # delivered to the consumer, raised there
+            put(exc)
+        put(_END)
+
+    t = threading.Thread(target=work, name="xraydx-decode", daemon=True)
+    t.start()
+    try:
+        while True:
+            item = q.get()
+            if item is _END:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        t.join(timeout=5)
 
 
 def prediction_row(pred: Prediction, classes: Sequence[str]) -> dict[str, Any]:
