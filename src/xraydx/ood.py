@@ -58,6 +58,7 @@ import torch
 from xraydx import checkpoint
 from xraydx.checkpoint import read_metadata
 from xraydx.constants import DEFAULT_GUARD
+from xraydx.engines import lung_segmenter
 from xraydx.errors import CheckpointError
 from xraydx.io import ImageReadError, read_image
 from xraydx.segment import LungSegmenter, SegAnalysis
@@ -180,7 +181,7 @@ def lung_signals(clean: np.ndarray, threshold: float = 0.5) -> dict[str, float]:
 
 # ---- the guard -------------------------------------------------------------------------------------
 
-_GUARDS: dict[tuple[str, str], OODGuard] = {}
+_GUARDS: dict[tuple[str, str, str, int], OODGuard] = {}
 _LOCK = threading.Lock()
 
 
@@ -223,17 +224,18 @@ class OODGuard:
         return cls(segmenter or LungSegmenter.default(device), tensors, meta)
 
     @classmethod
-    def default(cls, device: str | torch.device = "cpu") -> OODGuard:
-        """The shipped guard (shipped segmenter + statistics), loaded once per device."""
+    def default(cls, device: str | torch.device = "cpu", engine: str = "torch", threads: int = 0) -> OODGuard:
+        """The shipped guard (shipped segmenter + statistics), loaded once per device and engine; its
+        networks (segmenter, feature network) run on ``engine`` (:func:`xraydx.engines.lung_segmenter`)."""
         if not DEFAULT_GUARD.is_file():
             raise OODError(
                 f"{DEFAULT_GUARD}: the shipped OOD statistics are missing from this installation; fit them with"
                 " `python -m xraydx.ood fit` (see docs/lungs_and_ood.md)"
             )
-        key = (str(DEFAULT_GUARD), str(torch.device(device)))
+        key = (str(DEFAULT_GUARD), str(torch.device(device)), engine, int(threads))
         with _LOCK:
             if key not in _GUARDS:
-                _GUARDS[key] = cls.load(DEFAULT_GUARD, LungSegmenter.default(device), device)
+                _GUARDS[key] = cls.load(DEFAULT_GUARD, lung_segmenter(engine, device, threads), device)
             return _GUARDS[key]
 
     # -- scoring --

@@ -26,7 +26,8 @@ from tqdm.auto import tqdm
 
 from xraydx.constants import UNCERTAIN_FLAG
 from xraydx.device import resolve_device
-from xraydx.engines import Classifier, batch_logits
+from xraydx.engines import Classifier, batch_logits, lung_segmenter
+from xraydx.errors import ExportError
 from xraydx.fsutil import printable_path
 from xraydx.io import ImageReadError, is_image_path, read_image
 from xraydx.ood import OODGuard, OODResult, colourfulness_of_file
@@ -143,12 +144,13 @@ class Checked:
 
 
 def load_lung_segmenter(engine: str = "torch", threads: int = 0) -> Any | None:
-    """The shipped lung segmenter on ``engine``, or None where the module or its shipped model is missing."""
+    """The shipped lung segmenter (on the CPU) with its networks on ``engine``, or None where its shipped
+    model is missing."""
     try:
-        from xraydx.segment import LungSegmenter
-
-        return LungSegmenter.default()
-    except (ImportError, OSError, ValueError, RuntimeError):
+        return lung_segmenter(engine, "cpu", threads)
+    except ExportError:
+        raise  # asked for onnx and it cannot be had: an error, not a pipeline without masks
+    except (OSError, ValueError, RuntimeError):
         return None
 
 
@@ -255,7 +257,9 @@ class Predictor:
         """The shipped OOD guard on this predictor's engine (sharing the segmenter), or None if off or missing."""
         if self._ood is None:
             try:
-                self._ood = OODGuard.default()
+                self._ood = OODGuard.default("cpu", self.engine, self.threads)
+            except ExportError:
+                raise
             except (ImportError, OSError, ValueError) as exc:
                 print(f"xraydx: warning: no out-of-distribution check ({exc})", file=sys.stderr)
                 self._ood = False

@@ -225,11 +225,15 @@ class LungSegmenter:
         meta: dict[str, Any],
         device: str | torch.device = "cpu",
         path: Path | None = None,
+        engines: tuple[Any, Any] | None = None,
     ) -> None:
+        """engines: (segmenter, guard features), each an object with ``run(x) -> [outputs]`` on float32
+        (B, 1, S, S) normalised input (:mod:`xraydx.engines`: torch or onnxruntime); None: eager torch here."""
         self.model = model.eval()
         self.meta = meta
         self.device = torch.device(device)
         self.path = path
+        self.engines = engines
         self.size = int(meta["input_size"])
         norm = meta["normalization"]
         self.mean, self.std = float(norm["mean"]), float(norm["std"])
@@ -271,7 +275,14 @@ class LungSegmenter:
         """Same as :meth:`predict_mask`, so the segmenter itself can be passed as ``mask_fn``."""
         return self.predict_mask(img)
 
-    def _input(self, imgs: Sequence[np.ndarray]) -> torch.Tensor:
+    def with_engines(self, segmenter: Any, features: Any) -> LungSegmenter:
+        """The same segmenter running its two networks on the given engines (see ``__init__``)."""
+        other = LungSegmenter(self.model, self.meta, self.device, self.path, (segmenter, features))
+        other._identity = self._identity
+        return other
+
+    def input_batch(self, imgs: Sequence[np.ndarray]) -> np.ndarray:
+        """uint8 gray images (any size) -> float32 (B, 1, S, S): resized to S x S, (x / 255 - mean) / std."""
         arr = np.stack(
             [
                 _check_gray(im)
@@ -280,10 +291,36 @@ class LungSegmenter:
                 for im in imgs
             ]
         )
-        x = torch.from_numpy(arr).to(self.device).unsqueeze(1).float().div_(255.0)
-        return (x - self.mean) / self.std
+        x = arr[:, None].astype(np.float32) / np.float32(255.0)
+        return (x - np.float32(self.mean)) / np.float32(self.std)
 
-    @torch.inference_mode()
+    def variants(self, x: np.ndarray) -> list[np.ndarray]:
+        """The normalised batch rotated by 90, 180 and 270 degrees, and inverted (the OOD orientation test)."""
+        inv = (
+            np.float32(1.0) - (x * np.float32(self.std) + np.float32(self.mean)) - np.float32(self.mean)
+        ) / np.float32(self.std)
+        return [np.ascontiguousarray(np.rot90(x, k, axes=(2, 3))) for k in (1, 2, 3)] + [inv]
+
+    def _run(self, x: np.ndarray, variants: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """Mask logits (B, S, S), pooled features (B, D) and, with ``variants``, their features (B, 4, D)."""
+        if self.engines is not None:
+            full, feats = self.engines
+            logits, pooled = full.run(x)
+            var = [feats.run(v)[0] for v in self.variants(x)] if variants else None
+        else:
+            with torch.inference_mode():
+                t = torch.from_numpy(x).to(self.device)
+                lg, fm = self.model.forward_with_features(t)
+                logits, pooled = lg.float().cpu().numpy(), self.pooled_features(fm).cpu().numpy()
+                var = None
+                if variants:
+                    encode = self.model.encode
+                    var = [
+                        self.pooled_features(encode(torch.from_numpy(v).to(self.device))).cpu().numpy()
+                        for v in self.variants(x)
+                    ]
+        return logits[:, 0], pooled, np.stack(var, 1) if var is not None else None
+
     def analyze_many(
         self, imgs: Sequence[np.ndarray], batch_size: int = 16, variants: bool = False
     ) -> list[SegAnalysis]:
@@ -293,16 +330,9 @@ class LungSegmenter:
         out: list[SegAnalysis] = []
         for i in range(0, len(imgs), batch_size):
             chunk = imgs[i : i + batch_size]
-            x = self._input(chunk)
-            logits, feats = self.model.forward_with_features(x)
-            probs = torch.sigmoid(logits[:, 0].float()).cpu().numpy()
-            pooled = self.pooled_features(feats).cpu().numpy()
-            var: list[np.ndarray | None] = [None] * len(chunk)
-            if variants:
-                inv = (1.0 - (x * self.std + self.mean) - self.mean) / self.std
-                vs = [torch.rot90(x, k, (2, 3)) for k in (1, 2, 3)] + [inv]
-                vf = [self.pooled_features(self.model.encode(v)).cpu().numpy() for v in vs]
-                var = list(np.stack(vf, 1))
+            logits, pooled, vf = self._run(self.input_batch(chunk), variants)
+            probs = torch.sigmoid(torch.from_numpy(np.ascontiguousarray(logits, dtype=np.float32))).numpy()
+            var: list[np.ndarray | None] = list(vf) if vf is not None else [None] * len(chunk)
             for im, p, f, v in zip(chunk, probs, pooled, var, strict=True):
                 clean = postprocess(p, self.threshold)
                 out.append(SegAnalysis(self._to_size(clean, im.shape), p, clean, f, v))
@@ -323,8 +353,7 @@ class LungSegmenter:
         """(N, D) descriptor: global mean of the /16 and /32 encoder maps, and the /32 map averaged over a
         2 x 2 grid (so where things are counts, not only what they are)."""
         f16, f32 = feats[-2].float(), feats[-1].float()
-        grid = F.adaptive_avg_pool2d(f32, 2).flatten(1)
-        return torch.cat([f16.mean(dim=(2, 3)), f32.mean(dim=(2, 3)), grid], 1)
+        return torch.cat([f16.mean(dim=(2, 3)), f32.mean(dim=(2, 3)), _grid_means(f32, 2)], 1)
 
     def _to_size(self, clean: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
         h, w = int(shape[0]), int(shape[1])
@@ -334,6 +363,16 @@ class LungSegmenter:
             t = torch.from_numpy(clean)[None, None]
             big = F.interpolate(t, size=(h, w), mode="bilinear", align_corners=False)[0, 0].numpy()
         return np.where(big > self.threshold, 255, 0).astype(np.uint8)
+
+
+def _grid_means(x: torch.Tensor, n: int) -> torch.Tensor:
+    """``F.adaptive_avg_pool2d(x, n).flatten(1)`` written as slices (cells [floor(i*h/n), ceil((i+1)*h/n)),
+    as adaptive pooling takes them), so the ONNX exporter takes it at any map size (7 x 7 into 2 x 2)."""
+    h, w = int(x.shape[-2]), int(x.shape[-1])
+    rows = [(i * h // n, -(-(i + 1) * h // n)) for i in range(n)]
+    cols = [(j * w // n, -(-(j + 1) * w // n)) for j in range(n)]
+    cells = [x[:, :, a:b, c:d].mean(dim=(2, 3)) for a, b in rows for c, d in cols]
+    return torch.stack(cells, 2).flatten(1)
 
 
 def _check_gray(img: np.ndarray) -> np.ndarray:
