@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import csv
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -30,17 +31,20 @@ from typing import Any
 from _perf import ROOT, cxr_images, machine, median, table, write_result
 
 
-def _run(src: Path, engine: str, folder: Path, out: Path, threads: int) -> float:
+def _run(src: Path, engine: str, folder: Path, out: Path, threads: int) -> tuple[float, float]:
+    """(wall seconds, CPU seconds: user + system of the process) of one ``xraydx predict`` run."""
     env = {**os.environ, "PYTHONPATH": str(src), "OMP_NUM_THREADS": str(threads)}
     cmd = [sys.executable, "-m", "xraydx", "predict", str(folder), "--out", str(out), "-q", "--overwrite"]
     if engine == "onnx":
         cmd += ["--engine", "onnx"]
+    r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     dt = time.perf_counter() - t0
+    r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-2000:]}")
-    return dt
+    return dt, (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
 
 
 def _rows(path: Path) -> dict[str, dict[str, str]]:
@@ -87,6 +91,7 @@ def main() -> int:
     if args.baseline:
         pipelines["baseline-torch"] = (Path(args.baseline).resolve(), "torch")
     times: dict[str, list[float]] = {k: [] for k in pipelines}
+    cpu: dict[str, list[float]] = {k: [] for k in pipelines}
     with tempfile.TemporaryDirectory(prefix="bench-predict-") as tmp:
         folder = Path(tmp) / "images"
         folder.mkdir()
@@ -95,7 +100,7 @@ def main() -> int:
         outs = {k: Path(tmp) / f"{k}.csv" for k in pipelines}
         for k, (s, eng) in pipelines.items():
             print(
-                f"warm-up {k}: {args.images / _run(s, eng, folder, outs[k], args.threads):.1f} img/s",
+                f"warm-up {k}: {args.images / _run(s, eng, folder, outs[k], args.threads)[0]:.1f} img/s",
                 flush=True,
             )
         names = list(pipelines)
@@ -103,7 +108,9 @@ def main() -> int:
             order = names[r % len(names) :] + names[: r % len(names)]
             for k in order:
                 s, eng = pipelines[k]
-                times[k].append(_run(s, eng, folder, outs[k], args.threads))
+                wall, used = _run(s, eng, folder, outs[k], args.threads)
+                times[k].append(wall)
+                cpu[k].append(used)
             print(
                 f"round {r + 1}: " + ", ".join(f"{k} {args.images / times[k][-1]:.1f} img/s" for k in names),
                 flush=True,
@@ -118,20 +125,23 @@ def main() -> int:
             "worst_img_s": min(v),
             "best_img_s": max(v),
             "runs": len(v),
+            "cpu_ms_per_img": 1000 * median(cpu[k]) / args.images,
         }
         for k, v in ips.items()
     ]
     result: dict[str, Any] = {
         "machine": host, "data": source, "images": args.images, "rounds": args.rounds, "threads": args.threads,
-        "rows": rows, "images_per_s": ips, "seconds": times, "onnx_over_torch": ratio,
+        "rows": rows, "images_per_s": ips, "seconds": times, "cpu_seconds": cpu, "onnx_over_torch": ratio,
         "onnx_over_torch_median": median(ratio), "onnx_over_torch_worst": min(ratio), "agreement": agreement,
     }  # fmt: skip
     print()
-    print(table(rows, ["pipeline", "median_img_s", "worst_img_s", "best_img_s", "runs"]))
+    print(table(rows, ["pipeline", "median_img_s", "worst_img_s", "best_img_s", "runs", "cpu_ms_per_img"]))
     print(f"\nonnx / torch (same code, per round): median {median(ratio):.2f}x, worst {min(ratio):.2f}x")
     if "baseline-torch" in ips:
         base = [o / b for o, b in zip(ips["onnx"], ips["baseline-torch"], strict=True)]
+        base_cpu = [b / o for o, b in zip(cpu["onnx"], cpu["baseline-torch"], strict=True)]
         result.update(onnx_over_baseline=base, onnx_over_baseline_median=median(base))
+        result["baseline_cpu_over_onnx_cpu"] = base_cpu
         result["onnx_over_baseline_worst"] = min(base)
         print(f"onnx / baseline torch: median {median(base):.2f}x, worst {min(base):.2f}x (target >= 3x)")
     print(

@@ -13,7 +13,7 @@ network             outputs                                                what 
 
 An :class:`Engine` runs one network: ``run(x) -> [outputs]`` (float32 numpy in, float32 numpy out,
 in the order above). :class:`TorchEngine` is eager PyTorch; :class:`OnnxEngine` is onnxruntime (all
-graph optimisations, intra-op threads = the CPUs this process may use). :func:`make_engine` gives
+graph optimisations, intra-op threads = the CPUs this process may use, no spin-waiting). :func:`make_engine` gives
 either for a :class:`Network`; with ``onnx`` the network is exported once per checkpoint and cached
 (see :func:`onnx_cache_dir`: ``<kind>-<sha256 of the checkpoint>-<export settings>.onnx``), so the
 second run only loads the file.
@@ -226,6 +226,10 @@ class OnnxEngine:
         opts.inter_op_num_threads = 1
         opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         opts.log_severity_level = 3
+        # no busy-waiting between runs: three sessions, a decode thread and torch's post-processing share
+        # the cores (measured on 2 shared cores: 27% less CPU, same or better wall time; docs/performance.md)
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
         providers = ["CPUExecutionProvider"]
         if torch.device(device).type == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
             providers.insert(0, "CUDAExecutionProvider")
