@@ -410,7 +410,7 @@ def main() -> int:
         " --adult; computes rotated/inverted descriptors of every image)",
     )
     ap.add_argument(
-        "--features-cache", help="folder for descriptors (python -m xraydx.ood fit --features-cache)"
+        "--features-cache", help="folder for descriptors (python -m xraydx ood fit --features-cache)"
     )
     args = ap.parse_args()
 

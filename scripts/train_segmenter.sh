@@ -20,7 +20,7 @@ $PY -m xraydx segment train --data "$LUNGSEG" --out "$OUT" --image-size 224 --ep
     --lr 1e-3 --seed 0 --threads 2
 
 # 2. OOD statistics with that segmenter (fit on cxr3's fit part + lungseg train; threshold on calibration)
-$PY -m xraydx.ood fit --segmenter "$OUT/lungseg.safetensors" --cxr3 "$CXR3" --lungseg "$LUNGSEG" \
+$PY -m xraydx ood fit --segmenter "$OUT/lungseg.safetensors" --cxr3 "$CXR3" --lungseg "$LUNGSEG" \
     --out "$OUT/ood.safetensors" --k 64 --percentile 99.5 --seed 0 --threads 1 --features-cache "$OUT/features"
 
 # 3. the benchmark (acceptance on real CXRs, rejection of non-CXRs)

@@ -17,7 +17,6 @@ ellipses, :data:`PRIOR_ELLIPSES`). The verdict rules and thresholds are below an
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,8 +25,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from xraydx.constants import AUDIT_BORDER, AUDIT_CORNER
 from xraydx.data import checkpoint_split
-from xraydx.errors import EXIT_OK, EXIT_PARTIAL, AuditError, UsageError
+from xraydx.errors import AuditError
 from xraydx.render import gray_png, heat_overlay, outline, png_bytes, png_uri
 from xraydx.transforms import Preprocessing, apply_lung_mask, resize_uint8
 
@@ -40,8 +40,8 @@ PRIOR_ELLIPSES: tuple[tuple[float, float, float, float], ...] = (
     (0.71, 0.48, 0.19, 0.37),
 )
 
-BORDER = 0.12  # border band width, fraction of the side
-CORNER = 0.20  # corner squares, fraction of the side
+BORDER = AUDIT_BORDER  # border band width, fraction of the side
+CORNER = AUDIT_CORNER  # corner squares, fraction of the side
 VARIANTS = ("baseline", "lungs_only", "lungs_hidden", "border_blanked")
 
 # Verdict thresholds (balanced accuracy; chance = 1 / number of classes)
@@ -394,54 +394,103 @@ def run_audit(
     return result
 
 
-def cmd_audit(args: argparse.Namespace) -> int:
-    from xraydx.fsutil import refuse_overwrite
-    from xraydx.report import audit_name, write_audit  # the CLI moves to xraydx.cli
+# ---- HTML ----------------------------------------------------------------------------------------
 
-    out = Path(args.out)
-    for name in ("audit.json", "audit.html"):
-        refuse_overwrite(out / name, args.overwrite)  # before the work, not after
-    if not 0 <= args.border < 0.5 or not 0 <= args.corner < 0.5:
-        raise UsageError("--border and --corner must be fractions of the side in [0, 0.5)")
-    audits = []
-    for ck in args.checkpoint:
-        a = run_audit(
-            ck, args.data, args.split, device=args.device, border=args.border, corner=args.corner,
-            n_boot=args.n_boot, seed=args.seed, progress=not args.quiet,
-        )  # fmt: skip
-        audits.append(a)
-        print(f"{audit_name(a)}: {a['verdict']['text']}")
-        for name in VARIANTS:
+_VARIANT_TEXT = {
+    "baseline": "unmodified",
+    "lungs_only": "only the lungs visible",
+    "lungs_hidden": "lungs blacked out",
+    "border_blanked": "border band and corners blacked out",
+}
+_LEVEL_CLASS = {"shortcut": "bad", "possible": "warn", "none_found": "good", "inconclusive": "warn"}
+
+
+def _name(a: dict[str, Any]) -> str:
+    return f"{Path(a['checkpoint']).parent.parent.name or Path(a['checkpoint']).name} (lung_mask={a['lung_mask']})"
+
+
+def audit_section(audits: dict[str, Any] | Sequence[dict[str, Any]]) -> str:
+    """The audit as an HTML section (one column per checkpoint), for audit.html and report.html."""
+    from xraydx.report import esc, fmt, fmt_ci, table
+
+    items = [audits] if isinstance(audits, dict) else list(audits)
+    verdicts = "".join(
+        f'<div class="{_LEVEL_CLASS.get(a["verdict"]["level"], "warn")}"><b>'
+        f"{'' if len(items) == 1 else f'model {i + 1}: '}{esc(_name(a))}</b>: {esc(a['verdict']['text'])}</div>"
+        for i, a in enumerate(items)
+    )
+    rows = []
+    for name in VARIANTS:
+        cells = [f"{esc(name)}<br><span class=muted>{esc(_VARIANT_TEXT[name])}</span>"]
+        for a in items:
             r = a["variants"][name]
-            print(
-                f"  {name:<15} balanced accuracy {r['balanced_accuracy'] or 0:.3f}  accuracy {r['accuracy']:.3f}"
+            cells.append(
+                f"{fmt_ci(r['balanced_accuracy'], r['ci']['balanced_accuracy'], 2)}<br>"
+                f"<span class=muted>acc {fmt(r['accuracy'], 2)} &middot; macro-F1 {fmt(r['macro_f1'], 2)}"
+                f" &middot; same as baseline {r['agreement_with_baseline']:.0%}</span>"
             )
-        print(f"  Grad-CAM mass inside the lung field: {a['saliency']['mean_lung_share'] or float('nan'):.3f}"
-              f" (lung field: {a['lung_field_text']})")  # fmt: skip
-    write_audit(audits, out, overwrite=args.overwrite)
-    print(f"wrote {out / 'audit.json'} and {out / 'audit.html'}")
-    return EXIT_PARTIAL if any(a["unreadable"] for a in audits) else EXIT_OK
+        rows.append(cells)
+    sal = ["Grad-CAM mass inside the lung field<br><span class=muted>mean (median); lung area share</span>"]
+    for a in items:
+        s = a["saliency"]
+        sal.append(
+            f"{fmt(s['mean_lung_share'], 2)} ({fmt(s['median_lung_share'], 2)}); {fmt(s['lung_area'], 2)}"
+        )
+    rows.append(sal)
+    rows.append(["lung field"] + [esc(a["lung_field_text"]) for a in items])
+    rows.append(["checkpoint"] + [f"<code>{esc(a['checkpoint'])}</code>" for a in items])
+    label = [
+        esc(_name(a)) if len(items) == 1 else f"model {i + 1}: {esc(_name(a))}" for i, a in enumerate(items)
+    ]
+    header = ["check (balanced accuracy, 95% CI)", *label]
+    first = items[0]
+    st = first["settings"]
+    ex = first.get("examples")
+    pics = ""
+    if ex:
+        figs = "".join(
+            f'<figure><img src="{ex[k]}" alt="{esc(k)}" width=150><figcaption>{esc(k)}</figcaption></figure>'
+            for k in (*VARIANTS, "gradcam")
+            if k in ex
+        )
+        pics = f"<p>What the model is shown in each check (first image; Grad-CAM with the lung field outlined):</p><div class=thumbs>{figs}</div>"
+    notes = "".join(f"<li>{esc(n)}</li>" for a in items for n in a.get("notes", []))
+    return (
+        "<section id=audit><h2>Shortcut audit</h2>"
+        + verdicts
+        + table(header, rows)
+        + pics
+        + (f"<ul>{notes}</ul>" if notes else "")
+        + f"<p class=muted>{esc(first['data'])} [{esc(first['split'])}], n = {first['n']}; chance = "
+        f"{first['chance']:.2f}. Blacked-out pixels are set to 0 after preprocessing. Border band "
+        f"{st['border']:.0%} of the side, corner squares {st['corner']:.0%}. Verdict: <i>reads shortcuts</i> when the "
+        f"95% CI of balanced accuracy with the lungs hidden lies above chance + {HIDDEN_MARGIN:.2f}, or blanking the "
+        f"border and corners costs more than {BORDER_DROP:.2f}; <i>possible shortcuts</i> when the point estimate with "
+        f"the lungs hidden is above chance + {HIDDEN_MARGIN:.2f}, under {SALIENCY_MIN:.0%} of the Grad-CAM mass is in "
+        f"the lungs, or showing only the lungs costs more than {LUNGS_ONLY_DROP:.2f}. See docs/trust.md.</p></section>"
+    )
 
 
-def add_cli(sub: argparse._SubParsersAction) -> None:
-    au = sub.add_parser(
-        "audit",
-        help="shortcut audit: does the model read the lungs or the borders / markers?",
-        description="Measures Grad-CAM mass inside the lungs and accuracy with the lungs, the outside, or the "
-        "border and corners blacked out; writes audit.json and audit.html. Repeat --checkpoint to compare models "
-        "(e.g. one trained with --lung-mask mask).",
-    )
-    au.add_argument(
-        "--checkpoint", action="append", required=True, help="checkpoint (repeat to compare models)"
-    )
-    au.add_argument("--data", required=True)
-    au.add_argument("--split", default="test", choices=["train", "val", "test", "external"])
-    au.add_argument("--out", required=True, help="output folder")
-    au.add_argument("--border", type=float, default=BORDER, help="border band, fraction of the side")
-    au.add_argument("--corner", type=float, default=CORNER, help="corner squares, fraction of the side")
-    au.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples for the CIs")
-    au.add_argument("--seed", type=int, default=0)
-    au.add_argument("--device", default="auto")
-    au.add_argument("--overwrite", action="store_true")
-    au.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
-    au.set_defaults(func=cmd_audit)
+def render_audit_html(audits: Sequence[dict[str, Any]], title: str = "xraydx shortcut audit") -> str:
+    from xraydx.report import RESEARCH_NOTE, esc, html_page
+
+    body = f"<h1>{esc(title)}</h1>" + audit_section(audits) + f"<p class=muted>{esc(RESEARCH_NOTE)}</p>"
+    return html_page(title, body)
+
+
+def write_audit(audits: Sequence[dict[str, Any]], out: Path, overwrite: bool = False) -> None:
+    """audit.json (without the illustration images) and audit.html into ``out``, atomically."""
+    from xraydx import __version__
+    from xraydx.fsutil import atomic_write_json, refuse_overwrite
+    from xraydx.report import write_html
+
+    out = Path(out)
+    refuse_overwrite(out / "audit.json", overwrite)
+    refuse_overwrite(out / "audit.html", overwrite)
+    doc = {
+        "tool": "xraydx",
+        "tool_version": __version__,
+        "audits": [{k: v for k, v in a.items() if k != "examples"} for a in audits],
+    }
+    atomic_write_json(out / "audit.json", doc)
+    write_html(out / "audit.html", render_audit_html(audits), overwrite=True)

@@ -30,6 +30,17 @@ AUGMENT_PRESETS: tuple[str, ...] = ("none", "light", "strong")
 PRETRAINED_MODES: tuple[str, ...] = ("offline", "timm", "none")
 BALANCE_MODES: tuple[str, ...] = ("loss", "sampler", "class_source", "none")
 ENGINES: tuple[str, ...] = ("torch", "onnx")
+SEGMENTER_ENCODERS: tuple[str, ...] = ("mobilenetv2_100", "tf_efficientnet_lite0")
+
+# ---- defaults the CLI shows in its help (the stage modules use the same values) ------------------
+
+AUDIT_BORDER = 0.12  # shortcut audit: border band width, fraction of the side
+AUDIT_CORNER = 0.20  # shortcut audit: corner squares, fraction of the side
+ONNX_OPSET = 17
+#: the largest |difference| of probabilities allowed between PyTorch and onnxruntime on real images
+PARITY_TOLERANCE = 1e-4
+#: the environment variable holding the API token of ``xraydx serve``
+TOKEN_ENV = "XRAYDX_TOKEN"
 
 # ---- texts shown to users ------------------------------------------------------------------------
 

@@ -16,7 +16,6 @@ predicted class of each image (``--all-classes``: one per class) and an index ``
 
 from __future__ import annotations
 
-import argparse
 import csv
 import re
 import sys
@@ -29,8 +28,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from xraydx.constants import checkpoint_or_default
-from xraydx.errors import EXIT_OK, EXIT_PARTIAL, UsageError
 from xraydx.render import COLORMAP as COLORMAP
 from xraydx.render import heat_overlay as overlay
 from xraydx.render import heat_overlay_png as overlay_png
@@ -331,45 +328,3 @@ def explain_files(
             row["overlay"] = f"{stem}__{classes[k]}.png"
             w.writerow(row)
     return counts
-
-
-# ---- CLI -----------------------------------------------------------------------------------------
-
-
-def cmd_explain(args: argparse.Namespace) -> int:
-
-    if not 0.0 <= args.alpha <= 1.0:
-        raise UsageError(f"--alpha must be in [0, 1]; got {args.alpha}")
-    try:
-        counts = explain_files(
-            checkpoint_or_default(args.checkpoint), args.inputs, Path(args.out), all_classes=args.all_classes, device=args.device,
-            overwrite=args.overwrite, alpha=args.alpha, progress=not args.quiet,
-        )  # fmt: skip
-    except ValueError as exc:
-        if "no image files" in str(exc):
-            raise UsageError(str(exc)) from exc
-        raise
-    print(
-        f"wrote {counts['ok']} Grad-CAM overlays to {args.out} (index: explain.csv); {counts['error']} unreadable"
-    )
-    return EXIT_PARTIAL if counts["error"] else EXIT_OK
-
-
-def add_cli(sub: argparse._SubParsersAction) -> None:
-    ex = sub.add_parser(
-        "explain",
-        help="Grad-CAM overlays (PNG) of what drove each prediction",
-        description="Writes <stem>__<class>.png (Grad-CAM of the predicted class over the preprocessed image) "
-        "and explain.csv (path, prediction, probabilities, flag, overlay file) into --out.",
-    )
-    ex.add_argument("inputs", nargs="+", help="image files, folders (recursive) or .txt list files")
-    ex.add_argument("--checkpoint")
-    ex.add_argument("--out", required=True, help="output folder")
-    ex.add_argument(
-        "--all-classes", action="store_true", help="one overlay per class, not only the predicted one"
-    )
-    ex.add_argument("--alpha", type=float, default=0.45, help="heat map opacity in the overlay (0-1)")
-    ex.add_argument("--device", default="auto")
-    ex.add_argument("--overwrite", action="store_true", help="replace existing overlays / explain.csv")
-    ex.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
-    ex.set_defaults(func=cmd_explain)

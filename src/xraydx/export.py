@@ -16,7 +16,6 @@ classifier) through onnxruntime (:mod:`xraydx.engines`).
 
 from __future__ import annotations
 
-import argparse
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -25,7 +24,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from xraydx.constants import checkpoint_or_default, sample_dir
 from xraydx.engines import (
     DEFAULT_OPSET,
     INPUT_NAME,
@@ -39,7 +37,7 @@ from xraydx.engines import (
     read_onnx_metadata,
 )
 from xraydx.engines import with_metadata as _with_doc
-from xraydx.errors import EXIT_FATAL, EXIT_OK, ExportError, UsageError
+from xraydx.errors import ExportError
 from xraydx.models import load_checkpoint
 
 __all__ = [
@@ -110,72 +108,3 @@ def export_checkpoint(
         report["written"] = True
     report["seconds"] = round(time.perf_counter() - t0, 2)
     return report
-
-
-# ---- CLI -------------------------------------------------------------------------------------------
-
-
-def _default_check_dir() -> Path | None:
-    d = sample_dir() / "test"
-    return d if d.is_dir() else None
-
-
-def cmd_export(args: argparse.Namespace) -> int:
-    from xraydx.predict import expand_inputs
-
-    ckpt = checkpoint_or_default(args.checkpoint)
-    check_dir = Path(args.check_images) if args.check_images else _default_check_dir()
-    if check_dir is None:
-        raise UsageError("no images to check parity on: pass --check-images DIR (real X-rays, any layout)")
-    if not check_dir.exists():
-        raise UsageError(f"{check_dir}: --check-images folder not found")
-    if args.opset < 9:
-        raise UsageError(f"--opset must be at least 9; got {args.opset}")
-    paths, _ = expand_inputs([check_dir])
-    report = export_checkpoint(
-        ckpt, args.out, check_images=paths, max_images=args.max_images, opset=args.opset,
-        tolerance=args.tolerance, overwrite=args.overwrite,
-    )  # fmt: skip
-    par = report["parity"]
-    print(
-        f"parity on {par['n_images']} real images from {check_dir} (PyTorch eager vs onnxruntime, CPU, float32):"
-    )
-    print(
-        f"  max |difference| of probabilities  {par['max_abs_diff_probs']:.3e}   (tolerance {par['tolerance']:.0e})"
-    )
-    print(f"  max |difference| of logits         {par['max_abs_diff_logits']:.3e}")
-    print(f"  same predicted class               {par['argmax_agreement'] * 100:.1f}%")
-    if not report["written"]:
-        print(f"xraydx: error: parity check failed; {args.out} not written", flush=True)
-        return EXIT_FATAL
-    print(
-        f"wrote {args.out} ({Path(args.out).stat().st_size / 1e6:.1f} MB, opset {args.opset}) in {report['seconds']:.1f}s"
-    )
-    return EXIT_OK
-
-
-def add_cli(sub: argparse._SubParsersAction) -> None:
-    ex = sub.add_parser(
-        "export",
-        help="export a checkpoint to ONNX and check parity with PyTorch on real images",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    ex.add_argument("--checkpoint", help="xraydx checkpoint (.safetensors)")
-    ex.add_argument("--out", required=True, help="the .onnx file to write")
-    ex.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset (default {DEFAULT_OPSET})")
-    ex.add_argument(
-        "--check-images",
-        metavar="DIR",
-        help="real images for the parity check (default: the bundled sample's test split)",
-    )
-    ex.add_argument("--max-images", type=int, default=64, help="at most this many parity images (default 64)")
-    ex.add_argument(
-        "--tolerance", type=float, default=PARITY_TOLERANCE,
-        help=f"max allowed |difference| of probabilities (default {PARITY_TOLERANCE:g})",
-    )  # fmt: skip
-    ex.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
-    ex.add_argument(
-        "-q", "--quiet", action="store_true", help="(accepted for symmetry; export prints a short report)"
-    )
-    ex.set_defaults(func=cmd_export)

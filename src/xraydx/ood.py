@@ -35,7 +35,7 @@ classifier was never trained on one.
 
 Fit (needs the segmenter and the data; writes ``weights/ood.safetensors``)::
 
-    python -m xraydx.ood fit --cxr3 /work/shared/data/cxr3 --lungseg /work/shared/data/lungseg \\
+    xraydx ood fit --cxr3 /work/shared/data/cxr3 --lungseg /work/shared/data/lungseg \\
         --out src/xraydx/weights/ood.safetensors
 
 Measured figures: docs/lungs_and_ood.md (``benchmarks/bench_ood.py``).
@@ -43,7 +43,6 @@ Measured figures: docs/lungs_and_ood.md (``benchmarks/bench_ood.py``).
 
 from __future__ import annotations
 
-import argparse
 import csv
 import sys
 import threading
@@ -73,6 +72,7 @@ __all__ = [
     "colourfulness_of_bytes",
     "colourfulness_of_file",
     "fit_guard",
+    "fit_guard_files",
     "lung_signals",
 ]
 
@@ -499,23 +499,36 @@ def save_guard(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any
     checkpoint.save(path, tensors, {"kind": OOD_KIND, **meta})
 
 
-def _cmd_fit(args: argparse.Namespace) -> int:
+def fit_guard_files(
+    out: str | Path,
+    cxr3: str | Path,
+    *,
+    lungseg: str | Path | None = None,
+    segmenter: str | Path | None = None,
+    k: int = 64,
+    percentile: float = 99.5,
+    rotation_percentile: float = 99.9,
+    inversion_percentile: float = 99.7,
+    seed: int = 0,
+    threads: int = 2,
+    overwrite: bool = False,
+    features_cache: str | Path | None = None,
+    command: str = "",
+) -> dict[str, Any]:
+    """Fit the guard on a cxr3-style folder (and a lungseg folder), write it to ``out``; returns its metadata.
+
+    Fit set: cxr3's fit part (+ lungseg's segmenter-train split); calibration: cxr3's calib part (+ lungseg's
+    val split). ``features_cache``: a folder to keep the computed descriptors in (reused on a rerun)."""
     from xraydx.fsutil import refuse_overwrite
 
-    out = Path(args.out)
-    refuse_overwrite(out, args.overwrite)
-    torch.set_num_threads(args.threads)
-    seg = LungSegmenter.load(args.segmenter) if args.segmenter else LungSegmenter.default()
-    sets = {f"cxr3-{k}": v for k, v in cxr3_parts(Path(args.cxr3), args.seed).items() if k != "test"}
-    if args.lungseg:
-        sets.update(
-            {
-                f"lungseg-{k}": v
-                for k, v in lungseg_parts(Path(args.lungseg), args.seed).items()
-                if k != "test"
-            }
-        )
-    cache = Path(args.features_cache) if args.features_cache else None
+    out = Path(out)
+    refuse_overwrite(out, overwrite)
+    torch.set_num_threads(threads)
+    seg = LungSegmenter.load(segmenter) if segmenter else LungSegmenter.default()
+    sets = {f"cxr3-{k}": v for k, v in cxr3_parts(Path(cxr3), seed).items() if k != "test"}
+    if lungseg:
+        sets.update({f"lungseg-{k}": v for k, v in lungseg_parts(Path(lungseg), seed).items() if k != "test"})
+    cache = Path(features_cache) if features_cache else None
     got = {n: cached_features(seg, p, n, cache, variants=n.endswith("-calib")) for n, p in sets.items()}
 
     def join(part: str) -> Descriptors:
@@ -528,53 +541,21 @@ def _cmd_fit(args: argparse.Namespace) -> int:
         )
 
     tensors, meta = fit_guard(
-        seg, join("-fit"), join("-calib"), k=args.k, percentile=args.percentile,
-        orientation_percentiles=(args.rotation_percentile, args.inversion_percentile),
+        seg, join("-fit"), join("-calib"), k=k, percentile=percentile,
+        orientation_percentiles=(rotation_percentile, inversion_percentile),
     )  # fmt: skip
-    cf = join("-calib").features
     meta.update(
         {
             "segmenter_sha256_16": seg.identity,
             "fit_data": {
-                "cxr3": str(args.cxr3),
-                "lungseg": str(args.lungseg or ""),
-                "seed": args.seed,
+                "cxr3": str(cxr3),
+                "lungseg": str(lungseg or ""),
+                "seed": seed,
                 "cxr3_split": "patient_group 60/20/20 fit/calib/test",
                 "lungseg_split": "segmenter train/val/test",
             },
-            "command": "python -m xraydx.ood " + " ".join(sys.argv[1:]),
+            "command": command,
         }
     )
     save_guard(out, tensors, meta)
-    print(
-        f"wrote {out}: threshold {meta['threshold']:.3f} (calibration {args.percentile}th percentile, n={len(cf)}),"
-        f" rules {meta['rules']}"
-    )
-    return 0
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m xraydx.ood", description="fit the OOD guard's statistics")
-    sub = p.add_subparsers(dest="cmd", required=True)
-    f = sub.add_parser("fit")
-    f.add_argument("--cxr3", required=True, help="cxr3-style folder (manifest.csv with file, patient_group)")
-    f.add_argument(
-        "--lungseg", help="lungseg folder: its segmenter-train split joins the fit set, val the calibration"
-    )
-    f.add_argument("--segmenter", help="segmenter checkpoint (default: the shipped one)")
-    f.add_argument("--out", required=True)
-    f.add_argument("--k", type=int, default=64)
-    f.add_argument("--percentile", type=float, default=99.5, help="of calibration distances: the threshold")
-    f.add_argument("--rotation-percentile", type=float, default=99.9)
-    f.add_argument("--inversion-percentile", type=float, default=99.7)
-    f.add_argument("--seed", type=int, default=0)
-    f.add_argument("--threads", type=int, default=2)
-    f.add_argument("--overwrite", action="store_true")
-    f.add_argument("--features-cache", help="folder to keep the computed descriptors in (reused on a rerun)")
-    f.set_defaults(func=_cmd_fit)
-    args = p.parse_args(argv)
-    return int(args.func(args))
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+    return meta

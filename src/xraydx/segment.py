@@ -24,9 +24,6 @@ architecture is not a timm classifier).
 
 from __future__ import annotations
 
-import argparse
-import shlex
-import sys
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -39,8 +36,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from xraydx.checkpoint import load_weights, read_metadata
-from xraydx.constants import DEFAULT_SEGMENTER
-from xraydx.errors import EXIT_OK, EXIT_PARTIAL, SegmenterError, UsageError
+from xraydx.constants import DEFAULT_SEGMENTER, SEGMENTER_ENCODERS
+from xraydx.errors import SegmenterError
 from xraydx.fsutil import file_sha256
 from xraydx.models import create_model
 from xraydx.transforms import resize_uint8
@@ -52,14 +49,13 @@ __all__ = [
     "LungUNet",
     "SegAnalysis",
     "SegmenterError",
-    "add_cli",
     "dice_iou",
     "load_segmenter",
     "postprocess",
 ]
 
 SEG_KIND = "lung-segmenter"
-ENCODERS = ("mobilenetv2_100", "tf_efficientnet_lite0")
+ENCODERS = SEGMENTER_ENCODERS
 DECODER_CHANNELS = (96, 48, 32, 16)
 THRESHOLD = 0.5
 SECOND_COMPONENT_MIN = 0.05  # the second lung is kept if its area is at least this share of the first's
@@ -380,107 +376,3 @@ def _check_gray(img: np.ndarray) -> np.ndarray:
         desc = f"{img.dtype} {img.shape}" if isinstance(img, np.ndarray) else type(img).__name__
         raise ValueError(f"expected a 2-D uint8 gray image, got {desc}")
     return img
-
-
-# ---- CLI -----------------------------------------------------------------------------------------
-
-_TRAIN_ONLY = (
-    "data",
-    "epochs",
-    "image_size",
-    "batch_size",
-    "lr",
-    "seed",
-    "encoder",
-    "pretrained",
-    "threads",
-    "half",
-    "val_fraction",
-    "test_fraction",
-)
-
-
-def add_cli(sub: argparse._SubParsersAction) -> None:
-    sp = sub.add_parser(
-        "segment",
-        help="lung masks and overlays for images; `segment train` trains a segmenter",
-        description="xraydx segment [--checkpoint SEG] INPUTS... --out DIR   (masks/, overlays/, segment.csv)\n"
-        "xraydx segment train --data PATH [--data PATH ...] --out DIR    (lungseg manifests or datasets with masks)",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    sp.add_argument("inputs", nargs="+", help="image files, folders or .txt lists; or the word `train`")
-    sp.add_argument("--out", help="output folder (required)")
-    sp.add_argument("--overwrite", action="store_true")
-    sp.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
-    g = sp.add_argument_group("segmenting")
-    g.add_argument("--checkpoint", help="lung-segmenter checkpoint (default: the shipped one)")
-    g.add_argument("--device", default="cpu")
-    g.add_argument("--no-overlay", action="store_true", help="write masks only")
-    t = sp.add_argument_group("training (xraydx segment train ...)")
-    t.add_argument(
-        "--data", action="append", help="lungseg folder/manifest or any dataset with lung masks (repeatable)"
-    )
-    t.add_argument("--epochs", type=int)
-    t.add_argument("--image-size", type=int)
-    t.add_argument("--batch-size", type=int)
-    t.add_argument("--lr", type=float)
-    t.add_argument("--seed", type=int)
-    t.add_argument("--encoder", choices=ENCODERS)
-    t.add_argument("--pretrained", choices=("offline", "none"))
-    t.add_argument("--threads", type=int)
-    t.add_argument("--half", action="store_true", default=None, help="store float16 weights")
-    t.add_argument("--val-fraction", type=float)
-    t.add_argument("--test-fraction", type=float)
-    sp.set_defaults(func=cmd_segment)
-
-
-def cmd_segment(args: argparse.Namespace) -> int:
-    from xraydx.segment_train import segment_files, train_segmenter  # the CLI moves to xraydx.cli
-
-    if not args.out:
-        raise UsageError("segment: --out DIR is required")
-    if args.inputs[0] == "train":
-        if len(args.inputs) > 1:
-            raise UsageError(
-                f"segment train takes no inputs (got {' '.join(args.inputs[1:])}); use --data PATH"
-            )
-        if not args.data:
-            raise UsageError("segment train: --data PATH is required")
-        opts = {k: getattr(args, k) for k in _TRAIN_ONLY if k != "data" and getattr(args, k) is not None}
-        if "image_size" in opts:
-            opts["size"] = opts.pop("image_size")
-        command = "xraydx " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else ""
-        res = train_segmenter(
-            args.data,
-            Path(args.out),
-            overwrite=args.overwrite,
-            progress=not args.quiet,
-            command=command,
-            **opts,
-        )
-        te = res.get("test")
-        if te:
-            print(
-                f"test split (patient-held-out, n={te['n']}): Dice {te['dice_mean']:.4f}, IoU {te['iou_mean']:.4f}"
-            )
-        return EXIT_OK
-    given = [k for k in _TRAIN_ONLY if getattr(args, k) not in (None, False)]
-    if given:
-        raise UsageError(
-            f"segment: --{given[0].replace('_', '-')} is a training option (xraydx segment train ...)"
-        )
-    seg = (
-        LungSegmenter.load(args.checkpoint, args.device)
-        if args.checkpoint
-        else LungSegmenter.default(args.device)
-    )
-    counts = segment_files(
-        seg,
-        args.inputs,
-        Path(args.out),
-        overlays=not args.no_overlay,
-        overwrite=args.overwrite,
-        progress=not args.quiet,
-    )
-    print(f"wrote {args.out}: {counts['ok']} masks, {counts['error']} unreadable", file=sys.stderr)
-    return EXIT_PARTIAL if counts["error"] else EXIT_OK

@@ -45,7 +45,7 @@ from typing import Any
 
 from xraydx.errors import ServeError
 from xraydx.serve.errors import ApiError
-from xraydx.serve.run import add_cli, cmd_serve, serve_in_thread
+from xraydx.serve.run import cmd_serve, serve_in_thread
 from xraydx.serve.security import TOKEN_ENV
 from xraydx.serve.uploads import safe_filename
 
@@ -75,7 +75,6 @@ __all__ = [
     "TOKEN_ENV",
     "ApiError",
     "ServeError",
-    "add_cli",
     "cmd_serve",
     "safe_filename",
     "serve_in_thread",

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from xraydx.config import MIB, ServeConfig
-from xraydx.constants import ENGINES, checkpoint_or_default
+from xraydx.constants import checkpoint_or_default
 from xraydx.errors import EXIT_FATAL, EXIT_OK, ServeError
 from xraydx.serve.security import LOOPBACK, TOKEN_ENV
 
@@ -101,59 +101,3 @@ def cmd_serve(args: argparse.Namespace) -> int:
         server_header=False,
     )  # fmt: skip
     return EXIT_OK
-
-
-# ---- the command line ----------------------------------------------------------------------------
-
-
-def _positive_float(text: str) -> float:
-    v = float(text)
-    if not v > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-    return v
-
-
-def _positive_int(text: str) -> int:
-    v = int(text)
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {text}")
-    return v
-
-
-def _port(text: str) -> int:
-    v = int(text)
-    if not 0 <= v <= 65535:
-        raise argparse.ArgumentTypeError(f"port must be 0..65535, got {text}")
-    return v
-
-
-def add_cli(sub: argparse._SubParsersAction) -> None:
-    """``xraydx serve``'s arguments; the defaults are :class:`~xraydx.config.ServeConfig`'s."""
-    sp = sub.add_parser(
-        "serve",
-        help="REST API + web page for one checkpoint",
-        description="Serve a checkpoint over HTTP: a web page at /, the API under /api, docs at /docs.",
-    )
-    sp.add_argument("--checkpoint", help="checkpoint (.safetensors); default: the model shipped with xraydx")
-    sp.add_argument(
-        "--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)"
-    )
-    sp.add_argument("--port", type=_port, default=8000)
-    sp.add_argument(
-        "--token", help=f"API token required on /api/* (except /api/health); default: ${TOKEN_ENV} if set"
-    )
-    sp.add_argument("--max-upload-mb", type=_positive_float, default=ServeConfig.max_upload_bytes / MIB,
-                    help="largest accepted file (MB)")  # fmt: skip
-    sp.add_argument("--engine", choices=ENGINES, default=ServeConfig.engine, help="inference engine")
-    sp.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (torch engine; Grad-CAM)")
-    sp.add_argument(
-        "--workers-threads", type=_positive_int, default=None, help="intra-op threads for inference"
-    )
-    sp.add_argument("--max-batch", type=_positive_int, default=ServeConfig.max_batch,
-                    help="most images per inference batch")  # fmt: skip
-    sp.add_argument("--batch-window-ms", type=float, default=ServeConfig.batch_window_ms,
-                    help="wait this long to group concurrent requests (0: greedy)")  # fmt: skip
-    sp.add_argument("--limit-concurrency", type=_positive_int, default=64,
-                    help="connections beyond this get 503 (memory bound)")  # fmt: skip
-    sp.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
-    sp.set_defaults(func=cmd_serve)

@@ -12,7 +12,8 @@ import hmac
 from collections.abc import Mapping
 from typing import Any
 
-TOKEN_ENV = "XRAYDX_TOKEN"
+from xraydx.constants import TOKEN_ENV as TOKEN_ENV  # one home; importable here as before
+
 LOOPBACK = ("127.0.0.1", "::1", "localhost")
 
 PAGE_CSP = (

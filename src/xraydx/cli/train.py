@@ -1,0 +1,84 @@
+"""``xraydx train``: train with validation every epoch (flags are shortcuts for config keys)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+from xraydx.cli._common import SubParsers, add_quiet
+from xraydx.errors import EXIT_OK, EXIT_PARTIAL
+
+TRAIN_FLAGS = {
+    # flag: (config key, type, help)
+    "data": ("data.path", str, "dataset: folder in any supported layout, or a CSV manifest"),
+    "model": ("model.name", str, "timm architecture (default mobilenetv2_100)"),
+    "pretrained": ("model.pretrained", str, "offline | timm | none"),
+    "epochs": ("train.epochs", int, "maximum epochs"),
+    "batch_size": ("train.batch_size", int, "batch size (per process)"),
+    "lr": ("train.lr", float, "peak learning rate"),
+    "image_size": ("data.image_size", int, "input size in pixels"),
+    "lung_mask": ("data.lung_mask", str, "none | crop | mask"),
+    "intensity": ("data.intensity", str, "none | equalize"),
+    "base_size": (
+        "data.base_size",
+        int,
+        "resize whole images to this size first, before lung cropping (0 = off)",
+    ),
+    "holdout_source": ("data.holdout_source", str, "evaluate on this source only, never train on it"),
+    "augment": ("train.augment", str, "none | light | strong"),
+    "seed": ("train.seed", int, "random seed"),
+    "device": ("train.device", str, "auto | cpu | cuda | cuda:N"),
+    "patience": ("train.patience", int, "early-stopping patience in epochs"),
+    "name": ("name", str, "run name (folder under --runs-dir)"),
+    "runs_dir": ("runs_dir", str, "where run folders go (default runs/)"),
+    "cache_dir": ("data.cache_dir", str, "decoded-image cache (default <runs-dir>/.cache)"),
+}
+
+
+def add_parser(sub: SubParsers) -> None:
+    tr = sub.add_parser("train", help="train with validation every epoch")
+    tr.add_argument("--config", help="YAML config file")
+    for flag, (key, typ, hlp) in TRAIN_FLAGS.items():
+        tr.add_argument(
+            f"--{flag.replace('_', '-')}", dest=flag, type=typ, default=None, help=f"{hlp} [{key}]"
+        )
+    tr.add_argument(
+        "--set", action="append", metavar="KEY=VALUE", help="any config field, e.g. train.weight_decay=0.01"
+    )
+    tr.add_argument(
+        "--resume", metavar="RUN_DIR", help="continue a killed or finished run from its last checkpoint"
+    )
+    add_quiet(tr)
+    tr.set_defaults(func=run)
+
+
+def build_config(args: argparse.Namespace) -> Any:
+    """The config file (or the defaults), then the flags, then ``--set`` overrides."""
+    from xraydx.config import Config, parse_overrides
+
+    cfg = Config.load(args.config) if args.config else Config()
+    overrides = {key: getattr(args, flag) for flag, (key, _, _) in TRAIN_FLAGS.items()}
+    cfg.override(overrides)
+    cfg.override(parse_overrides(args.set or []))
+    return cfg
+
+
+def run(args: argparse.Namespace) -> int:
+    from xraydx.train import run_training
+
+    if args.resume:
+        run_dir = run_training(None, resume=Path(args.resume), progress=not args.quiet)
+    else:
+        run_dir = run_training(build_config(args), progress=not args.quiet)
+    print(f"run folder: {run_dir}")
+    skipped = run_dir / "skipped.csv"
+    if skipped.is_file():  # written by train when images could not be read (training went on without them)
+        import csv
+
+        with open(skipped, encoding="utf-8", errors="surrogateescape", newline="") as fh:
+            n = sum(1 for _ in csv.reader(fh)) - 1
+        print(f"xraydx: {n} unreadable image files were skipped; listed in {skipped}", file=sys.stderr)
+        return EXIT_PARTIAL
+    return EXIT_OK
