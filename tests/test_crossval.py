@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from conftest import tiny_config
+from xraydx.cli import main
 from xraydx.crossval import fold_manifest, parse_folds, run_crossval
 from xraydx.crossval_metrics import flag_summary, summarize, wilson
 from xraydx.data import CLASSES, discover
@@ -25,11 +26,28 @@ def _rows(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(fh))
 
 
+TINY = ["--model", "test_resnet", "--pretrained", "none", "--image-size", "64", "--epochs", "1",
+        "--set", "train.batch_size=16", "--set", "train.threads=1", "--set", "train.lr=3e-3"]  # fmt: skip
+
+
 @pytest.fixture(scope="module")
 def cv_run(tmp_path_factory: pytest.TempPathFactory, sample_dir: Path) -> Path:
-    cfg = tiny_config(sample_dir, tmp_path_factory.mktemp("cv"), epochs=1)
-    cfg.name = "cv"
-    return run_crossval(cfg, folds=FOLDS, progress=False)
+    """The command a user types: a tiny leave-source-out crossval over two of the sample's sources."""
+    runs = tmp_path_factory.mktemp("cv")
+    args = [
+        "crossval",
+        "--data",
+        str(sample_dir),
+        "--folds",
+        FOLDS,
+        "--runs-dir",
+        str(runs),
+        "--name",
+        "cv",
+        "-q",
+    ]
+    assert main([*args, *TINY]) == 0
+    return runs / "cv"
 
 
 def test_no_image_is_predicted_by_a_model_trained_on_its_source(cv_run: Path, sample_dir: Path) -> None:
@@ -106,10 +124,10 @@ def test_folds_are_checked_before_any_training(sample_dir: Path, tmp_path: Path)
     # every COVID-19 image of the sample is radiographydb's: without it, training has no covid class
     with pytest.raises(UsageError, match="no covid images"):
         fold_manifest(man, parse_folds("radiographydb", man)[0])
-    cfg = tiny_config(sample_dir, tmp_path, epochs=1)
-    with pytest.raises(UsageError):
-        run_crossval(cfg, folds="radiographydb", progress=False)
-    assert not (tmp_path / "tiny" / "folds").exists()
+    args = ["crossval", "--data", str(sample_dir), "--folds", "radiographydb", "--runs-dir", str(tmp_path)]
+    assert main([*args, "--name", "x", "-q", *TINY]) == 2  # bad usage, before any training
+    assert not (tmp_path / "x" / "folds").exists()
+    assert main([*args, "--name", "y", "-q", "--folds", "kermany;nope", *TINY]) == 2
 
 
 def test_wilson_interval_is_honest_at_small_n() -> None:

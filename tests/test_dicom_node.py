@@ -4,6 +4,12 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pydicom
@@ -16,6 +22,7 @@ from conftest import sample_images
 pytest.importorskip("pynetdicom")
 pytest.importorskip("highdicom")
 
+ROOT = Path(__file__).resolve().parents[1]
 COMPREHENSIVE_SR = "1.2.840.10008.5.1.4.1.1.88.33"
 SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
 CLASSES = ("covid", "non_covid", "normal")
@@ -56,9 +63,29 @@ def _no_phi(out: Path) -> None:
     assert not any((out / "incoming").iterdir()), "received files are deleted after processing"
 
 
-def test_cstore_into_node_sr_arrives_in_orthanc(tmp_path: Path, predictor, empty_orthanc) -> None:  # noqa: F811
-    from xraydx.dicom.send import CStoreSender, Destination
+def _listen(out: Path, orthanc_port: int) -> tuple[subprocess.Popen[str], int]:
+    """``xraydx dicom listen`` in its own process on a free port; returns it and the port it printed."""
+    cmd = [
+        sys.executable, "-m", "xraydx", "dicom", "listen", "--port", "0", "--out", str(out), "--allow", "TESTSCU",
+        "--send-to", f"ORTHANC@127.0.0.1:{orthanc_port}", "--device", "cpu", "-q",
+    ]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=env)
+    assert proc.stderr is not None
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        line = proc.stderr.readline()
+        m = re.search(r"DICOM node XRAYDX on 127\.0\.0\.1:(\d+)", line)
+        if m:
+            return proc, int(m.group(1))
+        if not line and proc.poll() is not None:
+            break
+    proc.kill()
+    raise AssertionError(f"xraydx dicom listen did not start: {proc.stderr.read()[-2000:]}")
 
+
+def test_cstore_into_listen_sr_arrives_in_orthanc(tmp_path: Path, empty_orthanc) -> None:  # noqa: F811
+    """C-STORE into ``xraydx dicom listen``; SIGTERM right after: the queued sends finish, exit 0, log complete."""
     sources = [
         xray_dataset(sample_images("test", "covid")[0], modality="DX"),
         xray_dataset(sample_images("test", "normal")[0], modality="CR", monochrome1=True),
@@ -66,28 +93,37 @@ def test_cstore_into_node_sr_arrives_in_orthanc(tmp_path: Path, predictor, empty
     files = [write(ds, tmp_path / "in" / f"{ds.SOPInstanceUID}.dcm") for ds in sources]
     expected = predict_probs(files, tmp_path / "predict.csv")
     out = tmp_path / "out"
-    sender = CStoreSender(Destination("ORTHANC", "127.0.0.1", empty_orthanc.dicom_port))
-    with make_node(predictor, out, sender=sender, allow=["TESTSCU"]) as node:
-        assoc = scu(node.port)
+    proc, port = _listen(out, empty_orthanc.dicom_port)
+    try:
+        assoc = scu(port)
         assert assoc.is_established
         for ds in sources:
             assert assoc.send_c_store(ds).Status == 0x0000
         assoc.release()
+        assert not scu(port, aet="OTHER").is_established  # --allow TESTSCU
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=180)
+    assert proc.returncode == 0, err[-2000:]
     srs = _srs_in(empty_orthanc, len(sources))
     assert set(srs) == {ds.SOPInstanceUID for ds in sources}
     for ds in sources:
         _check_sr(srs[ds.SOPInstanceUID], ds, expected[ds.SOPInstanceUID])
     rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
-    assert [r["sop_instance_uid"] for r in rows] == [ds.SOPInstanceUID for ds in sources]
+    assert sorted(r["sop_instance_uid"] for r in rows) == sorted(ds.SOPInstanceUID for ds in sources)
     for r in rows:
         assert r["status"] == "ok" and r["calling_ae"] == "TESTSCU" and r["dimse_status"] == "0x0000"
         assert r["send"] == f"sent to ORTHANC@127.0.0.1:{empty_orthanc.dicom_port}"
+        # both sides are written with 6 decimals (each rounded by up to 5e-7), and the node runs in another
+        # process, whose float sums may differ in the 7th digit: 2e-6 is two roundings plus that
         assert [float(r[f"prob_{c}"]) for c in CLASSES] == pytest.approx(
-            expected[r["sop_instance_uid"]], abs=1e-6
+            expected[r["sop_instance_uid"]], abs=2e-6
         )
         assert r["model_id"].startswith("mobilenetv2_100-") and len(r["results"].split()) == 1
     assert not any((out / "pending").iterdir())
     _no_phi(out)
+    for value in PHI_VALUES:
+        assert value not in err
 
 
 def test_orthanc_forwards_to_node_same_result(tmp_path: Path, predictor, empty_orthanc) -> None:  # noqa: F811

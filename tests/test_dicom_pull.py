@@ -59,7 +59,8 @@ def test_pull_classifies_pushes_and_resumes(tmp_path: Path, predictor, empty_ort
         assert r["event"] == "pulled" and r["status"] == "ok"
         assert r["send"] == f"sent to {empty_orthanc.dicomweb}"
         assert [float(r[f"prob_{c}"]) for c in CLASSES] == pytest.approx(
-            expected[r["sop_instance_uid"]], abs=1e-6
+            expected[r["sop_instance_uid"]],
+            abs=2e-6,  # two 6-decimal roundings, another process
         )
     ids = empty_orthanc.wait_for_class(COMPREHENSIVE_SR, 2)
     assert len(ids) == 2

@@ -12,11 +12,39 @@ import sys
 from collections.abc import Sequence
 
 from xraydx import __version__
-from xraydx.cli import audit, data, demo, evaluate, explain, export, ood, predict, segment, serve, train
+from xraydx.cli import (
+    audit,
+    crossval,
+    data,
+    demo,
+    dicom,
+    evaluate,
+    explain,
+    export,
+    ood,
+    predict,
+    segment,
+    serve,
+    train,
+)
 from xraydx.errors import EXIT_INTERRUPTED, XraydxError
 
 #: in the order ``xraydx --help`` lists them
-COMMANDS = (data, train, evaluate, predict, demo, export, explain, audit, segment, serve, ood)
+COMMANDS = (
+    data,
+    train,
+    crossval,
+    evaluate,
+    predict,
+    demo,
+    export,
+    explain,
+    audit,
+    segment,
+    serve,
+    dicom,
+    ood,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
