@@ -58,8 +58,8 @@ def test_python_dash_m_help_does_not_import_torch() -> None:
 
 def test_every_command_module_has_add_parser_and_run() -> None:
     names = set(build_parser()._subparsers._group_actions[0].choices)  # type: ignore[union-attr]
-    assert names == {"data", "train", "evaluate", "predict", "demo", "export", "explain", "audit", "segment",
-                     "serve", "ood"}  # fmt: skip
+    assert names == {"data", "train", "crossval", "evaluate", "predict", "demo", "export", "explain", "audit",
+                     "segment", "serve", "dicom", "ood"}  # fmt: skip
     for mod in COMMANDS:
         assert callable(mod.add_parser)
         assert any(callable(getattr(mod, n, None)) for n in ("run", "run_fit"))
