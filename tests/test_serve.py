@@ -26,7 +26,7 @@ from fastapi.testclient import TestClient  # noqa: E402
 
 from xraydx import serve  # noqa: E402
 from xraydx.io import read_image, read_image_bytes  # noqa: E402
-from xraydx.predict import Prediction, Predictor  # noqa: E402
+from xraydx.predict import Predictor  # noqa: E402
 
 CLASSES = ["covid", "non_covid", "normal"]
 
@@ -517,57 +517,71 @@ def test_uncalibrated_checkpoint_says_so(checkpoint: Path, tmp_path: Path) -> No
     assert any("not calibrated" in w for w in d["warnings"])
 
 
-def test_ood_hook_warns(app: Any, client: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
-    seen: list[tuple[int, ...]] = []
+class _FakeGuard:
+    """Stands in for the shipped OOD guard behind Predictor.check; records what it is given."""
 
-    def check(img: np.ndarray, data: bytes) -> dict[str, Any]:
-        assert isinstance(data, bytes) and data[:4] == b"\x89PNG"  # the raw upload, for colour checks
-        seen.append(img.shape)
-        return {"status": "not_cxr", "score": 0.93, "reason": "no lungs found"}
+    def __init__(self, result: Any) -> None:
+        self.result = result
+        self.seen: list[tuple[tuple[int, ...], float | None]] = []
 
-    monkeypatch.setattr(app.state.service, "ood", check)
+    def check_many(
+        self, imgs: list[np.ndarray], colours: list[float | None], batch_size: int = 16
+    ) -> list[Any]:
+        self.seen += [(img.shape, c) for img, c in zip(imgs, colours, strict=True)]
+        return [self.result for _ in imgs]
+
+
+def test_ood_guard_flag_warns(app: Any, client: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    from xraydx.ood import OODResult, colourfulness_of_bytes
+
+    svc = app.state.service
+    guard = _FakeGuard(OODResult(False, 0.93, ["no lungs found"]))
+    monkeypatch.setattr(svc.predictor, "ood_guard", lambda: guard)
     path = sample_images("test", "covid")[0]
     d = client.post("/api/predict", files=upload(path)).json()
-    assert seen == [read_image(path).shape]  # the hook sees the decoded full image
+    # the guard sees the decoded full image and the upload's colourfulness (colour photos are not X-rays)
+    assert guard.seen == [(read_image(path).shape, colourfulness_of_bytes(path.read_bytes()))]
     assert d["ood"]["flagged"] is True and d["ood"]["status"] == "not_cxr"
     assert "not look like a frontal chest X-ray" in d["warnings"][0] and "no lungs found" in d["warnings"][0]
     assert sum(d["probabilities"].values()) == pytest.approx(1.0, abs=1e-5)  # still reported
 
-    monkeypatch.setattr(app.state.service, "ood", lambda img, data: {"status": "ok", "score": 0.1})
+    monkeypatch.setattr(svc.predictor, "ood_guard", lambda: _FakeGuard(OODResult(True, 0.1, [])))
     d = client.post("/api/predict", files=upload(path)).json()
     assert d["ood"]["flagged"] is False and not any("frontal" in w for w in d["warnings"])
 
 
-def test_interpret_ood_accepts_predictions() -> None:
-    p = Prediction("x.png", [0.2, 0.3, 0.5], "not_cxr", {"ood": {"score": 0.8}})
-    assert serve.interpret_ood(p) == {"score": 0.8, "status": "not_cxr", "flagged": True}
-    assert serve.interpret_ood(Prediction("x.png", [1.0, 0, 0]))["flagged"] is False
-    assert serve.interpret_ood(None) is None
-    assert serve.interpret_ood({"status": "ok", "score": float("nan")})["score"] is None
+def test_ood_verdict_is_the_predictors(client: TestClient, predictor: Predictor, tmp_path: Path) -> None:
+    """The server reports Predictor.check's verdict (the one OOD check predict and explain use), for a
+    chest X-ray and for a colour photo-like image that is not one."""
+    from xraydx.fsutil import json_safe
+    from xraydx.ood import colourfulness_of_bytes
+
+    rng = np.random.default_rng(0)
+    photo = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (300, 300, 3), dtype=np.uint8)).save(photo, format="PNG")
+    for name, data in (
+        ("cxr.png", sample_images("test", "normal")[0].read_bytes()),
+        ("photo.png", photo.getvalue()),
+    ):
+        d = client.post("/api/predict", files={"file": (name, data, "image/png")}).json()
+        want = predictor.check([read_image_bytes(data)], [colourfulness_of_bytes(data)])[0]
+        assert not isinstance(want, str)
+        assert d["ood"] == json_safe(want.ood_info()), name
+        assert d["ood"]["flagged"] is (name == "photo.png")
 
 
-def test_interpret_ood_accepts_guard_results() -> None:
-    ood = pytest.importorskip("xraydx.ood")
-    r = ood.OODResult(
-        False, 2.5, ["blank or nearly constant image", "no clear lung fields"], {"thumb_std": 0.0}
+def test_ood_warning_names_the_reasons() -> None:
+    from xraydx.ood import OODResult
+    from xraydx.predict import Checked
+
+    r = OODResult(False, 2.5, ["blank or nearly constant image", "no clear lung fields"], {"thumb_std": 0.0})
+    info = Checked(np.zeros((8, 8), np.uint8), r).ood_info()
+    assert (
+        info is not None and info["flagged"] is True and info["status"] == "not_cxr" and info["score"] == 2.5
     )
-    info = serve.interpret_ood(r)
-    assert info["flagged"] is True and info["status"] == "not_cxr" and info["score"] == 2.5
-    assert "blank" in info["reason"] and "no clear lung fields" in serve.ood_warning(info)
-    assert serve.interpret_ood(ood.OODResult(True, 0.4, []))["flagged"] is False
-
-
-def test_ood_hook_prefers_the_predictor() -> None:
-    class P:
-        def ood_check(self, img: np.ndarray) -> dict[str, str]:
-            return {"status": "not_cxr", "shape": str(img.shape)}
-
-    fn, note = serve.ood_hook(P())
-    assert fn is not None and "predictor" in note
-    assert fn(np.zeros((40, 50), np.uint8), b"")["shape"] == "(40, 50)"
-    # without one: the shipped guard where this xraydx has it, else None and a note saying why
-    fn, note = serve.ood_hook(types.SimpleNamespace(device="cpu"))
-    assert (fn is None) == any(w in note for w in ("unavailable", "no out-of-distribution"))
+    warning = serve.ood_warning(info)
+    assert "blank" in warning and "no clear lung fields" in warning and "(score 2.5)" in warning
+    assert Checked(np.zeros((8, 8), np.uint8), OODResult(True, 0.4, [])).ood_info()["flagged"] is False
 
 
 # ---- the page, headers, docs ---------------------------------------------------------------------

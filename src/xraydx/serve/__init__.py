@@ -16,11 +16,9 @@ Modules
 -------
 ``app``       :func:`create_app`: the service, the middleware, the error handlers, the routers (assembly only)
 ``routes``    the API and page routes (``APIRouter``; the service and the token check come by ``Depends``)
-``service``   :class:`Service`: the model, the engine, the limits, the token, model info, one prediction
-              (no FastAPI import)
+``service``   :class:`Service`: the model (a :class:`xraydx.predict.Predictor`: its engine, its one OOD check
+              and abstention rule), the limits, the token, model info, one prediction (no FastAPI import)
 ``worker``    :class:`InferenceWorker`: the one inference thread and its micro-batches
-``engine``    the probability engines (PyTorch, onnxruntime checked against it)
-``stages``    the optional out-of-distribution check and its result in the response
 ``uploads``   the bounded in-memory multipart parse, the upload limits, the checks on the content
 ``security``  the token, the security headers and CSP (ASGI middleware)
 ``handlers``  every error as one JSON shape
@@ -53,11 +51,7 @@ _LAZY = {
     "create_app": "app",
     "Service": "service",
     "InferenceWorker": "worker",
-    "TorchEngine": "engine",
-    "OnnxEngine": "engine",
-    "interpret_ood": "stages",
-    "ood_hook": "stages",
-    "ood_warning": "stages",
+    "ood_warning": "service",
     "offline_docs_assets": "docs",
 }
 

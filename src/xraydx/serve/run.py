@@ -92,7 +92,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     app = create_app(cfg)
     svc = app.state.service
     print(
-        f"xraydx: serving {svc.model_id} ({svc.engine.name}) on http://{args.host}:{args.port}/"
+        f"xraydx: serving {svc.model_id} ({svc.engine_name}) on http://{args.host}:{args.port}/"
         f"  (API docs at /docs; research use only - not a diagnostic device)",
         file=sys.stderr,
     )

@@ -19,12 +19,10 @@ from xraydx import explain
 from xraydx.config import ServeConfig
 from xraydx.errors import CheckpointError
 from xraydx.fsutil import file_sha256, json_safe
-from xraydx.io import ImageReadError
-from xraydx.predict import Predictor
-from xraydx.serve.engine import make_engine
+from xraydx.ood import colourfulness_of_bytes
+from xraydx.predict import Checked, Predictor
 from xraydx.serve.errors import ApiError
 from xraydx.serve.security import presented_token, token_matches
-from xraydx.serve.stages import interpret_ood, ood_hook, ood_warning
 from xraydx.serve.uploads import content_notes, read_upload_image
 from xraydx.serve.worker import InferenceWorker
 
@@ -37,9 +35,20 @@ NOTICE = "Research use only - not a diagnostic device."
 @dataclass
 class Decoded:
     image: np.ndarray
-    prepared: np.ndarray | None  # None until the lung mask is applied on the inference thread
     fmt: str
     warnings: list[str]
+    colour: float | None = None  # the file's colourfulness, for the out-of-distribution guard
+
+
+def ood_warning(info: Mapping[str, Any]) -> str:
+    """The warning put first in a response whose image the out-of-distribution check flags."""
+    score = info.get("score")
+    s = f" (score {float(score):.3g})" if isinstance(score, (int, float)) else ""
+    why = f": {info['reason']}" if info.get("reason") else ""
+    return (
+        f"This does not look like a frontal chest X-ray{s}{why}. The class probabilities below are not"
+        " trustworthy for this image."
+    )
 
 
 def _png_b64(data: bytes) -> str:
@@ -61,29 +70,6 @@ def render_png(img: np.ndarray, max_side: int = RENDER_MAX_SIDE) -> bytes:
     out = io.BytesIO()
     im.save(out, format="PNG", compress_level=3)
     return out.getvalue()
-
-
-def abstention_rule(meta: Mapping[str, Any]) -> tuple[float | None, str]:
-    """The checkpoint's abstention threshold (None: no rule, or an invalid one) and a sentence saying so."""
-    rule = meta.get("abstention")
-    if not isinstance(rule, Mapping) or rule.get("threshold") is None:
-        return None, "this model has no abstention rule, so no prediction is flagged as uncertain"
-    try:
-        t = float(rule["threshold"])
-    except (TypeError, ValueError):
-        t = float("nan")
-    if not 0.0 <= t <= 1.0:
-        log.warning("ignoring abstention threshold %r (not in [0, 1])", rule.get("threshold"))
-        return None, "the model's abstention threshold is invalid and was ignored: no uncertainty flag"
-    note = f"uncertain when the highest calibrated probability is below {t:.3f}"
-    cov, acc = rule.get("val_coverage"), rule.get("val_accuracy_accepted")
-    if isinstance(cov, (int, float)) and isinstance(acc, (int, float)):
-        note += f" (chosen on validation: keeps {cov:.0%} of cases, accuracy {acc:.3f} on those"
-        target = rule.get("target_accuracy")
-        if rule.get("target_reached") is False and isinstance(target, (int, float)):
-            note += f"; the {target:.2f} target accuracy was not reached"
-        note += ")"
-    return t, note
 
 
 def public_data_summary(summary: Any, data_path: Any = None) -> Any:
@@ -117,13 +103,14 @@ class Service:
             torch.set_num_threads(int(cfg.threads))
         self.started = time.time()
         self.checkpoint = checkpoint
-        self.predictor = Predictor(checkpoint, cfg.device)
+        # the whole pipeline (lung segmenter, OOD guard, classifier) on one engine; see xraydx.engines
+        self.predictor = Predictor(checkpoint, cfg.device, engine=cfg.engine, threads=int(cfg.threads or 0))
+        self.engine_name = cfg.engine
         self.meta: dict[str, Any] = self.predictor.meta
         self.classes = list(self.predictor.classes)
         self.spec = self.predictor.spec
-        self.engine = make_engine(cfg.engine, self.predictor, cfg.threads)
         self.worker = InferenceWorker(
-            self.engine,
+            self.predictor,
             max_batch=cfg.max_batch,
             window_s=cfg.batch_window_ms / 1000.0,
             heat_fn=self.heat_batch,
@@ -136,8 +123,21 @@ class Service:
         self.model_id = f"{self.meta['architecture']['name']}-{self.sha256[:12]}"
         self.explain: Any = explain  # Grad-CAM; None (tests) where the response should say it is missing
         self._cam: Any = None
-        self.ood, self.ood_note = ood_hook(self.predictor)
-        self.threshold, self.abstention_note = abstention_rule(self.meta)
+        self.ood_check = self.predictor.ood_guard() is not None  # loaded now, not on the first request
+        self.ood_note = (
+            "xraydx.ood guard (lung segmenter + feature distance to real chest X-rays)"
+            if self.ood_check
+            else "out-of-distribution check unavailable in this installation (the server log says why)"
+        )
+        # a model trained on lung masks cannot run without the segmenter: the server's limit, not the file's
+        self.unavailable = (
+            f"this model was trained with lung_mask={self.spec.lung_mask} and needs a lung mask for each"
+            " image, but no lung segmenter is available on this server"
+            if self.spec.lung_mask != "none" and self.predictor.segmenter() is None
+            else None
+        )
+        self.threshold = self.predictor.threshold
+        self.abstention_note = self.predictor.abstention_note()
         cal = self.meta.get("calibration") or {}
         self.calibrated = cal.get("method", "none") != "none" and "temperature" in cal
         self.static_warnings: list[str] = []
@@ -147,8 +147,6 @@ class Service:
             )
         if self.threshold is None:
             self.static_warnings.append(self.abstention_note)
-        if self.spec.lung_mask != "none":
-            log.info("lung_mask=%s: masks come from the lung segmenter (xraydx.segment)", self.spec.lung_mask)
 
     # -- auth -----------------------------------------------------------------------------------
 
@@ -166,7 +164,7 @@ class Service:
                 "model_id": self.model_id,
                 "checkpoint": self.checkpoint.name,
                 "sha256": self.sha256,
-                "engine": self.engine.name,
+                "engine": self.engine_name,
                 "classes": self.classes,
                 "architecture": m.get("architecture"),
                 "input_size": m.get("input_size"),
@@ -187,7 +185,7 @@ class Service:
                 "created": m.get("created"),
                 "tool_version": m.get("tool_version"),
                 "heatmaps": self.explain is not None,
-                "ood_check": self.ood is not None,
+                "ood_check": self.ood_check,
                 "ood_note": self.ood_note,
                 "limits": {
                     "max_upload_bytes": self.max_upload_bytes,
@@ -201,7 +199,7 @@ class Service:
         return {
             "status": "ok",
             "model_id": self.model_id,
-            "engine": self.engine.name,
+            "engine": self.engine_name,
             "uptime_s": round(time.time() - self.started, 1),
             "batches": self.worker.batches,
             "images": self.worker.images,
@@ -210,23 +208,20 @@ class Service:
     # -- one file: the steps --------------------------------------------------------------------
 
     def decode(self, data: bytes, name: str) -> Decoded:
-        """Sniff, decode and (for models without lung masking) preprocess one upload; runs in a worker thread."""
+        """Sniff and decode one upload and note what is odd about it; runs in a worker thread."""
         img, fmt = read_upload_image(data, name)
-        # lung masking runs the segmenter, a model: that happens on the inference thread (see prepare)
-        prepared = self.prepare(img, name) if self.spec.lung_mask == "none" else None
-        return Decoded(img, prepared, fmt or "unknown", content_notes(img, data, fmt, self.spec.size))
+        colour = colourfulness_of_bytes(bytes(data)) if self.ood_check else None
+        return Decoded(img, fmt or "unknown", content_notes(img, data, fmt, self.spec.size), colour)
 
-    def prepare(self, img: np.ndarray, name: str) -> np.ndarray:
-        """The model's input (Predictor.prepare: the one preprocessing function, lung mask included)."""
-        try:
-            return self.predictor.prepare(img)
-        except ImageReadError as exc:
-            # "<unknown>": the model's requirement (e.g. no lung segmenter), not the file's fault
-            if exc.path == "<unknown>":
-                raise ApiError(503, "model_unavailable", f"{name}: {exc.reason}", name) from None
-            raise ApiError(422, "cannot_preprocess", f"{name}: {exc.reason}", name) from None
-        except ValueError as exc:
-            raise ApiError(422, "cannot_preprocess", f"{name}: {exc}", name) from None
+    def check(self, dec: Decoded, name: str) -> Checked:
+        """Predictor.check, the pipeline's one per-image check (the lung mask, the OOD guard, the one
+        preprocessing function); runs on the inference thread. 422 where the image cannot be used."""
+        if self.unavailable is not None:
+            raise ApiError(503, "model_unavailable", f"{name}: {self.unavailable}", name)
+        checked = self.predictor.check([dec.image], [dec.colour])[0]
+        if isinstance(checked, str):
+            raise ApiError(422, "cannot_preprocess", f"{name}: {checked}", name)
+        return checked
 
     def heat_batch(self, images: np.ndarray, classes: list[int]) -> np.ndarray:
         """Grad-CAM heat maps (N, S, S) for preprocessed images; runs on the inference thread."""
@@ -256,23 +251,6 @@ class Service:
             "model_input_png": _png_b64(render_png(prepared)) if crop else None,
         }
 
-    async def _ood(self, dec: Decoded, data: bytes, name: str, warns: list[str]) -> dict[str, Any] | None:
-        """The out-of-distribution check on the inference thread; a failure is a warning, not an error."""
-        if self.ood is None:
-            return None
-        check = self.ood
-        try:
-            ood = interpret_ood(
-                await asyncio.wrap_future(self.worker.submit_call(lambda: check(dec.image, data)))
-            )
-        except Exception as exc:
-            log.exception("out-of-distribution check failed for %s", name)
-            warns.append(f"the out-of-distribution check failed ({type(exc).__name__}); it was skipped")
-            return None
-        if ood and ood["flagged"]:
-            warns.insert(0, ood_warning(ood))
-        return ood
-
     async def _heatmap(
         self, prepared: np.ndarray, idx: int, name: str, warns: list[str]
     ) -> dict[str, Any] | None:
@@ -291,8 +269,8 @@ class Service:
             return None
 
     def uncertainty(self, confidence: float) -> tuple[bool | None, dict[str, Any]]:
-        """The abstention rule applied to one prediction (the same rule as ``Predictor.flag``)."""
-        uncertain = None if self.threshold is None else bool(confidence < self.threshold)
+        """The abstention rule (``Predictor.uncertain``) applied to one prediction's top probability."""
+        uncertain = self.predictor.uncertain([confidence])
         message = (
             "uncertain: refer to a radiologist"
             if uncertain
@@ -308,16 +286,16 @@ class Service:
 
         t0 = time.perf_counter()
         dec = await anyio.to_thread.run_sync(self.decode, data, name, limiter=self.decode_limiter)
-        if dec.prepared is None:
-            img = dec.image
-            dec.prepared = await asyncio.wrap_future(self.worker.submit_call(lambda: self.prepare(img, name)))
-        prepared: np.ndarray = dec.prepared
+        checked = await asyncio.wrap_future(self.worker.submit_call(lambda: self.check(dec, name)))
+        prepared = checked.prepared
         t1 = time.perf_counter()
         probs = await asyncio.wrap_future(self.worker.submit_probs(prepared))
         t2 = time.perf_counter()
         idx = int(np.argmax(probs))
         warns = list(dec.warnings) + list(self.static_warnings)
-        ood = await self._ood(dec, data, name, warns)
+        ood = json_safe(checked.ood_info())
+        if ood and ood["flagged"]:
+            warns.insert(0, ood_warning(ood))
         t3 = time.perf_counter()
         heat = await self._heatmap(prepared, idx, name, warns) if heatmap else None
         t4 = time.perf_counter()
@@ -341,7 +319,7 @@ class Service:
                 "heatmap": heat,
                 "image_png": _png_b64(rendered) if rendered is not None else None,
                 "model_id": self.model_id,
-                "engine": self.engine.name,
+                "engine": self.engine_name,
                 "processing_ms": {
                     "decode": round((t1 - t0) * 1000, 2),
                     "inference": round((t2 - t1) * 1000, 2),

@@ -19,9 +19,7 @@ HeatFn = Callable[[np.ndarray, list[int]], np.ndarray]  # (N, S, S) uint8, class
 
 
 class Engine(Protocol):
-    """What the worker runs batches of probabilities on (:mod:`xraydx.serve.engine`, or a test's fake)."""
-
-    name: str
+    """What the worker runs batches of probabilities on (:class:`xraydx.predict.Predictor`, or a test's fake)."""
 
     def probs(self, batch: np.ndarray) -> np.ndarray:
         """Calibrated probabilities (N, C) for preprocessed uint8 images (N, S, S)."""
