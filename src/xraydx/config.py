@@ -7,6 +7,7 @@ or resumed from the folder alone.
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +22,7 @@ from xraydx.constants import (
     ENGINES,
     INTENSITY_MODES,
     LUNG_MASK_MODES,
+    OBJECTIVES,
     PRETRAINED_MODES,
 )
 from xraydx.errors import ConfigError, ServeError
@@ -60,6 +62,8 @@ class TrainConfig:
     epoch_size: int = 0  # >0: images drawn per epoch (fixed cost per epoch, whatever the data's size)
     augment: str = "light"  # none | light | strong  (batched, on the training device)
     acquisition: float = 0.0  # 0-1: strength of the acquisition-cue augmentation (xraydx.acqaug); 0 = off
+    objective: str = "erm"  # erm (mean loss) | group_dro (worst (class, source) cell; xraydx.groupdro)
+    dro_eta: float = 0.1  # Group DRO step size of the group weights (> 0)
     augment_interpolation: str = "nearest"  # nearest (as torchvision; fused kernel on CPU) | bilinear
     patience: int = 5  # early stopping: epochs without a better val macro-F1
     seed: int = 0
@@ -173,6 +177,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "data.intensity": INTENSITY_MODES,
     "model.pretrained": PRETRAINED_MODES,
     "train.balance": BALANCE_MODES,
+    "train.objective": OBJECTIVES,
     "train.augment": AUGMENT_PRESETS,
     "train.augment_interpolation": AUGMENT_INTERPOLATIONS,
 }
@@ -194,6 +199,8 @@ def validate(cfg: Config) -> None:
         )
     if not 0.0 <= cfg.train.acquisition <= 1.0:
         raise ConfigError(f"train.acquisition must be in [0, 1]; got {cfg.train.acquisition}")
+    if not (math.isfinite(cfg.train.dro_eta) and cfg.train.dro_eta > 0):
+        raise ConfigError(f"train.dro_eta must be a finite number > 0; got {cfg.train.dro_eta}")
     if cfg.train.epoch_size < 0:
         raise ConfigError(
             f"train.epoch_size must be 0 (the whole train split) or positive; got {cfg.train.epoch_size}"

@@ -29,6 +29,8 @@ AUGMENT_INTERPOLATIONS: tuple[str, ...] = ("bilinear", "nearest")
 AUGMENT_PRESETS: tuple[str, ...] = ("none", "light", "strong")
 PRETRAINED_MODES: tuple[str, ...] = ("offline", "timm", "none")
 BALANCE_MODES: tuple[str, ...] = ("loss", "sampler", "class_source", "none")
+#: train.objective: the mean loss, or Group DRO over (class, source) cells (xraydx.groupdro)
+OBJECTIVES: tuple[str, ...] = ("erm", "group_dro")
 ENGINES: tuple[str, ...] = ("torch", "onnx")
 SEGMENTER_ENCODERS: tuple[str, ...] = ("mobilenetv2_100", "tf_efficientnet_lite0")
 

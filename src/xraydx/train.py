@@ -39,6 +39,7 @@ from xraydx.device import resolve_device as resolve_device  # moved to device; i
 from xraydx.errors import TrainError
 from xraydx.evaluate import evaluate_split
 from xraydx.fsutil import atomic_write_bytes, atomic_write_json, printable_path
+from xraydx.groupdro import GroupDRO, group_ids
 from xraydx.metrics import bootstrap_ci, compute_metrics, fit_temperature, format_metrics
 from xraydx.models import count_parameters, create_model, normalization_for
 from xraydx.optim import load_train_state, make_optimizer, save_train_state, write_log
@@ -222,6 +223,9 @@ class Trainer:
     augment: BatchAugment | None
     acquisition: AcquisitionAugment | None
     class_weight: torch.Tensor | None
+    dro: GroupDRO | None = None  # train.objective=group_dro: the group weights
+    groups: torch.Tensor | None = None  # the (class, source) cell of each train record
+    group_names: list[str] = field(default_factory=list)
     start_epoch: int = 1
     best_f1: float = -1.0
     best_epoch: int = 0
@@ -353,6 +357,12 @@ def setup(cfg: Config, d: Dist, device: torch.device, resume: Path | None, progr
     acquisition = AcquisitionAugment(cfg.train.acquisition) if cfg.train.acquisition > 0 else None
     t = Trainer(cfg, d, device, run, log, manifest, spec, splits, model, train_model, opt, sched, augment,
                 acquisition, weight)  # fmt: skip
+    if cfg.train.objective == "group_dro":
+        t.groups, t.group_names = group_ids(tr.labels.tolist(), [r.source for r in tr.records], CLASSES)
+        t.dro = GroupDRO(len(t.group_names), cfg.train.dro_eta, device, distributed=d.active)
+        log(
+            f"objective: Group DRO over {len(t.group_names)} (class, source) cells, step size {cfg.train.dro_eta}"
+        )
     if resume is not None and (t.ckdir / "last.state.safetensors").is_file():
         _resume(t)
     return t
@@ -376,6 +386,8 @@ def _resume(t: Trainer) -> None:
         int(info["bad_epochs"]),
     )
     t.rows = list(info["rows"])
+    if t.dro is not None and info.get("dro_q"):
+        t.dro.load_state(info["dro_q"])
     t.log(
         f"resumed {t.run} after epoch {info['epoch']} (best val macro-F1 {t.best_f1:.4f} at epoch {t.best_epoch})"
     )
@@ -392,7 +404,7 @@ def train_one_epoch(t: Trainer, epoch: int, progress: bool) -> torch.Tensor:
     bs = cfg.train.batch_size
     use_amp = device.type == "cuda" and cfg.train.amp
     t.train_model.train()
-    loss_sum, correct, seen = 0.0, 0, 0
+    loss_sum, correct, seen, pos = 0.0, 0, 0, 0
     # one batch gathered ahead in a thread; pinned memory + non_blocking copies on CUDA; on a CPU into
     # reused buffers (each batch is augmented into a new tensor before the next is asked for)
     batches = tqdm(
@@ -410,9 +422,17 @@ def train_one_epoch(t: Trainer, epoch: int, progress: bool) -> torch.Tensor:
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
             logits = t.train_model(x)
-            loss = F.cross_entropy(
-                logits.float(), yb, weight=t.class_weight, label_smoothing=cfg.train.label_smoothing
-            )
+            if t.dro is None:
+                loss = F.cross_entropy(
+                    logits.float(), yb, weight=t.class_weight, label_smoothing=cfg.train.label_smoothing
+                )
+            else:  # the batch's records: its slice of `order`, sorted as iter_batches gathers it
+                per = F.cross_entropy(
+                    logits.float(), yb, weight=t.class_weight, label_smoothing=cfg.train.label_smoothing,
+                    reduction="none",
+                )  # fmt: skip
+                loss = t.dro.loss(per, t.groups[np.sort(order[pos : pos + len(yb)])])
+            pos += len(yb)
         t.opt.zero_grad(set_to_none=True)
         loss.backward()
         t.opt.step()
@@ -462,6 +482,9 @@ def end_epoch(
         save_checkpoint(t.ckdir / "last.safetensors", t.model, meta)
         info = {"epoch": epoch, "best_f1": t.best_f1, "best_epoch": t.best_epoch, "bad_epochs": t.bad_epochs,
                 "rows": t.rows, "stopped": stopped}  # fmt: skip
+        if t.dro is not None:
+            info["dro_q"] = t.dro.state()
+            t.log(f"Group DRO: heaviest cells {t.dro.top(t.group_names)}")
         save_train_state(t.ckdir / "last.state.safetensors", t.opt, t.sched, info)
         write_log(t.run / "log.csv", t.rows, LOG_COLUMNS)
     t.log(
