@@ -14,7 +14,7 @@ import pytest
 from conftest import tiny_config
 from xraydx.cli import main
 from xraydx.crossval import fold_manifest, parse_folds, run_crossval
-from xraydx.crossval_metrics import flag_summary, summarize, wilson
+from xraydx.crossval_metrics import flag_summary, shift_summary, shift_threshold, summarize, wilson
 from xraydx.data import CLASSES, discover
 from xraydx.errors import UsageError
 
@@ -86,6 +86,14 @@ def test_summary_is_consistent_with_the_pooled_predictions(cv_run: Path) -> None
     assert m["per_fold"]["1-kermany"]["in_source_test"]["n"] > 0
     flagged = sum(bool(r["flag"]) or r["status"] != "ok" for r in pooled)
     assert m["flag"]["n_flagged"] == flagged
+    # the source-shift score: computed for every pooled image by its fold's model, summarised with the
+    # threshold of each fold chosen on the other folds
+    shift = np.array([float(r["shift_score"]) for r in pooled])
+    assert np.isfinite(shift).all() and (shift >= 0).all()
+    sf = m["shift_flag"]
+    assert set(sf["honest"]["threshold_per_fold"]) == {"1-kermany", "2-nihcxr8"}
+    assert set(sf["honest"]["per_source"]) == {"kermany", "nihcxr8"}
+    assert 0.0 <= sf["honest"]["coverage"] <= 1.0
     assert (cv_run / "report.html").read_text().count("<table") >= 4
 
 
@@ -180,3 +188,48 @@ def test_a_threshold_chosen_out_of_source_is_what_the_checkpoint_flags_by(
     assert ab["threshold"] == 0.9 and ab["chosen_on"].startswith("given")
     pred = Predictor(run / "checkpoints" / "best.safetensors")
     assert pred.flag([0.89, 0.1, 0.01]) and not pred.flag([0.91, 0.08, 0.01])
+
+
+def test_shift_threshold_and_the_honest_per_fold_choice() -> None:
+    wrong = np.array([1, 1, 1, 1, 0, 0], bool)
+    base = np.array([1, 0, 0, 0, 0, 0], bool)
+    shift = np.array([0.1, 3.0, 2.0, 0.5, 4.0, 0.2])
+    # half of 4 errors: base holds one; the next error by score is 3.0
+    assert shift_threshold(wrong, base, shift, 0.5) == pytest.approx(3.0)
+    assert shift_threshold(wrong, base, shift, 0.25) == float("inf")  # base alone reaches it
+    assert shift_threshold(wrong, base, shift, 1.0) == pytest.approx(0.5)
+    # two folds, each with 2 wrong (prob says covid, truth normal) and 2 right; errors far, right ones near
+    p = np.tile([0.9, 0.05, 0.05], (8, 1))
+    y = np.array([2, 2, 0, 0, 2, 2, 0, 0])
+    a = {"y": y, "p": p, "flagged": np.zeros(8, bool), "not_cxr": np.zeros(8, bool),
+         "fold": np.array(["f1"] * 4 + ["f2"] * 4, dtype=object), "source": np.array(["a"] * 4 + ["b"] * 4, dtype=object),
+         "shift": np.array([5.0, 4.0, 1.0, 0.5, 6.0, 3.0, 0.8, 0.7])}  # fmt: skip
+    s = shift_summary(a, target=0.5)
+    assert s is not None and s["auroc_errors"]["shift_score"] == pytest.approx(1.0)
+    assert s["auroc_errors"]["one_minus_top_probability"] == pytest.approx(0.5)  # all equally confident
+    # fold f1 gets f2's threshold (6.0: half of f2's 2 errors) and f2 gets f1's (5.0)
+    assert s["honest"]["threshold_per_fold"] == {"f1": pytest.approx(6.0), "f2": pytest.approx(5.0)}
+    assert s["honest"]["errors_flagged"] == pytest.approx(1 / 4)  # only 6.0 in f2 passes 5.0
+    assert s["honest"]["accuracy_accepted"] == pytest.approx(4 / 7)
+    assert shift_summary({**a, "shift": np.full(8, np.nan)}) is None
+
+
+def test_shift_score_is_one_at_the_validation_quantile_and_larger_far_away() -> None:
+    from xraydx.shift import ShiftScore
+
+    rng = np.random.default_rng(0)
+
+    def unit(x: np.ndarray) -> np.ndarray:
+        return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+    centre = np.zeros(16)
+    centre[0] = 1.0
+    train = unit(centre + 0.1 * rng.normal(size=(200, 16)))
+    val = unit(centre + 0.1 * rng.normal(size=(100, 16)))
+    far = unit(-centre + 0.1 * rng.normal(size=(20, 16)))
+    s = ShiftScore.fit(train, val, k=5, quantile=0.9, max_bank=150)
+    assert len(s.bank) == 150
+    assert np.mean(s.score(val) <= 1.0 + 1e-9) == pytest.approx(0.9, abs=0.011)
+    assert s.score(far).min() > 3 * s.score(val).max()
+    with pytest.raises(ValueError, match="more than k"):
+        ShiftScore.fit(train[:5], val, k=5)

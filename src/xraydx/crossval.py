@@ -198,7 +198,7 @@ class CrossVal:
         from xraydx.predict import write_predictions
 
         out = run / "oos_predictions.csv"
-        if out.is_file():
+        if out.is_file() and (self.pipeline == "deployed" or _has_column(out, "shift_score")):
             return out
         held = [
             r for r in Manifest.from_csv(self.fold_dir / f"{f.name}.csv").records if r.split == "external"
@@ -220,8 +220,9 @@ class CrossVal:
                 yield p
 
         write_predictions(
-            rows(), out, CLASSES, overwrite=True, extra_columns=("label", "source", "group", "fold", "flag")
-        )
+            rows(), out, CLASSES, overwrite=True,
+            extra_columns=("label", "source", "group", "fold", "flag", "shift_score"),
+        )  # fmt: skip
         return out
 
     def _cached_predictions(self, ckpt: Path, held: list[Any]) -> Any:
@@ -243,10 +244,28 @@ class CrossVal:
             logits = batch_logits(model, data.images, spec, device).numpy()
         probs = softmax(logits, float(meta.get("calibration", {}).get("temperature", 1.0)))
         flags = abstention_flags(probs, (meta.get("abstention") or {}).get("threshold"))
+        shift = self._shift_scores(ckpt.parent.parent, model, spec, cache, data.images, device)
         for r, reason in bad:
             yield Prediction(str(r.path), None, f"error: {reason}")
-        for r, p, fl in zip(data.records, probs, flags, strict=True):
-            yield Prediction(str(r.path), [float(v) for v in p], "ok", {"flag": UNCERTAIN_FLAG if fl else ""})
+        for r, p, fl, sh in zip(data.records, probs, flags, shift, strict=True):
+            extra = {"flag": UNCERTAIN_FLAG if fl else "", "shift_score": f"{sh:.4f}"}
+            yield Prediction(str(r.path), [float(v) for v in p], "ok", extra)
+
+    def _shift_scores(
+        self, run: Path, model: Any, spec: Any, cache: Path, held_images: Any, device: Any
+    ) -> Any:
+        """The source-shift score (:mod:`xraydx.shift`) of the held-out images under this fold's model:
+        k-NN feature distance to the fold's training images, in units of its validation quantile."""
+        from xraydx.shift import ShiftScore, batch_features
+        from xraydx.train import load_split
+
+        recs = Manifest.from_csv(run / "manifest.csv").records
+        feats = {}
+        for split in ("train", "val"):
+            d, _ = load_split([r for r in recs if r.split == split], spec, cache, split, self.progress)
+            feats[split] = batch_features(model, d.images, spec, device)
+        score = ShiftScore.fit(feats["train"], feats["val"], seed=self.cfg.train.seed)
+        return score.score(batch_features(model, held_images, spec, device))
 
     # ---- all folds ------------------------------------------------------------------------------
     def run_all(self) -> Path:
@@ -290,6 +309,11 @@ class CrossVal:
         )
         self.log(f"run folder: {self.run}")
         return summary
+
+
+def _has_column(path: Path, name: str) -> bool:
+    with open(path, encoding="utf-8", newline="") as fh:
+        return name in next(csv.reader(fh), [])
 
 
 def _discover(cfg: Config) -> Manifest:

@@ -56,7 +56,81 @@ def _arrays(rows: Sequence[dict[str, str]], classes: Sequence[str]) -> dict[str,
         # the tool's flag as shipped: 'uncertain' (abstention) or not a frontal CXR (OOD guard)
         "flagged": np.array([bool(r.get("flag")) or r.get("status") != "ok" for r in ok], dtype=bool),
         "not_cxr": np.array([r.get("status") == "not_cxr" for r in ok], dtype=bool),
+        # the source-shift score (xraydx.shift), where the crossval computed it; NaN where not
+        "shift": np.array([_float(r.get("shift_score")) for r in ok], dtype=np.float64),
     }
+
+
+def _float(v: str | None) -> float:
+    try:
+        return float(v) if v not in (None, "") else float("nan")
+    except ValueError:
+        return float("nan")
+
+
+def shift_threshold(wrong: np.ndarray, base: np.ndarray, shift: np.ndarray, target: float) -> float:
+    """The largest ``S`` at which ``base | (shift >= S)`` flags at least ``target`` of the errors (inf when
+    ``base`` alone does; the smallest score when even flagging everything scored is not enough)."""
+    n_err = int(wrong.sum())
+    need = int(np.ceil(target * n_err - 1e-9)) - int((wrong & base).sum())
+    if need <= 0:
+        return float("inf")
+    rest = np.sort(shift[wrong & ~base & np.isfinite(shift)])[::-1]
+    if not len(rest):
+        return float("inf")
+    return float(rest[min(need, len(rest)) - 1])
+
+
+def _flag_stats(wrong: np.ndarray, flagged: np.ndarray) -> dict[str, Any]:
+    n_err = int(wrong.sum())
+    return {
+        "n": len(wrong),
+        "coverage": float((~flagged).mean()) if len(wrong) else None,
+        "errors_flagged": float((wrong & flagged).sum() / n_err) if n_err else None,
+        "accuracy_accepted": float((~wrong[~flagged]).mean()) if (~flagged).any() else None,
+    }
+
+
+def shift_summary(a: dict[str, np.ndarray], target: float = 0.5) -> dict[str, Any] | None:
+    """The shipped flag OR a source-shift threshold, on out-of-source images.
+
+    ``threshold``: chosen on all pooled out-of-source predictions (what a shipped model takes); ``honest``:
+    each fold flagged with the threshold chosen on the *other* folds only, so the figures are not fit to
+    the images they are reported on. ``auroc_errors``: how well each score alone ranks errors above
+    correct calls (0.5 = no better than chance)."""
+    sh = a["shift"]
+    if not np.isfinite(sh).any():
+        return None
+    y, p, base, fold, src = a["y"], a["p"], a["flagged"], a["fold"], a["source"]
+    wrong = p.argmax(1) != y
+    ok = np.isfinite(sh)
+    out: dict[str, Any] = {"target_errors_flagged": target, "auroc_errors": {}}
+    if wrong[ok].any() and (~wrong[ok]).any():
+        from sklearn.metrics import roc_auc_score
+
+        out["auroc_errors"] = {
+            "shift_score": float(roc_auc_score(wrong[ok], sh[ok])),
+            "one_minus_top_probability": float(roc_auc_score(wrong[ok], 1.0 - p[ok].max(1))),
+        }
+    s_all = shift_threshold(wrong, base, sh, target)
+    out["threshold"] = s_all
+    out["pooled_fit"] = _flag_stats(wrong, base | (sh >= s_all))
+    honest = base.copy()
+    per_fold_threshold = {}
+    for f in sorted(set(fold.tolist())):
+        sel = fold == f
+        others = ~sel
+        s_f = (
+            shift_threshold(wrong[others], base[others], sh[others], target) if others.any() else float("inf")
+        )
+        per_fold_threshold[str(f)] = s_f
+        honest[sel] = base[sel] | (sh[sel] >= s_f)
+    out["honest"] = _flag_stats(wrong, honest)
+    out["honest"]["threshold_per_fold"] = per_fold_threshold
+    out["honest"]["per_source"] = {
+        str(s): _flag_stats(wrong[src == s], honest[src == s]) for s in sorted(set(src.tolist()))
+    }
+    return out
 
 
 def flag_summary(a: dict[str, np.ndarray], target: float = 0.5) -> dict[str, Any]:
@@ -149,4 +223,5 @@ def summarize(
         "per_source": per_source,
         "per_fold": per_fold,
         "flag": flag_summary(a),
+        "shift_flag": shift_summary(a),
     }

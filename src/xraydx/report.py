@@ -577,6 +577,18 @@ def crossval_page(s: dict[str, Any], title: str) -> str:
             f" of these errors, keep {fmt(t['coverage'])} of the cases, at accuracy {fmt(t['accuracy_accepted'])}"
             " on those kept.</p>"
         )
+    sf = s.get("shift_flag")
+    if sf:
+        h, au = sf["honest"], sf.get("auroc_errors") or {}
+        parts.append(
+            "<h3>The flag with the source-shift score</h3><p>Flagged where the shipped flag fires <em>or</em>"
+            " the image's classifier features are far from the fold's training images (k-NN distance, in"
+            " units of its 95th percentile on in-source validation images). Each fold's distance threshold"
+            f" was chosen on the other folds: errors flagged {fmt(h['errors_flagged'])}, coverage"
+            f" {fmt(h['coverage'])}, accuracy of the accepted {fmt(h['accuracy_accepted'])}. AUROC for"
+            f" ranking errors first: shift score {fmt(au.get('shift_score'))}, 1 − top probability"
+            f" {fmt(au.get('one_minus_top_probability'))}. Threshold from all folds: {fmt(sf['threshold'])}.</p>"
+        )
     if fl["coverage_curve"]:
         parts.append(img_tag(coverage_png({"coverage_curve": fl["coverage_curve"]}), "coverage vs accuracy"))
     return html_page(title, "\n".join(parts))
