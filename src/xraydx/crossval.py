@@ -221,7 +221,7 @@ class CrossVal:
 
         write_predictions(
             rows(), out, CLASSES, overwrite=True,
-            extra_columns=("label", "source", "group", "fold", "flag", "shift_score"),
+            extra_columns=("label", "source", "group", "fold", "flag"),
         )  # fmt: skip
         return out
 

@@ -60,6 +60,10 @@ class SegmenterError(CheckpointError):
     """A lung-segmenter checkpoint or segmentation dataset that cannot be used (names the file and why)."""
 
 
+class ShiftError(CheckpointError):
+    """A checkpoint's source-shift sidecar that cannot be used (names the file and why)."""
+
+
 class ExportError(XraydxError, ValueError):
     """Export or ONNX loading failed."""
 
@@ -91,6 +95,7 @@ __all__ = [
     "OutputExistsError",
     "SegmenterError",
     "ServeError",
+    "ShiftError",
     "TrainError",
     "UsageError",
     "XraydxError",

@@ -278,7 +278,16 @@ def explain_files(
     pred = Predictor(checkpoint, device)
     cam = GradCAM(pred.model, pred.spec, temperature=pred.temperature)
     classes = pred.classes
-    cols = ["path", "prediction", *[f"prob_{c}" for c in classes], "flag", "overlay", "status", "ood_score"]
+    cols = [
+        "path",
+        "prediction",
+        *[f"prob_{c}" for c in classes],
+        "flag",
+        "overlay",
+        "status",
+        "ood_score",
+        "shift_score",
+    ]
     names = _Names()
     counts = {"ok": 0, "error": 0}
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -320,7 +329,7 @@ def explain_files(
             row = {
                 "path": str(d.path),
                 "prediction": classes[k],
-                "flag": pred.flag(probs),
+                "flag": pred.flag(probs, checked.shift),
                 "status": checked.status,
             }
             row.update({k2: v for k2, v in checked.extra().items() if k2 in cols})

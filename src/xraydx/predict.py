@@ -118,6 +118,7 @@ class Checked:
 
     prepared: np.ndarray
     ood: OODResult | None = None
+    shift: float | None = None  # the source-shift score (xraydx.shift), where the checkpoint has one
 
     @property
     def status(self) -> str:
@@ -127,9 +128,12 @@ class Checked:
 
     def extra(self) -> dict[str, Any]:
         """The guard's columns of a predictions row (``ood_score``, and ``ood`` for JSON)."""
-        if self.ood is None:
-            return {}
-        return {"ood_score": f"{self.ood.score:.3f}", "ood": self.ood.to_dict()}
+        out: dict[str, Any] = {}
+        if self.ood is not None:
+            out.update(ood_score=f"{self.ood.score:.3f}", ood=self.ood.to_dict())
+        if self.shift is not None:
+            out["shift_score"] = f"{self.shift:.3f}"
+        return out
 
     def ood_info(self) -> dict[str, Any] | None:
         """The guard's verdict as one JSON-able dict (``status``, ``flagged``, ``score``, ``reasons``,
@@ -165,6 +169,18 @@ def abstention_threshold(rule: Any) -> float | None:
     return t if 0.0 <= t <= 1.0 else None
 
 
+def load_shift_rule(checkpoint: Path, model: Any) -> Any | None:
+    """The checkpoint's source-shift sidecar (:func:`xraydx.shift.sidecar_path`) for its torch model, or
+    None where there is none (or no torch model: an exported ``.onnx`` file). An unusable sidecar is an
+    error (ShiftError), never silently ignored."""
+    from xraydx.shift import load_sidecar, sidecar_path
+
+    side = sidecar_path(checkpoint)
+    if model is None or not side.is_file():
+        return None
+    return load_sidecar(side, model)
+
+
 class Predictor:
     """A checkpoint loaded once: the lung segmenter, the OOD guard and the classifier, on one engine.
 
@@ -193,6 +209,7 @@ class Predictor:
         self.threshold = abstention_threshold(self.abstention)
         self._segmenter: Any = None
         self._ood: Any = None if ood else False  # xraydx.ood.OODGuard, loaded on first use; False: no check
+        self.shift = load_shift_rule(self.checkpoint, self.model)  # xraydx.shift.ShiftRule or None
 
     # -- the abstention rule --
 
@@ -203,9 +220,19 @@ class Predictor:
             return None
         return bool(float(np.max(probs)) < self.threshold)
 
-    def flag(self, probs: Sequence[float] | np.ndarray) -> str:
-        """The predictions' ``flag`` column: UNCERTAIN_FLAG where :meth:`uncertain`, else ""."""
-        return UNCERTAIN_FLAG if self.uncertain(probs) else ""
+    def shifted(self, score: float | None) -> bool:
+        """Whether a source-shift score is at or above the checkpoint's calibrated shift threshold."""
+        return bool(self.shift is not None and score is not None and self.shift.flags(np.array([score]))[0])
+
+    def flag(self, probs: Sequence[float] | np.ndarray, shift: float | None = None) -> str:
+        """The predictions' ``flag`` column: UNCERTAIN_FLAG where :meth:`uncertain`, SHIFT_FLAG where
+        :meth:`shifted` (both joined by "; "), else ""."""
+        from xraydx.shift import SHIFT_FLAG
+
+        parts = [UNCERTAIN_FLAG] if self.uncertain(probs) else []
+        if self.shifted(shift):
+            parts.append(SHIFT_FLAG)
+        return "; ".join(parts)
 
     def abstention_note(self) -> str:
         """The rule in words (for an API or a report)."""
@@ -303,7 +330,18 @@ class Predictor:
                 out.append(Checked(self.prepare(img, mask), oc))
             except (ImageReadError, ValueError) as exc:
                 out.append(_reason(exc))
+        self._score_shift([c for c in out if isinstance(c, Checked)])
         return out
+
+    def _score_shift(self, ok: list[Checked]) -> None:
+        """Each prepared image's source-shift score (xraydx.shift), where the checkpoint has a sidecar."""
+        if not ok or self.shift is None or self.model is None:
+            return
+        from xraydx.shift import batch_features
+
+        feats = batch_features(self.model, np.stack([c.prepared for c in ok]), self.spec, self.device)
+        for c, sc in zip(ok, self.shift.score.score(feats), strict=True):
+            c.shift = float(sc)
 
     # -- classification --
 
@@ -322,7 +360,7 @@ class Predictor:
 
     def prediction(self, path: str, probs: np.ndarray, checked: Checked) -> Prediction:
         """A predictions row: probabilities, status, the abstention flag and the guard's columns."""
-        extra = {"flag": self.flag(probs), **checked.extra()}
+        extra = {"flag": self.flag(probs, checked.shift), **checked.extra()}
         return Prediction(path, [float(v) for v in probs], checked.status, extra)
 
     def predict_files(
@@ -431,7 +469,15 @@ def prediction_row(pred: Prediction, classes: Sequence[str]) -> dict[str, Any]:
 
 
 def csv_columns(classes: Sequence[str], extra: Sequence[str] = ()) -> list[str]:
-    return ["path", "prediction", *[f"prob_{c}" for c in classes], "status", "ood_score", *extra]
+    return [
+        "path",
+        "prediction",
+        *[f"prob_{c}" for c in classes],
+        "status",
+        "ood_score",
+        "shift_score",
+        *extra,
+    ]
 
 
 def write_predictions(

@@ -13,7 +13,11 @@ set of fold models (``xraydx crossval``, calibrated out of source) applies to an
 
 from __future__ import annotations
 
+import hashlib
+import json
+import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -21,8 +25,13 @@ import torch
 from torch import nn
 
 from xraydx.engines import normalise
+from xraydx.errors import ShiftError
+from xraydx.fsutil import printable_path
 
-__all__ = ["ShiftScore", "batch_features"]
+__all__ = [
+    "SHIFT_FLAG", "ShiftRule", "ShiftScore", "batch_features", "load_sidecar", "model_digest", "save_sidecar",
+    "sidecar_path",
+]  # fmt: skip
 
 
 def batch_features(
@@ -80,3 +89,91 @@ class ShiftScore:
     def score(self, feats: np.ndarray) -> np.ndarray:
         """The k-NN distance in units of its validation quantile (1.0 = that quantile)."""
         return self.distance(feats) / self.scale
+
+
+# ---- the shipped form: a sidecar next to the checkpoint --------------------------------------------
+
+SHIFT_FLAG = "unlike the training sources"
+
+
+def sidecar_path(checkpoint: str | Path) -> Path:
+    """``model.safetensors`` -> ``model.shift.safetensors``: where a checkpoint's shift score lives."""
+    p = Path(checkpoint)
+    return p.with_name(p.name.removesuffix(".safetensors") + ".shift.safetensors")
+
+
+def model_digest(model: nn.Module) -> str:
+    """sha256 of a model's tensors (names, shapes, dtypes and bytes, in name order): pairs a sidecar with
+    the one network whose features it was fit on, whatever the checkpoint file's metadata says."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
+        h.update(t.numpy().tobytes() if t.dtype != torch.bfloat16 else t.view(torch.int16).numpy().tobytes())
+    return h.hexdigest()
+
+
+@dataclass
+class ShiftRule:
+    """A fitted :class:`ShiftScore` and the threshold at or above which an image is flagged."""
+
+    score: ShiftScore
+    threshold: float | None  # None: the score is reported, nothing is flagged by it
+    meta: dict[str, Any]
+
+    def flags(self, scores: np.ndarray) -> np.ndarray:
+        if self.threshold is None:
+            return np.zeros(len(scores), dtype=bool)
+        return np.asarray(scores) >= self.threshold
+
+    def note(self) -> str:
+        if self.threshold is None:
+            return "the source-shift score is reported; no threshold was calibrated, so it flags nothing"
+        return (
+            f"flagged '{SHIFT_FLAG}' when the source-shift score is at least {self.threshold:.3f}"
+            f" (calibrated out of source: {self.meta.get('threshold_from', 'unknown')})"
+        )
+
+
+def save_sidecar(
+    path: Path, score: ShiftScore, *, threshold: float | None, digest: str, info: dict[str, Any]
+) -> None:
+    from safetensors.torch import save_file
+
+    from xraydx.fsutil import atomic_write_with
+
+    if threshold is not None and not (math.isfinite(threshold) and threshold > 0):
+        raise ValueError(f"the shift threshold must be a finite number > 0; got {threshold}")
+    doc = {"k": score.k, "scale": score.scale, "quantile": score.quantile, "threshold": threshold,
+           "model_digest": digest, **info}  # fmt: skip
+    tensors = {"bank": torch.from_numpy(score.bank).to(torch.float16)}
+    atomic_write_with(path, lambda tmp: save_file(tensors, str(tmp), metadata={"shift": json.dumps(doc)}))
+
+
+def load_sidecar(path: Path, model: nn.Module) -> ShiftRule:
+    """The sidecar at ``path`` for ``model``; ShiftError where it is unreadable, malformed or was fit on
+    another network."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            doc = json.loads((fh.metadata() or {})["shift"])
+            bank = fh.get_tensor("bank").float().numpy()
+        k, scale, q = int(doc["k"]), float(doc["scale"]), float(doc["quantile"])
+        t = doc.get("threshold")
+        t = None if t is None else float(t)
+    except (SafetensorError, OSError, KeyError, TypeError, ValueError) as exc:
+        raise ShiftError(f"{printable_path(str(path))}: not a readable shift-score sidecar ({exc})") from exc
+    if not (bank.ndim == 2 and len(bank) > k >= 1 and math.isfinite(scale) and scale > 0) or (
+        t is not None and not (math.isfinite(t) and t > 0)
+    ):
+        raise ShiftError(
+            f"{printable_path(str(path))}: malformed shift-score sidecar (k, scale or threshold)"
+        )
+    if doc.get("model_digest") != model_digest(model):
+        raise ShiftError(
+            f"{printable_path(str(path))}: fit on another network than this checkpoint's (digest differs); "
+            "refit it with `xraydx shift fit`"
+        )
+    norms = np.linalg.norm(bank, axis=1, keepdims=True)
+    return ShiftRule(ShiftScore(bank / np.maximum(norms, 1e-12), k, scale, q), t, doc)

@@ -25,6 +25,7 @@ from xraydx.cli import (
     predict,
     segment,
     serve,
+    shift,
     train,
 )
 from xraydx.errors import EXIT_INTERRUPTED, XraydxError
@@ -44,6 +45,7 @@ COMMANDS = (
     serve,
     dicom,
     ood,
+    shift,
 )
 
 
