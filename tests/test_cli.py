@@ -59,7 +59,7 @@ def test_python_dash_m_help_does_not_import_torch() -> None:
 def test_every_command_module_has_add_parser_and_run() -> None:
     names = set(build_parser()._subparsers._group_actions[0].choices)  # type: ignore[union-attr]
     assert names == {"data", "train", "crossval", "evaluate", "predict", "demo", "export", "explain", "audit",
-                     "segment", "serve", "dicom", "ood"}  # fmt: skip
+                     "segment", "serve", "dicom", "ood", "shift"}  # fmt: skip
     for mod in COMMANDS:
         assert callable(mod.add_parser)
         assert any(callable(getattr(mod, n, None)) for n in ("run", "run_fit"))
