@@ -21,7 +21,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from safetensors.torch import load_file
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -33,17 +32,19 @@ from xraydx.config import Config
 from xraydx.config import parse_overrides as parse_overrides  # moved to config; importable here as before
 from xraydx.config import validate as validate_config
 from xraydx.data import CLASSES, Manifest, Record, discover, hold_out_source
+from xraydx.data.membership import resume_manifest, split_membership
 from xraydx.device import Dist, available_cpus, broadcast_obj, init_distributed
 from xraydx.device import gather_concat as gather_concat  # moved to device; importable here as before
 from xraydx.device import resolve_device as resolve_device  # moved to device; importable here as before
-from xraydx.errors import TrainError
+from xraydx.errors import TrainError, XraydxError
 from xraydx.evaluate import evaluate_split
 from xraydx.fsutil import atomic_write_bytes, atomic_write_json, printable_path
 from xraydx.groupdro import GroupDRO, group_ids
 from xraydx.metrics import bootstrap_ci, compute_metrics, fit_temperature, format_metrics
 from xraydx.models import count_parameters, create_model, normalization_for
-from xraydx.optim import load_train_state, make_optimizer, save_train_state, write_log
+from xraydx.optim import make_optimizer, save_train_state, write_log
 from xraydx.predict import batch_logits
+from xraydx.resume import resume_where_it_stopped
 from xraydx.transforms import AugmentSpec, BatchAugment, Preprocessing
 
 LOG_COLUMNS = [
@@ -127,6 +128,7 @@ def build_meta(cfg: Config, spec: Preprocessing, manifest: Manifest, extra: dict
         "preprocessing": spec.to_dict(),
         "lung_segmenter": _segmenter_info(spec, manifest),
         "training_data": data_summary(manifest, Path(cfg.data.path).name if cfg.data.path else None),
+        "split_membership": split_membership(manifest),  # evaluate checks the data against it
         "config": cfg.to_dict(),
         **extra,
     }
@@ -136,13 +138,29 @@ def build_meta(cfg: Config, spec: Preprocessing, manifest: Manifest, extra: dict
 
 
 def new_run_dir(cfg: Config) -> Path:
+    """The new run's folder. An existing one is refused unless it is what an earlier attempt that failed
+    before its first checkpoint left (only xraydx's own run files, no checkpoint): that one is reused."""
     name = cfg.name or f"{cfg.model.name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
     run = Path(cfg.runs_dir) / name
-    if run.exists() and any(run.iterdir()):
+    if run.exists() and any(run.iterdir()) and not reusable_run_dir(run):
         raise TrainError(
             f"{run}: run folder already exists; use --resume to continue it or choose another --name"
         )
     return run
+
+
+#: what a run writes before its first checkpoint; a folder holding only these (and an empty checkpoints/)
+#: is an attempt that failed early, and --name may reuse it
+EARLY_RUN_FILES = frozenset({"config.yaml", "train.log", "manifest.csv", "skipped.csv", "checkpoints"})
+
+
+def reusable_run_dir(run: Path) -> bool:
+    try:
+        names = {p.name for p in run.iterdir()}
+        ck = run / "checkpoints"
+        return names <= EARLY_RUN_FILES and (not ck.is_dir() or not any(ck.iterdir()))
+    except OSError:
+        return False
 
 
 def sampling_weights(labels: np.ndarray, sources: Sequence[str], balance: str) -> np.ndarray | None:
@@ -243,9 +261,11 @@ def _open_run(
 ) -> tuple[Path, Callable[[str], None]]:
     """The run folder (new, or the one resumed; config.yaml saved) and the run's logger (rank 0 writes)."""
     run = Path(resume if resume is not None else broadcast_obj(str(new_run_dir(cfg)) if d.main else None, d))
+    reused = resume is None and (run / "config.yaml").is_file()
     if d.main:
         (run / "checkpoints").mkdir(parents=True, exist_ok=True)
         if resume is None:
+            (run / "skipped.csv").unlink(missing_ok=True)  # an earlier failed attempt's, if any
             cfg.save(run / "config.yaml")
 
     def log(msg: str) -> None:
@@ -255,21 +275,28 @@ def _open_run(
             with open(run / "train.log", "a", encoding="utf-8") as fh:
                 fh.write(f"{datetime.now().isoformat(timespec='seconds')} {msg}\n")
 
+    if reused:
+        log(f"reusing run folder {run}: an earlier attempt stopped before its first checkpoint")
     return run, log
 
 
 def load_data(
-    cfg: Config, d: Dist, run: Path, log: Callable[[str], None], progress: bool
+    cfg: Config, d: Dist, run: Path, log: Callable[[str], None], progress: bool, resumed: bool = False
 ) -> tuple[Manifest, Preprocessing, dict[str, SplitData]]:
-    """The manifest (written to the run), the preprocessing, and every split's images (cached)."""
-    manifest = discover(
-        cfg.data.path, val_fraction=cfg.data.val_fraction, test_fraction=cfg.data.test_fraction,
-        seed=cfg.data.split_seed,
-    )  # fmt: skip
-    if cfg.data.holdout_source:
-        manifest = hold_out_source(manifest, cfg.data.holdout_source)
+    """The manifest (written to the run; on resume, the run's own manifest.csv), the preprocessing, and
+    every split's images (cached)."""
+    if resumed and ((run / "manifest.csv").is_file() or any((run / "checkpoints").glob("*.safetensors"))):
+        manifest, _ = resume_manifest(run / "manifest.csv", cfg.data.path, holdout=cfg.data.holdout_source)
+    else:
+        manifest = discover(
+            cfg.data.path, val_fraction=cfg.data.val_fraction, test_fraction=cfg.data.test_fraction,
+            seed=cfg.data.split_seed,
+        )  # fmt: skip
+        if cfg.data.holdout_source:
+            manifest = hold_out_source(manifest, cfg.data.holdout_source)
+        if d.main:
+            manifest.to_csv(run / "manifest.csv")
     if d.main:
-        manifest.to_csv(run / "manifest.csv")
         for note in manifest.notes:
             log(f"data: {note}")
     mean, std = normalization_for(cfg.model.name, cfg.model.pretrained)
@@ -315,7 +342,7 @@ def setup(cfg: Config, d: Dist, device: torch.device, resume: Path | None, progr
     torch.manual_seed(cfg.train.seed)
     torch.use_deterministic_algorithms(device.type == "cpu", warn_only=True)
     run, log = _open_run(cfg, d, resume, progress)
-    manifest, spec, splits = load_data(cfg, d, run, log, progress)
+    manifest, spec, splits = load_data(cfg, d, run, log, progress, resumed=resume is not None)
     tr, va = splits["train"], splits["val"]
     model = create_model(
         cfg.model.name, len(CLASSES), in_chans=cfg.model.in_chans, pretrained=cfg.model.pretrained,
@@ -363,36 +390,9 @@ def setup(cfg: Config, d: Dist, device: torch.device, resume: Path | None, progr
         log(
             f"objective: Group DRO over {len(t.group_names)} (class, source) cells, step size {cfg.train.dro_eta}"
         )
-    if resume is not None and (t.ckdir / "last.state.safetensors").is_file():
-        _resume(t)
+    if resume is not None:
+        resume_where_it_stopped(t, steps_per_epoch)
     return t
-
-
-def _resume(t: Trainer) -> None:
-    """Model, optimiser, schedule and bookkeeping as they were after the last finished epoch."""
-    from safetensors import SafetensorError
-
-    try:  # safetensors only: a planted pickle is refused here, never unpickled
-        t.model.load_state_dict(load_file(str(t.ckdir / "last.safetensors"), device=str(t.device)))
-        info = load_train_state(t.ckdir / "last.state.safetensors", t.opt, t.sched)
-    except (SafetensorError, OSError, RuntimeError, KeyError, ValueError) as exc:
-        raise TrainError(
-            f"{t.ckdir}: cannot resume from last.safetensors / last.state.safetensors ({str(exc)[:200]})"
-        ) from exc
-    t.start_epoch = int(info["epoch"]) + 1
-    t.best_f1, t.best_epoch, t.bad_epochs = (
-        float(info["best_f1"]),
-        int(info["best_epoch"]),
-        int(info["bad_epochs"]),
-    )
-    t.rows = list(info["rows"])
-    if t.dro is not None and info.get("dro_q"):
-        t.dro.load_state(info["dro_q"])
-    t.log(
-        f"resumed {t.run} after epoch {info['epoch']} (best val macro-F1 {t.best_f1:.4f} at epoch {t.best_epoch})"
-    )
-    if info.get("stopped"):
-        t.start_epoch = t.cfg.train.epochs + 1
 
 
 def train_one_epoch(t: Trainer, epoch: int, progress: bool) -> torch.Tensor:
@@ -477,7 +477,7 @@ def end_epoch(
     stopped = t.bad_epochs >= cfg.train.patience and epoch < cfg.train.epochs
     if t.d.main:
         meta = build_meta(cfg, t.spec, t.manifest, {"epoch": epoch, "val_metrics": vm})
-        if improved:
+        if improved and _best_on_disk(t.ckdir / "best.safetensors") < epoch:  # never an earlier epoch over it
             save_checkpoint(t.ckdir / "best.safetensors", t.model, meta)
         save_checkpoint(t.ckdir / "last.safetensors", t.model, meta)
         info = {"epoch": epoch, "best_f1": t.best_f1, "best_epoch": t.best_epoch, "bad_epochs": t.bad_epochs,
@@ -499,6 +499,33 @@ def end_epoch(
     return stopped
 
 
+def _refuse_divergence(t: Trainer, epoch: int, train_loss: float, val_loss: float) -> None:
+    """A non-finite loss: stop before this epoch's weights reach any checkpoint (same test on every rank)."""
+    if math.isfinite(train_loss) and math.isfinite(val_loss):
+        return
+    last = t.ckdir / "last.safetensors"
+    kept = (
+        f"the last good checkpoint is {last} (epoch {epoch - 1})"
+        if last.is_file()
+        else "no checkpoint was written"
+    )
+    what = "train" if not math.isfinite(train_loss) else "val"
+    raise TrainError(
+        f"{t.run}: training diverged in epoch {epoch} ({what} loss is {train_loss if what == 'train' else val_loss});"
+        f" {kept}; lower train.lr (now {t.cfg.train.lr:g}) and start a new run"
+    )
+
+
+def _best_on_disk(path: Path) -> int:
+    """The epoch of the best checkpoint already written (0 where there is none or it cannot be read)."""
+    from xraydx.models import read_metadata
+
+    try:
+        return int(read_metadata(path).get("epoch", 0)) if path.is_file() else 0
+    except (XraydxError, OSError, TypeError, ValueError):
+        return 0
+
+
 def _run(cfg: Config, d: Dist, device: torch.device, resume: Path | None, progress: bool) -> Path:
     t = setup(cfg, d, device, resume, progress)
     epochs_bar = tqdm(
@@ -509,6 +536,7 @@ def _run(cfg: Config, d: Dist, device: torch.device, resume: Path | None, progre
         t0 = time.perf_counter()
         stats = train_one_epoch(t, epoch, progress)
         vm, val_loss = validate(t)
+        _refuse_divergence(t, epoch, float(stats[0] / max(1.0, float(stats[2]))), val_loss)
         if end_epoch(t, epoch, stats, vm, val_loss, t0):
             break
     epochs_bar.close()
