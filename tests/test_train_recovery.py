@@ -166,3 +166,38 @@ def test_a_folder_with_other_files_is_still_never_reused(tmp_path: Path, sample_
     with pytest.raises(TrainError, match="already exists"):
         run_training(tiny_config(sample_dir, tmp_path), progress=False)
     assert (run / "notes.txt").read_text() == "mine"
+
+
+def test_evaluate_checks_the_checkpoints_recorded_split(
+    trained_run: Path, sample_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import json
+
+    ckpt = trained_run / "checkpoints" / "best.safetensors"
+    assert set(read_metadata(ckpt)["split_membership"]) == {"train", "val", "test"}
+    base = ["evaluate", "--checkpoint", str(ckpt), "-q"]
+    assert main([*base, "--data", str(sample_dir), "--out", str(tmp_path / "same")]) == EXIT_OK
+    same = json.loads((tmp_path / "same" / "metrics.json").read_text())
+    assert same["split_check"] == "the data gives exactly the checkpoint's recorded split"
+    # two training images copied into the test split of a copy of the data: the split is not the run's
+    data = tmp_path / "data"
+    shutil.copytree(sample_dir, data)
+    with open(data / "manifest.csv", "a", newline="") as fh:
+        for i, src in enumerate(sorted((data / "train" / "covid").glob("*.png"))[:2]):
+            shutil.copy(src, data / "test" / "covid" / f"was_train{i}.png")
+            csv.writer(fh).writerow(
+                [f"test/covid/was_train{i}.png", "covid", "test", f"t{i}", "x", "", "", "", ""]
+            )
+    capsys.readouterr()
+    assert main([*base, "--data", str(data), "--out", str(tmp_path / "refused")]) == EXIT_FATAL
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no longer matches the checkpoint's recorded test split" in err[0]
+    assert "32" in err[0] and "--allow-changed-data" in err[0] and "manifest.csv" in err[0]
+    assert not (tmp_path / "refused" / "metrics.json").exists()
+    out = tmp_path / "allowed"
+    assert main([*base, "--data", str(data), "--out", str(out), "--allow-changed-data"]) == EXIT_OK
+    assert json.loads((out / "metrics.json").read_text())["split_check"].startswith("CHANGED:")
+    # the run's own manifest.csv, given as the data, is the recorded split
+    own = tmp_path / "own"
+    assert main([*base, "--data", str(trained_run / "manifest.csv"), "--out", str(own)]) == EXIT_OK
+    assert json.loads((own / "metrics.json").read_text())["split_check"].startswith("the data gives exactly")

@@ -13,6 +13,7 @@ the checkpoint's training run split it), optionally the shortcut audit.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -23,8 +24,9 @@ from torch import nn
 
 from xraydx.cache import load_many
 from xraydx.constants import CLASSES, UNCERTAIN_FLAG
-from xraydx.data import Record, checkpoint_split
-from xraydx.errors import UsageError
+from xraydx.data import Record
+from xraydx.data.membership import checked_split
+from xraydx.errors import DatasetError, UsageError
 from xraydx.explain import GradCAM
 from xraydx.fsutil import atomic_write_json, refuse_overwrite
 from xraydx.metrics import abstention_flags, evaluation_summary, softmax
@@ -127,13 +129,18 @@ def evaluate_split(
 
 def evaluate_checkpoint(
     checkpoint: Path, data: str, split: str, out: Path, *, device: str = "auto", overwrite: bool = False,
-    progress: bool = True, audit: bool = False,
+    progress: bool = True, audit: bool = False, allow_changed_data: bool = False,
 ) -> dict[str, Any]:  # fmt: skip
-    """Evaluate on one split of a dataset; write metrics.json, report.html and predictions.csv into ``out``."""
+    """Evaluate on one split of a dataset; write metrics.json, report.html and predictions.csv into ``out``.
+
+    The split is made as the checkpoint's training run made it and checked against the membership the
+    checkpoint recorded: where the data no longer gives it, ``split="test"`` is refused (images the model
+    trained on may now be in it) unless ``allow_changed_data``; other splits go on with a warning."""
     refuse_overwrite(out / "metrics.json", overwrite)
     refuse_overwrite(out / "report.html", overwrite)
     pred = Predictor(checkpoint, device)
-    recs = checkpoint_split(pred.meta.get("config", {}).get("data", {}), data, split)
+    recs, change, recorded = checked_split(pred.meta, data, split)
+    split_check = _split_check(checkpoint, data, split, change, recorded, allow_changed_data)
     if not recs:
         raise UsageError(f"{data}: no images in split {split!r} (as the checkpoint's training run split it)")
     masks = [r.mask for r in recs] if pred.spec.lung_mask != "none" else None
@@ -152,14 +159,37 @@ def evaluate_checkpoint(
         pred.model, pred.spec, arr[keep], [recs[i] for i in keep], out, device=pred.device, classes=pred.classes,
         temperature=pred.temperature, abstention=pred.abstention, audit=audit_result,
         title=f"xraydx evaluation: {Path(str(data)).name} [{split}]",
-        meta={"checkpoint": str(checkpoint), "data": str(data), "split": split},
+        meta={"checkpoint": str(checkpoint), "data": str(data), "split": split, "split check": split_check},
         failures=[(recs[i], r) for i, r in failures],
     )  # fmt: skip
     if audit_result is not None:
         metrics["audit"] = {k: v for k, v in audit_result.items() if k != "examples"}
     metrics["split"] = split
+    metrics["split_check"] = split_check
     metrics["data"] = str(data)
     metrics["checkpoint"] = str(checkpoint)
     metrics["unreadable"] = [{"path": str(recs[i].path), "reason": r} for i, r in failures]
     atomic_write_json(out / "metrics.json", metrics)
     return metrics
+
+
+def _split_check(
+    checkpoint: Path, data: str, split: str, change: str | None, recorded: bool, allow: bool
+) -> str:
+    """The split check in words (metrics.json, report.html); refuses a changed test split unless ``allow``."""
+    if not recorded:
+        text = "not checked: the checkpoint records no split membership (made before xraydx recorded it)"
+        print(f"xraydx: warning: {text}; the {split} split is re-made from the run's fractions and seed",
+              file=sys.stderr)  # fmt: skip
+        return text
+    if change is None:
+        return "the data gives exactly the checkpoint's recorded split"
+    own = checkpoint.parent.parent / "manifest.csv" if checkpoint.parent.name == "checkpoints" else None
+    hint = f"; the run's own split is {own} (give it as --data)" if own is not None and own.is_file() else ""
+    text = f"{data}: the data no longer matches the checkpoint's recorded {split} split ({change}){hint}"
+    if split == "test" and not allow:
+        raise DatasetError(
+            f"{text}; images the model trained on may now be in it: refused (--allow-changed-data to evaluate anyway)"
+        )
+    print(f"xraydx: warning: {text}", file=sys.stderr)
+    return f"CHANGED: {text}"

@@ -23,6 +23,10 @@ def add_parser(sub: SubParsers) -> None:
     ev.add_argument("--device", default="auto")
     ev.add_argument("--overwrite", action="store_true")
     ev.add_argument("--audit", action="store_true", help="also run the shortcut audit (in report.html)")
+    ev.add_argument(
+        "--allow-changed-data", action="store_true",
+        help="evaluate --split test even where the data no longer gives the checkpoint's recorded split",
+    )  # fmt: skip
     add_quiet(ev)
     ev.set_defaults(func=run)
 
@@ -35,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else _default_eval_dir(ckpt, args.split)
     m = evaluate_checkpoint(
         ckpt, args.data, args.split, out, device=args.device, overwrite=args.overwrite, progress=not args.quiet,
-        audit=args.audit,
+        audit=args.audit, allow_changed_data=args.allow_changed_data,
     )  # fmt: skip
     print(format_metrics(m, title=f"{args.data} [{args.split}] with {ckpt}"))
     if m.get("audit"):

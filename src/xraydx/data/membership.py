@@ -25,11 +25,11 @@ from pathlib import Path
 from typing import Any
 
 from xraydx.constants import ALL_SPLITS
-from xraydx.data.manifest import discover, read_csv_manifest
+from xraydx.data.manifest import discover, hold_out_source, read_csv_manifest
 from xraydx.data.records import Manifest, Record, _show
 from xraydx.errors import DatasetError
 
-__all__ = ["membership_change", "membership_digest", "resume_manifest", "split_membership"]
+__all__ = ["checked_split", "membership_change", "membership_digest", "resume_manifest", "split_membership"]
 
 
 def _rel(p: Path, root: Path) -> str:
@@ -56,12 +56,19 @@ def split_membership(manifest: Manifest) -> dict[str, dict[str, Any]]:
     }
 
 
-def membership_change(recorded: dict[str, Any] | None, records: Sequence[Record], root: Path) -> str | None:
-    """Why ``records`` (one split as made now, relative to ``root``) are not the recorded split, or None."""
+def membership_change(
+    recorded: dict[str, Any] | None, records: Sequence[Record], root: Path, trained_root: str | None = None
+) -> str | None:
+    """Why ``records`` (one split as made now, relative to ``root``) are not the recorded split, or None.
+
+    ``trained_root``: the dataset root of the training run; records that match relative to it match too
+    (e.g. the run's own ``manifest.csv``, whose paths are absolute, given as the data)."""
     if not isinstance(recorded, dict) or not isinstance(recorded.get("sha256"), str):
         return None
     now = membership_digest(records, root)
     if now["sha256"] == recorded["sha256"]:
+        return None
+    if trained_root and membership_digest(records, Path(trained_root))["sha256"] == recorded["sha256"]:
         return None
     return (
         f"the recorded split has {recorded.get('n')} images, the data now gives {now['n']}"
@@ -111,3 +118,36 @@ def resume_manifest(saved_csv: Path, data_path: str, *, holdout: str = "") -> tu
     if holdout and not any(r.split == "external" for r in saved.records):
         notes.append(f"holdout_source {holdout!r}: the saved manifest has no external split")
     return replace(saved, root=root, layout=layout, notes=notes), notes
+
+
+def checked_split(
+    meta: dict[str, Any], path: str | Path, split: str
+) -> tuple[list[Record], str | None, bool]:
+    """The images of ``split`` of the data at ``path``, split as the checkpoint's training run split it
+    (its ``data`` config: fractions, seed, held-out source), and the check against the membership the
+    checkpoint recorded: ``(records, problem, recorded)``. ``problem`` says how the data no longer
+    gives the recorded split (None where it does); ``recorded`` is False for a checkpoint that records
+    none (made before membership was recorded: nothing to check against)."""
+    data_cfg = (meta.get("config") or {}).get("data") or {}
+    manifest = discover(
+        path,
+        val_fraction=float(data_cfg.get("val_fraction", 0.15)),
+        test_fraction=float(data_cfg.get("test_fraction", 0.15)),
+        seed=int(data_cfg.get("split_seed", 0)),
+        require_all_classes=False,
+    )
+    held_out = str(data_cfg.get("holdout_source") or "")
+    if held_out and any(r.source == held_out for r in manifest.records):
+        manifest = hold_out_source(manifest, held_out)
+    recs = manifest.split(split)
+    membership = meta.get("split_membership")
+    if not isinstance(membership, dict):
+        return recs, None, False
+    trained_root = (meta.get("training_data") or {}).get("root")
+    recorded = membership.get(split)
+    if recorded is None:
+        return recs, (f"the checkpoint's training run had no {split} split" if recs else None), True
+    change = membership_change(
+        recorded, recs, manifest.root, trained_root if isinstance(trained_root, str) else None
+    )
+    return recs, change, True
