@@ -154,8 +154,9 @@ def write_cases(folder: Path, cases: list[Case]) -> dict[str, Path]:
 
 
 def printable(path: str | os.PathLike[str]) -> str:
-    """How xraydx shows a path in a message: undecodable bytes as \\xNN escapes."""
-    return os.fsencode(path).decode("utf-8", "backslashreplace")
+    """How xraydx shows a path in a message: undecodable bytes and control characters as \\xNN escapes."""
+    text = os.fsencode(path).decode("utf-8", "backslashreplace")
+    return "".join(f"\\x{ord(ch):02x}" if ord(ch) < 0x20 or 0x7f <= ord(ch) < 0xa0 else ch for ch in text)
 
 
 @contextlib.contextmanager
@@ -175,3 +176,84 @@ def hang_guard(seconds: float) -> Iterator[None]:
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, old)
+
+
+# ---- folder-walk cases: what a folder may hold besides files (issue 16 items 1, 2, 16; issue 17 item 11) ----
+
+
+@dataclass(frozen=True)
+class WalkCase:
+    """One entry of a folder given to ``predict``. ``expect``: ``read`` (a row with status ok), ``row`` (an
+    error row whose status holds ``reason``, also on stderr; exit code 3) or ``left_out`` (no row; the note on
+    stderr holds ``reason``). ``blocked``: the test makes ``os.scandir`` fail for it (tests run as root, and
+    chmod 000 does not stop root). ``as_input``: given on the command line, not found by the walk."""
+
+    key: str
+    name: str
+    expect: str
+    reason: str
+    blocked: bool = False
+    as_input: bool = False
+
+
+def _bare_dicom_bytes(pixels: np.ndarray, implicit: bool) -> bytes:
+    """A DICOM without the 128-byte preamble and ``DICM``: the file meta group first (explicit VR), or, with
+    ``implicit``, the data set alone in implicit VR little endian (no file meta at all)."""
+    import pydicom
+    from pydicom.filewriter import dcmwrite
+
+    data = dicom_bytes(pixels)
+    if not implicit:
+        return data[132:]
+    ds = pydicom.dcmread(io.BytesIO(data))
+    bare = pydicom.Dataset()
+    bare.update(ds)
+    buf = io.BytesIO()
+    dcmwrite(buf, bare, implicit_vr=True, little_endian=True)
+    return buf.getvalue()
+
+
+WALK_CASES: list[WalkCase] = [
+    WalkCase("unlistable", "locked", "row", "cannot list folder (Permission denied)", blocked=True),
+    WalkCase("link_loop", "loop-a", "row", "symbolic link loop"),
+    WalkCase("fifo", "pipe", "row", "not a regular file (FIFO)"),
+    WalkCase("fifo_png", "pipe.png", "row", "not a regular file"),
+    WalkCase("dicom_no_suffix", "IM000001", "read", ""),
+    WalkCase("dicom_bare_meta", "IM000002", "read", ""),
+    WalkCase("dicom_bare_implicit", "1.2.840.99.3", "read", ""),
+    WalkCase("text_no_suffix", "README", "row", "no image file suffix, and not an image (content looks like text)"),
+    WalkCase("dicomdir", "DICOMDIR", "left_out", "1 DICOMDIR"),
+    WalkCase("mask_folder", "Normal/lung masks", "left_out", "left out 1 files in 1 mask folders"),
+    WalkCase("control_chars", "esc-\x1b[2J-cr\r.png", "row", "not an image"),
+    WalkCase("png_named_txt", "scan.txt", "read", "", as_input=True),
+    WalkCase("binary_txt", "junk.txt", "row", "not read as a list file", as_input=True),
+]
+
+
+def write_walk_cases(folder: Path) -> dict[str, Path]:
+    """Build every :data:`WALK_CASES` entry in ``folder`` from one real X-ray; returns key -> path.
+    ``Normal/images/`` holds a real image beside the mask folder."""
+    _, real = real_xray()
+    png = _pil(Image.fromarray(real), "PNG")
+    twelve = real.astype(np.uint16) << 4
+    folder.mkdir(parents=True, exist_ok=True)
+    out = {c.key: folder / c.name for c in WALK_CASES}
+    (folder / "locked").mkdir()
+    (folder / "locked" / "inside.png").write_bytes(png)
+    os.symlink("loop-b", folder / "loop-a")
+    os.symlink("loop-a", folder / "loop-b")
+    os.mkfifo(folder / "pipe")
+    os.mkfifo(folder / "pipe.png")
+    out["dicom_no_suffix"].write_bytes(dicom_bytes(twelve))
+    out["dicom_bare_meta"].write_bytes(_bare_dicom_bytes(twelve, implicit=False))
+    out["dicom_bare_implicit"].write_bytes(_bare_dicom_bytes(twelve, implicit=True))
+    out["text_no_suffix"].write_text("exported by a PACS\n", encoding="utf-8")
+    out["dicomdir"].write_bytes(dicom_bytes(None))
+    (folder / "Normal" / "images").mkdir(parents=True)
+    (folder / "Normal" / "images" / "n1.png").write_bytes(png)
+    out["mask_folder"].mkdir()
+    (out["mask_folder"] / "n1.png").write_bytes(png)
+    out["control_chars"].write_bytes(b"\x00\x01garbage" * 30)
+    out["png_named_txt"].write_bytes(png)
+    out["binary_txt"].write_bytes(b"\x00\x01\x02\x03" * 64)
+    return out

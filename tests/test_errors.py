@@ -87,3 +87,15 @@ def test_json_safe() -> None:
     assert got == {"1": 0.5, "a": [3, None, [None]], "p": "x", "n": None}
     assert json_safe(np.array([[1, 2]])) == [[1, 2]]
     assert printable_path("a\udcffb.png") == "a\\xffb.png"
+
+
+def test_printable_escapes_control_characters_and_undecodable_bytes() -> None:
+    """One helper for every message holding a file name (issue 16 item 16): ESC, CR, LF, TAB, DEL, C1,
+    bidi overrides and the surrogate escapes of non-UTF-8 bytes become visible escapes; the rest stays."""
+    from xraydx.errors import printable
+
+    assert printable("scan\x1b[2J\r\n\t\x7f\x9b.png") == "scan\\x1b[2J\\x0d\\x0a\\x09\\x7f\\x9b.png"
+    assert printable("caf\udce9-\u202egnp.exe") == "caf\\xe9-\\u202egnp.exe"
+    assert printable(b"caf\xe9") == "caf\\xe9"
+    assert printable("Ærø/röntgen 1.png") == "Ærø/röntgen 1.png"
+    assert all(ch.isprintable() for ch in printable("".join(map(chr, range(0x00, 0xA0)))))

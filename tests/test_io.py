@@ -394,10 +394,35 @@ def test_dicom_missing_codec_names_syntax_and_package(
     assert "JPEG 2000" in err.reason and "pip install" in err.reason and "pylibjpeg-openjpeg" in err.reason
 
 
-def test_preambleless_or_fake_dicom_is_refused(real: np.ndarray) -> None:
+def test_preambleless_dicom_is_read_and_fake_dicom_is_refused(real: np.ndarray) -> None:
+    """Older PACS exports write DICOM without the 128-byte preamble and ``DICM`` (issue 16 item 2): with its
+    file meta (explicit VR), or the data set alone in implicit VR. Both are sniffed and read like the file
+    with a preamble; a file that merely starts like a DICOM tag is still refused."""
+    from badfiles import _bare_dicom_bytes
+
     data = _dicom_bytes(_dicom(real))
-    _expect_error(data[132:], "not an image")  # no preamble / DICM: content is not sniffed as DICOM
+    expected = read_image_bytes(data)
+    for bare in (data[132:], _bare_dicom_bytes(real.astype(np.uint16) << 4, implicit=True)):
+        assert sniff_format(bare) == "dicom"
+        got = read_image_bytes(bare, "IM000001")
+        assert got.shape == expected.shape
+        assert float(np.corrcoef(got.ravel(), expected.ravel())[0, 1]) > 0.99
+    np.testing.assert_array_equal(read_image_bytes(data[132:]), expected)
+    assert sniff_format(b"\x08\x00\x05\x00" + b"garbage" * 40) is None  # a tag, then no VR or sane length
+    assert sniff_format(b"\x02\x00\x00\x00UL\x04\x00" + b"\x7a" * 300) is None  # a second tag that is not
     _expect_error(bytes(128) + b"DICM" + b"garbage" * 20, "DICOM")
+
+
+def test_the_whole_decoder_reason_reaches_the_user(monkeypatch: pytest.MonkeyPatch, real: np.ndarray) -> None:
+    """A decoder's message of several lines is kept whole (issue 16 item 16: only its first line was)."""
+    import pydicom.pixels
+
+    def fail(*args: object, **kwargs: object) -> None:
+        raise ValueError("the first line\nthe line that says why: fragment 7 is cut short\n")
+
+    monkeypatch.setattr(pydicom.pixels, "pixel_array", fail)
+    err = _expect_error(_dicom_bytes(_dicom(real)), "the first line / the line that says why: fragment 7")
+    assert "\n" not in err.reason
 
 
 # --------------------------------------------------------------------------------------------

@@ -13,6 +13,9 @@ stage-specific ``OODError`` (a checkpoint error) subclasses these.
 
 from __future__ import annotations
 
+import os
+import re
+
 EXIT_OK = 0
 EXIT_FATAL = 1
 EXIT_USAGE = 2
@@ -80,6 +83,28 @@ class ServeError(XraydxError, RuntimeError):
     """The server cannot start as asked (engine unavailable, bad limits, ...)."""
 
 
+#: What :func:`printable` escapes: C0 and C1 control characters (ESC, CR, LF, TAB, BEL, DEL, ...), the
+#: Unicode line/paragraph separators and bidirectional overrides (which reorder what a terminal shows),
+#: and lone surrogates (bytes of a file name that are not UTF-8, as Python's ``surrogateescape`` keeps them).
+_UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028-\u202e\u2066-\u2069\ud800-\udfff]")
+
+
+def _escape(m: re.Match[str]) -> str:
+    o = ord(m.group())
+    if 0xDC80 <= o <= 0xDCFF:  # a byte that was not UTF-8 (surrogateescape): show the byte
+        return f"\\x{o - 0xDC00:02x}"
+    return f"\\x{o:02x}" if o < 0x100 else f"\\u{o:04x}"
+
+
+def printable(text: object) -> str:
+    """``text`` made safe for a terminal or a log line: the one helper for every message that may hold a
+    file name (or a decoder's words about one). Control characters (ESC, CR, LF, TAB, ...) become
+    ``\\xNN``, bytes of a name that are not UTF-8 ``\\xNN``, line separators and bidi overrides
+    ``\\uNNNN``; everything else is kept. ``bytes`` and paths are decoded the way the OS does."""
+    s = os.fsdecode(text) if isinstance(text, (bytes, os.PathLike)) else str(text)
+    return _UNSAFE.sub(_escape, s)
+
+
 __all__ = [
     "EXIT_FATAL",
     "EXIT_INTERRUPTED",
@@ -99,4 +124,5 @@ __all__ = [
     "TrainError",
     "UsageError",
     "XraydxError",
+    "printable",
 ]

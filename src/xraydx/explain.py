@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from xraydx.errors import printable
 from xraydx.render import COLORMAP as COLORMAP
 from xraydx.render import heat_overlay as overlay
 from xraydx.render import heat_overlay_png as overlay_png
@@ -296,7 +297,7 @@ def explain_files(
         w.writeheader()
         for p, reason in missing:
             counts["error"] += 1
-            print(f"xraydx: {p}: {reason}", file=sys.stderr)
+            print(f"xraydx: {printable(p)}: {printable(reason)}", file=sys.stderr)
             w.writerow({"path": str(p), "status": f"error: {reason}"})
         decoded = decode_ahead(paths, colour=pred.ood_guard() is not None)
         for d in tqdm(
@@ -306,7 +307,7 @@ def explain_files(
             checked = pred.check([d.image], [d.colour])[0] if d.image is not None else d.error
             if isinstance(checked, str):
                 counts["error"] += 1
-                print(f"xraydx: {d.path}: {checked}", file=sys.stderr)
+                print(f"xraydx: {printable(d.path)}: {printable(checked)}", file=sys.stderr)
                 w.writerow({"path": str(d.path), "status": f"error: {checked}"})
                 continue
             img = checked.prepared
@@ -323,7 +324,7 @@ def explain_files(
             counts["ok"] += 1
             if checked.status == "not_cxr":
                 print(
-                    f"xraydx: {d.path}: does not look like a frontal chest X-ray; heatmap not trustworthy",
+                    f"xraydx: {printable(d.path)}: does not look like a frontal chest X-ray; heatmap not trustworthy",
                     file=sys.stderr,
                 )
             row = {

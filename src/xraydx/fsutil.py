@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
-from xraydx.errors import OutputExistsError
+from xraydx.errors import OutputExistsError, printable
 
 
 @contextmanager
@@ -125,5 +125,6 @@ def json_safe(obj: Any) -> Any:
 
 
 def printable_path(path: str) -> str:
-    """A path for messages: bytes of the name that are not UTF-8 are shown as \\xNN (never a crash on print)."""
-    return os.fsencode(path).decode("utf-8", "backslashreplace")
+    """A path (or a message holding one) for a terminal or log: :func:`xraydx.errors.printable` (bytes that
+    are not UTF-8 and control characters as \\xNN; never a crash on print)."""
+    return printable(path)

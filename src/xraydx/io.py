@@ -7,7 +7,8 @@ Every reader in this module returns a 2-D ``numpy.uint8`` array of shape ``(H, W
 Design rules
 ------------
 * The format is decided by sniffing the content (magic bytes), never by the file name.
-  Supported: PNG, JPEG, BMP, TIFF (via Pillow) and DICOM (via pydicom).
+  Supported: PNG, JPEG, BMP, TIFF (via Pillow) and DICOM (via pydicom: ``DICM`` at offset 128,
+  or a data set without that preamble, as older PACS exports write, read with pydicom's ``force``).
 * Sizes are checked from the header *before* any pixel data is decoded: more than
   :data:`MAX_PIXELS` declared pixels, a side shorter than :data:`MIN_SIDE` or an aspect ratio
   above :data:`MAX_ASPECT` is refused.  Files larger than :data:`MAX_FILE_BYTES` are refused
@@ -68,6 +69,7 @@ __all__ = [
     "is_image_path",
     "read_image",
     "read_image_bytes",
+    "sniff_file",
     "sniff_format",
 ]
 
@@ -133,7 +135,8 @@ def sniff_format(head: bytes) -> str | None:
     """Identify a supported format from the first bytes of a file.
 
     Returns ``"png"``, ``"jpeg"``, ``"bmp"``, ``"tiff"``, ``"dicom"`` (``"DICM"`` at offset
-    128) or ``None``.  Pass at least 132 bytes to recognise DICOM.
+    128, or a preamble-less dataset: see :func:`_bare_dicom`) or ``None``.  Pass at least 132
+    bytes to recognise DICOM.
     """
     head = bytes(head[:_HEAD_BYTES])
     if head.startswith(b"\x89PNG\r\n\x1a\n"):
@@ -142,13 +145,49 @@ def sniff_format(head: bytes) -> str | None:
         return "jpeg"
     if head[:4] in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"):
         return "tiff"
-    if head[128:132] == b"DICM":
+    if head[128:132] == b"DICM" or _bare_dicom(head):
         return "dicom"
     if head.startswith(b"BM") and len(head) >= 18:
         (dib_size,) = struct.unpack_from("<I", head, 14)
         if dib_size in _BMP_DIB_SIZES:
             return "bmp"
     return None
+
+
+# Value representations of DICOM (PS3.5 6.2): an explicit-VR data set has one of these after its first tag.
+_DICOM_VRS = frozenset(
+    b"AE AS AT CS DA DS DT FD FL IS LO LT OB OD OF OL OV OW PN SH SL SQ SS ST SV TM UC UI UL UN UR US UT UV".split()
+)
+
+
+def _bare_dicom(head: bytes) -> bool:
+    """A DICOM data set without the 128-byte preamble and ``DICM`` (older PACS exports, ACR-NEMA style):
+    the file starts with a little-endian tag of the file meta (0002,00xx) or identifying (0008,00xx) group,
+    then an explicit VR or an implicit length that fits in the file; the next element is checked the same
+    way. A cheap structural check: pydicom decides when the file is read."""
+    pos = 0
+    for _ in range(2):
+        if len(head) < pos + 8:
+            return False
+        group, elem = struct.unpack_from("<HH", head, pos)
+        if group not in (0x0002, 0x0008) or elem > 0x0FFF:
+            return False
+        if head[pos + 4 : pos + 6] in _DICOM_VRS:
+            vr = head[pos + 4 : pos + 6]
+            if vr in (b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"):
+                (length,) = struct.unpack_from("<I", head, pos + 8) if len(head) >= pos + 12 else (1 << 32,)
+                pos += 12 + length
+            else:
+                (length,) = struct.unpack_from("<H", head, pos + 6)
+                pos += 8 + length
+        else:
+            (length,) = struct.unpack_from("<I", head, pos + 4)
+            if length > 1024:  # an implicit-VR value of these groups is short (a UID, a date, a code)
+                return False
+            pos += 8 + length
+        if pos >= len(head):
+            return True  # the first element fills what was read: nothing contradicts it
+    return True
 
 
 _OTHER_FORMATS: tuple[tuple[Callable[[bytes], bool], str], ...] = (
@@ -177,12 +216,37 @@ def _looks_like_text(head: bytes) -> bool:
     return all(ch.isprintable() or ch in allowed for ch in text)
 
 
+#: The reason for a file whose content is text (list files are told apart from images by it).
+TEXT_REASON = "not an image (content looks like text)"
+
+
+def sniff_file(path: str | os.PathLike[str]) -> tuple[str | None, str]:
+    """``(format, "")`` from a file's first bytes (see :func:`sniff_format`), or ``(None, why)``: why it is
+    not an image (:data:`TEXT_REASON` for text) or cannot be opened. Only regular files are opened (a FIFO
+    would block). Never raises for OS problems."""
+    name = os.fsdecode(path)
+    try:
+        st = os.stat(path)
+        if not stat.S_ISREG(st.st_mode):
+            return None, "is a directory" if stat.S_ISDIR(st.st_mode) else "not a regular file"
+        with open(path, "rb") as fh:
+            head = fh.read(_HEAD_BYTES)
+    except OSError as exc:
+        return None, f"cannot open file ({exc.strerror or exc})"
+    except ValueError as exc:  # e.g. an embedded NUL byte
+        return None, f"invalid path {name!r} ({exc})"
+    if not head:
+        return None, "empty file (0 bytes)"
+    fmt = sniff_format(head)
+    return (fmt, "") if fmt is not None else (None, _unrecognised_reason(head))
+
+
 def _unrecognised_reason(head: bytes) -> str:
     for test, label in _OTHER_FORMATS:
         if test(head):
             return f"unsupported image format ({label}); supported are PNG, JPEG, BMP, TIFF and DICOM"
     if _looks_like_text(head):
-        return "not an image (content looks like text)"
+        return TEXT_REASON
     return f"not an image (unrecognised content starting with 0x{head[:8].hex()})"
 
 
@@ -253,10 +317,8 @@ def image_info(path: str | os.PathLike[str]) -> dict[str, Any]:
             raise ImageReadError(name, _unrecognised_reason(head))
         try:
             if fmt == "dicom":
-                import pydicom
-
                 fp.seek(0)
-                ds = pydicom.dcmread(fp, force=False, stop_before_pixels=True)
+                ds = _read_dicom(fp, head, stop_before_pixels=True)
                 return {
                     "format": fmt,
                     "width": int(ds.Columns),
@@ -286,10 +348,14 @@ def image_info(path: str | os.PathLike[str]) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------
 
 
+_MAX_REASON = 2000  # characters of a decoder's message kept in a reason (a guard, not a summary)
+
+
 def _exc_text(exc: BaseException) -> str:
-    msg = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-    if len(msg) > 200:
-        msg = msg[:200] + "..."
+    """A decoder's exception as one line: its type and its whole message (every line, joined by " / ")."""
+    msg = " / ".join(ln.strip() for ln in str(exc).strip().splitlines() if ln.strip())
+    if len(msg) > _MAX_REASON:
+        msg = msg[:_MAX_REASON] + "..."
     return f"{type(exc).__name__}: {msg}" if msg else type(exc).__name__
 
 
@@ -472,6 +538,24 @@ def _get_decoder(uid: str) -> Any:
     return get_decoder(uid)
 
 
+def _read_dicom(fp: BinaryIO, head: bytes, stop_before_pixels: bool = False) -> Any:
+    """pydicom's data set of ``fp``; a preamble-less one (see :func:`_bare_dicom`) is read with
+    ``force=True`` and, where it has no transfer syntax in its file meta, gets the one its encoding shows
+    (implicit or explicit VR, little or big endian)."""
+    import pydicom
+    from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+    bare = head[128:132] != b"DICM"
+    ds = pydicom.dcmread(fp, force=bare, stop_before_pixels=stop_before_pixels)
+    if bare and not ds.file_meta.get("TransferSyntaxUID"):
+        implicit, little = ds.original_encoding
+        if implicit is not None:
+            ds.file_meta.TransferSyntaxUID = (
+                ImplicitVRLittleEndian if implicit else ExplicitVRLittleEndian if little else ExplicitVRBigEndian
+            )
+    return ds
+
+
 def _decode_dicom(fp: BinaryIO, name: str, head: bytes) -> np.ndarray:
     import pydicom
     from pydicom.errors import InvalidDicomError
@@ -482,7 +566,7 @@ def _decode_dicom(fp: BinaryIO, name: str, head: bytes) -> np.ndarray:
             name, "DICOM Deflated Explicit VR Little Endian transfer syntax is not supported"
         )
     try:
-        ds = pydicom.dcmread(fp, force=False)
+        ds = _read_dicom(fp, head)
     except InvalidDicomError as exc:
         raise ImageReadError(name, f"invalid DICOM ({_exc_text(exc)})") from None
     except MemoryError:

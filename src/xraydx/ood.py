@@ -58,7 +58,7 @@ from xraydx import checkpoint
 from xraydx.checkpoint import read_metadata
 from xraydx.constants import DEFAULT_GUARD
 from xraydx.engines import lung_segmenter
-from xraydx.errors import CheckpointError
+from xraydx.errors import CheckpointError, printable
 from xraydx.io import ImageReadError, read_image
 from xraydx.segment import LungSegmenter, SegAnalysis
 
@@ -356,7 +356,7 @@ def _features(
         try:
             batch.append(read_image(p))
         except ImageReadError as exc:
-            print(f"xraydx: skipped {exc}", file=sys.stderr)
+            print(f"xraydx: skipped {printable(exc)}", file=sys.stderr)
             continue
         if len(batch) >= 32:
             flush()

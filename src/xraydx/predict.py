@@ -25,11 +25,12 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from xraydx.constants import UNCERTAIN_FLAG
+from xraydx.data.inputs import expand_inputs
 from xraydx.device import resolve_device
 from xraydx.engines import Classifier, batch_logits, lung_segmenter
 from xraydx.errors import ExportError
 from xraydx.fsutil import printable_path
-from xraydx.io import ImageReadError, is_image_path, read_image
+from xraydx.io import ImageReadError, read_image
 from xraydx.ood import OODGuard, OODResult, colourfulness_of_file
 from xraydx.transforms import Preprocessing, preprocess
 
@@ -46,62 +47,6 @@ __all__ = [
     "resolve_device",
     "write_predictions",
 ]
-
-LIST_SUFFIXES = (".txt", ".lst", ".list")
-
-
-def expand_inputs(inputs: Sequence[str | os.PathLike[str]]) -> tuple[list[Path], list[tuple[Path, str]]]:
-    """Files, folders (recursive, image suffixes only, symlink loops skipped) and list files -> paths."""
-    paths: list[Path] = []
-    problems: list[tuple[Path, str]] = []
-    for raw in inputs:
-        p = Path(raw)
-        if p.is_dir():
-            paths.extend(_walk_images(p))
-        elif p.is_file() and p.suffix.lower() in LIST_SUFFIXES:
-            base = p.parent
-            for line in p.read_text(encoding="utf-8", errors="surrogateescape").splitlines():
-                line = line.strip()
-                if line and not line.startswith("#"):
-                    q = Path(line)
-                    paths.append(q if q.is_absolute() else base / q)
-        elif p.exists() or p.is_symlink():
-            paths.append(p)
-        else:
-            problems.append((p, "file not found"))
-    return paths, problems
-
-
-def _walk_images(root: Path) -> list[Path]:
-    seen: set[tuple[int, int]] = set()
-    found: list[Path] = []
-    stack = [root]
-    while stack:
-        d = stack.pop()
-        try:
-            st = d.stat()
-        except OSError:
-            continue
-        key = (st.st_dev, st.st_ino)
-        if key in seen:
-            continue  # symlink loop or a folder reached twice
-        seen.add(key)
-        try:
-            entries = sorted(os.scandir(d), key=lambda e: e.name)
-        except OSError:
-            continue
-        for e in entries:
-            if e.name.startswith("."):
-                continue
-            try:
-                if e.is_dir():
-                    stack.append(Path(e.path))
-                elif is_image_path(e.name):
-                    found.append(Path(e.path))
-            except OSError:
-                continue
-    return sorted(found)
-
 
 @dataclass
 class Prediction:

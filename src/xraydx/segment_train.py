@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from xraydx.checkpoint import save as save_checkpoint
 from xraydx.data import SegSample, collect_samples
-from xraydx.errors import SegmenterError
+from xraydx.errors import SegmenterError, printable
 from xraydx.fsutil import atomic_write_json, atomic_write_text, refuse_overwrite
 from xraydx.io import ImageReadError, read_image
 from xraydx.models import normalization_for
@@ -408,7 +408,7 @@ def segment_files(
         except ImageReadError as exc:
             rows.append([str(p), "", "", "", f"error: {exc.reason}"])
             counts["error"] += 1
-            print(f"xraydx: {exc}", file=sys.stderr)
+            print(f"xraydx: {printable(exc)}", file=sys.stderr)
             continue
         mask = seg.predict_mask(img)
         mpath = out / "masks" / f"{n}.png"

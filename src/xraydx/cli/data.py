@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from xraydx.cli._common import SubParsers, add_quiet
-from xraydx.errors import EXIT_OK, EXIT_PARTIAL
+from xraydx.errors import EXIT_OK, EXIT_PARTIAL, printable
 
 
 def add_parser(sub: SubParsers) -> None:
@@ -36,8 +37,10 @@ def run(args: argparse.Namespace) -> int:
     )
     report = inspect(manifest, check_images=not args.no_read, near=not args.no_near, progress=not args.quiet)
     print(format_report(report))
+    for p, why in report.not_read:  # data left out: on stderr too, and exit code 3
+        print(f"xraydx: {printable(p)}: {printable(why)}; its images are not in the manifest", file=sys.stderr)
     if args.json:
         atomic_write_json(Path(args.json), report.to_dict())
     if args.manifest_out:
         manifest.to_csv(Path(args.manifest_out))
-    return EXIT_PARTIAL if report.unreadable else EXIT_OK
+    return EXIT_PARTIAL if report.unreadable or report.not_read else EXIT_OK

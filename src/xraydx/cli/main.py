@@ -28,7 +28,7 @@ from xraydx.cli import (
     shift,
     train,
 )
-from xraydx.errors import EXIT_INTERRUPTED, XraydxError
+from xraydx.errors import EXIT_INTERRUPTED, XraydxError, printable
 
 #: in the order ``xraydx --help`` lists them
 COMMANDS = (
@@ -67,7 +67,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args))
     except XraydxError as exc:
-        print(f"xraydx: error: {exc}", file=sys.stderr)
+        print(f"xraydx: error: {printable(exc)}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("xraydx: interrupted", file=sys.stderr)

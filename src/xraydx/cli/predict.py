@@ -40,7 +40,10 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if not args.resume:
         refuse_overwrite(out, args.overwrite)
-    paths, missing = expand_inputs(args.inputs)
+    notes: list[str] = []
+    paths, missing = expand_inputs(args.inputs, notes)
+    for note in notes:
+        print(f"xraydx: note: {note}", file=sys.stderr)
     if not paths and not missing:
         raise UsageError("no image files found in the inputs given")
     skip = done_paths(out) if args.resume else set()

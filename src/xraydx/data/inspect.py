@@ -31,6 +31,8 @@ from tqdm import tqdm
 
 from xraydx.constants import CLASSES, SPLITS
 from xraydx.data.records import Manifest, _show, _sort_key
+from xraydx.data.walk import is_loss
+from xraydx.errors import printable
 from xraydx.io import ImageReadError, read_image
 
 __all__ = ["NEAR_DUPLICATE_MAD", "InspectReport", "format_report", "inspect"]
@@ -62,6 +64,12 @@ class InspectReport:
     skipped: list[tuple[str, str]] = field(default_factory=list)
     split_of: dict[str, str] = field(default_factory=dict, repr=False)  # path -> split, for display
 
+    @property
+    def not_read(self) -> list[tuple[str, str]]:
+        """Skipped entries whose data could not be read (a folder that cannot be listed, a symbolic-link
+        loop, a FIFO): data left out against the user's will, so ``data inspect`` ends with exit code 3."""
+        return [(p, r) for p, r in self.skipped if is_loss(r)]
+
     def to_dict(self) -> dict[str, Any]:
         def paths(groups: list[list[Path]]) -> list[list[str]]:
             return [[_show(p) for p in g] for g in groups]
@@ -86,6 +94,7 @@ class InspectReport:
             "near_threshold": self.near_threshold,
             "notes": self.notes,
             "skipped": [{"path": _show(p), "reason": r} for p, r in self.skipped],
+            "not_read": [{"path": _show(p), "reason": r} for p, r in self.not_read],
         }
 
 
@@ -312,6 +321,11 @@ def format_report(report: InspectReport) -> str:
         section(title, items, f"{len(groups)} groups, {n_img} images" if groups else "none")
 
     section(
+        "Not read (folders that cannot be listed, link loops, FIFOs: their images are left out)",
+        [f"{rel(p)}: {why}" for p, why in report.not_read],
+        str(len(report.not_read)) if report.not_read else "none",
+    )
+    section(
         "Skipped files",
         [f"{rel(p)}: {why}" for p, why in report.skipped],
         str(len(report.skipped)) if report.skipped else "none",
@@ -351,4 +365,4 @@ def format_report(report: InspectReport) -> str:
         lines.append("")
         lines.append("Notes:")
         lines.extend(f"  - {n}" for n in report.notes)
-    return "\n".join(lines) + "\n"
+    return "\n".join(printable(ln) for ln in lines) + "\n"

@@ -56,9 +56,9 @@ from xraydx.data.records import (
     normalize_label,
     normalize_split,
 )
-from xraydx.data.walk import _child_dir, _subdirs, _top_files, _Walker
+from xraydx.data.walk import _child_dir, _subdirs, _top_files, _Walker, extensionless
 from xraydx.errors import DatasetError
-from xraydx.io import is_image_path
+from xraydx.io import is_image_path, sniff_file
 
 __all__ = [
     "CSV_COLUMN_ALIASES",
@@ -74,6 +74,7 @@ __all__ = [
     "SplitClassFolders",
     "collect",
     "find_plan",
+    "is_mask_folder",
 ]
 
 LAYOUTS: tuple[str, ...] = ("covid-qu-ex", "radiography-db", "class-folders", "split-class-folders", "csv")
@@ -96,6 +97,13 @@ _RDB_FOLDERS = frozenset({"covid", "lung_opacity", "viral_pneumonia", "normal"})
 _MASK_DIRS: tuple[str, ...] = ("lung_masks", "masks", "mask", "lung_mask")
 _IGNORED_MASK_DIRS = frozenset({"infection_masks", "infection_mask"})
 MAX_DEPTH = 4
+
+
+def is_mask_folder(d: Path) -> bool:
+    """Whether ``d`` is the mask folder of a known layout: named like one (``lung masks``, ``masks``,
+    ``infection masks``, ...) beside an ``images`` folder, as in COVID-QU-Ex and the Radiography DB. Its
+    PNGs are masks, not X-rays: a folder walk for prediction leaves them out (and says how many)."""
+    return _norm(d.name) in (*_MASK_DIRS, *_IGNORED_MASK_DIRS) and _child_dir(d.parent, ("images",)) is not None
 _UNKNOWN_CLASS = (
     "folder name is not a known class (covid, non_covid, normal or an alias such as COVID-19, "
     "pneumonia, healthy: see xraydx.data.CLASS_ALIASES)"
@@ -140,7 +148,7 @@ class Collector:
         mask_dir = None
         if images is not None:
             mask_dir = _child_dir(d, _MASK_DIRS)
-            for sub in _subdirs(d):
+            for sub in _subdirs(d, self.skipped):
                 if sub not in (images, mask_dir) and _norm(sub.name) not in _IGNORED_MASK_DIRS:
                     self.skipped.append((os.fspath(sub), "folder beside images/ not used"))
         masks: dict[str, Path] = {}
@@ -149,7 +157,7 @@ class Collector:
                 masks[m.relative_to(mask_dir).as_posix()] = m
         top = images if images is not None else d
         for f in self.walker.files(top):
-            if not is_image_path(f):
+            if not is_image_path(f) and not (extensionless(f.name) and sniff_file(f)[0] is not None):
                 self.skipped.append((os.fspath(f), f"not an image file (suffix {f.suffix or 'none'!r})"))
                 continue
             mask = masks.get(f.relative_to(top).as_posix()) if masks else None
@@ -165,7 +173,7 @@ class Collector:
 
     def classes_under(self, d: Path, split: str | None, *, unknown_reason: str) -> None:
         """Collect the class folders directly under ``d``; list the rest as skipped."""
-        for sub in _subdirs(d):
+        for sub in _subdirs(d, self.skipped):
             label = normalize_label(sub.name)
             if label is None:
                 n = sum(1 for _ in _Walker([], self.root).files(sub))
@@ -178,7 +186,7 @@ class Collector:
 
 
 def _load_split_root(col: Collector, d: Path, unknown: str) -> None:
-    for sub in _subdirs(d):
+    for sub in _subdirs(d, col.skipped):
         split = normalize_split(sub.name)
         if split is None:
             col.skipped.append((os.fspath(sub), "folder name is not a split (train/val/test or an alias)"))
