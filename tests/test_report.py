@@ -128,9 +128,11 @@ def test_coverage_curve_and_abstention_rule_by_hand() -> None:
     )
     a = choose_abstention(y, p, 0.7, min_accepted=2)  # the most cases at >= 70%: 3 of the top 4
     assert a["threshold"] == pytest.approx(0.6) and a["val_accuracy_accepted"] == pytest.approx(0.75)
-    a = choose_abstention(y, p, 0.95, min_accepted=3)  # unreachable: best accuracy at >= 50% coverage
-    assert not a["target_reached"]
-    assert a["threshold"] == pytest.approx(0.6) and a["val_coverage"] == pytest.approx(0.8)
+    a = choose_abstention(y, p, 0.95, min_accepted=3)  # unreachable: every prediction flagged
+    assert not a["target_reached"] and a["flag_all"] and a["threshold"] == 1.0 and a["val_coverage"] == 0.0
+    # the best one at >= 50% coverage is kept for the record only
+    assert a["best_unreached"]["threshold"] == pytest.approx(0.6)
+    assert a["best_unreached"]["coverage"] == pytest.approx(0.8)
 
 
 def test_per_source_metrics_and_confounding_notes() -> None:

@@ -40,6 +40,7 @@ class DataConfig:
     base_size: int = 0  # >0: resize the whole image to base_size² first (same resolution for every source)
     holdout_source: str = ""  # move this source's images to an 'external' split, evaluated at the end
     cache_dir: str = ""  # "" = <run folder's parent>/.cache ; decoded uint8 arrays live here
+    strict: bool = False  # refuse to train on duplicates across splits / label conflicts (else warn)
 
 
 @dataclass

@@ -243,7 +243,8 @@ class CrossVal:
         with torch.no_grad():
             logits = batch_logits(model, data.images, spec, device).numpy()
         probs = softmax(logits, float(meta.get("calibration", {}).get("temperature", 1.0)))
-        flags = abstention_flags(probs, (meta.get("abstention") or {}).get("threshold"))
+        rule = meta.get("abstention") or {}
+        flags = abstention_flags(probs, rule.get("threshold"), rule.get("flag_all") is True)
         shift = self._shift_scores(ckpt.parent.parent, model, spec, cache, data.images, device)
         for r, reason in bad:
             yield Prediction(str(r.path), None, f"error: {reason}")

@@ -113,7 +113,9 @@ def evaluate_split(
     out.mkdir(parents=True, exist_ok=True)
     if predictions:
         probs = softmax(logits, temperature)
-        flags = abstention_flags(probs, (abstention or {}).get("threshold"))
+        flags = abstention_flags(
+            probs, (abstention or {}).get("threshold"), (abstention or {}).get("flag_all") is True
+        )
         rows = [
             Prediction(str(r.path), [float(v) for v in p], "ok",
                        {"label": r.label, "source": r.source, "flag": UNCERTAIN_FLAG if f else ""})

@@ -353,9 +353,11 @@ def choose_abstention(
     A prediction is accepted when its top calibrated probability is >= ``threshold``, otherwise flagged
     "uncertain: refer to a radiologist". The threshold is the lowest one (the most cases accepted) at
     which the accepted validation cases reach ``target_accuracy``, counting only thresholds that accept
-    at least ``min_accepted`` cases (or all cases, if fewer). If no threshold reaches the target, the
-    threshold with the best accepted accuracy among those keeping at least ``fallback_coverage`` of the
-    cases is used, and ``target_reached`` is False."""
+    at least ``min_accepted`` cases (or all cases, if fewer). If no threshold reaches the target, no
+    prediction can be trusted by this rule: ``flag_all`` is True (every prediction is flagged, threshold
+    1.0), ``target_reached`` False, ``reason`` says why, and ``best_unreached`` keeps the threshold with
+    the best accepted accuracy among those keeping at least ``fallback_coverage`` of the cases (for the
+    record; it is not applied)."""
     y = np.asarray(y_true, dtype=int)
     if not 0.0 < target_accuracy <= 1.0:
         raise ValueError(f"target accuracy must be in (0, 1]; got {target_accuracy}")
@@ -371,11 +373,12 @@ def choose_abstention(
     else:
         wide = [pt for pt in ok if pt["coverage"] >= fallback_coverage - 1e-12] or ok
         best, reached = max(wide, key=lambda pt: (pt["accuracy"], pt["coverage"])), False
-    return {
+    rule: dict[str, Any] = {
         "rule": "flag when the top calibrated probability is below threshold",
         "threshold": best["threshold"],
         "target_accuracy": target_accuracy,
         "target_reached": reached,
+        "flag_all": False,
         "val_coverage": best["coverage"],
         "val_accuracy_accepted": best["accuracy"],
         "val_accuracy_all": curve[-1]["accuracy"],
@@ -383,14 +386,30 @@ def choose_abstention(
         "min_accepted": need,
         "fallback_coverage": fallback_coverage,
     }
+    if not reached:
+        rule.update(
+            threshold=1.0, flag_all=True, val_coverage=0.0, val_accuracy_accepted=None,
+            best_unreached={"threshold": best["threshold"], "coverage": best["coverage"], "accuracy": best["accuracy"]},
+            reason=(
+                f"no confidence threshold reaches the target accuracy {target_accuracy:.2f} on validation "
+                f"(best: {best['accuracy']:.3f} keeping {best['coverage']:.0%} of {n} cases), so every "
+                "prediction is flagged uncertain"
+            ),
+        )  # fmt: skip
+    return rule
 
 
-ABSTENTION_KEYS = ("threshold", "target_accuracy", "target_reached", "val_coverage", "val_accuracy_accepted")
+ABSTENTION_KEYS = (
+    "threshold", "target_accuracy", "target_reached", "flag_all", "reason", "val_coverage", "val_accuracy_accepted",
+)  # fmt: skip
 
 
-def abstention_flags(probs: np.ndarray, threshold: float | None) -> np.ndarray:
-    """True where a prediction is flagged uncertain (top probability below the threshold)."""
+def abstention_flags(probs: np.ndarray, threshold: float | None, flag_all: bool = False) -> np.ndarray:
+    """True where a prediction is flagged uncertain (top probability below the threshold; every one where
+    ``flag_all``, the rule of a model whose target accuracy was not reached on validation)."""
     p = np.asarray(probs, dtype=np.float64)
+    if flag_all:
+        return np.ones(len(p), dtype=bool)
     if threshold is None:
         return np.zeros(len(p), dtype=bool)
     return p.max(axis=1) < threshold
@@ -515,7 +534,7 @@ def evaluation_summary(
     m["roc_curves"] = roc_curves(y, cal, classes)
     m["coverage_curve"] = coverage_curve(y, cal)
     if abstention and abstention.get("threshold") is not None:
-        flagged = abstention_flags(cal, float(abstention["threshold"]))
+        flagged = abstention_flags(cal, float(abstention["threshold"]), abstention.get("flag_all") is True)
         acc = cal.argmax(axis=1) == y
         m["abstention"] = {
             **{k: abstention[k] for k in ABSTENTION_KEYS if k in abstention},

@@ -152,6 +152,9 @@ class Predictor:
         self.temperature = self.classifier.temperature
         self.abstention: dict[str, Any] | None = self.meta.get("abstention") or None  # see docs/trust.md
         self.threshold = abstention_threshold(self.abstention)
+        #: the rule flags every prediction: its target accuracy was not reached on validation (the page
+        #: and the API show no "within the rule" then; ``abstention["reason"]`` says why)
+        self.flag_all = self.threshold is not None and (self.abstention or {}).get("flag_all") is True
         self._segmenter: Any = None
         self._ood: Any = None if ood else False  # xraydx.ood.OODGuard, loaded on first use; False: no check
         self.shift = load_shift_rule(self.checkpoint, self.model)  # xraydx.shift.ShiftRule or None
@@ -163,7 +166,7 @@ class Predictor:
         on validation at the end of training); None where the checkpoint has no (valid) rule."""
         if self.threshold is None:
             return None
-        return bool(float(np.max(probs)) < self.threshold)
+        return self.flag_all or bool(float(np.max(probs)) < self.threshold)
 
     def shifted(self, score: float | None) -> bool:
         """Whether a source-shift score is at or above the checkpoint's calibrated shift threshold."""
@@ -186,6 +189,9 @@ class Predictor:
             if rule.get("threshold") is not None:
                 return "the model's abstention threshold is invalid and was ignored: no uncertainty flag"
             return "this model has no abstention rule, so no prediction is flagged as uncertain"
+        if self.flag_all:
+            why = rule.get("reason") or "the target accuracy was not reached on validation"
+            return f"every prediction is flagged uncertain: {why}"
         note = f"uncertain when the highest calibrated probability is below {t:.3f}"
         cov, acc = rule.get("val_coverage"), rule.get("val_accuracy_accepted")
         if isinstance(cov, (int, float)) and isinstance(acc, (int, float)):

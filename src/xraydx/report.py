@@ -280,7 +280,13 @@ def _calibration(m: dict[str, Any]) -> str:
 
 def _abstention(m: dict[str, Any]) -> str:
     ab = m.get("abstention")
-    if ab:
+    if ab and ab.get("flag_all"):
+        text = (
+            f"<p><b>Every prediction is marked <i>uncertain: refer to a radiologist</i></b>: "
+            f"{html.escape(ab.get('reason') or 'the target accuracy was not reached on validation')}. "
+            f"Here that flags all {m['n']} cases.</p>"
+        )
+    elif ab:
         text = (
             f"<p>Rule (from the checkpoint, chosen on validation): a prediction whose top calibrated probability is "
             f"below <b>{ab['threshold']:.3f}</b> is marked <i>uncertain: refer to a radiologist</i>. On validation it "

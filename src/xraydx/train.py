@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from xraydx import __version__
 from xraydx.acqaug import AcquisitionAugment
 from xraydx.cache import BatchBuffers, iter_batches, load_many
+from xraydx.calibration import calibrate
 from xraydx.checkpoint import save as save_checkpoint
 from xraydx.config import Config
 from xraydx.config import parse_overrides as parse_overrides  # moved to config; importable here as before
@@ -36,15 +37,16 @@ from xraydx.data.membership import resume_manifest, split_membership
 from xraydx.device import Dist, available_cpus, broadcast_obj, init_distributed
 from xraydx.device import gather_concat as gather_concat  # moved to device; importable here as before
 from xraydx.device import resolve_device as resolve_device  # moved to device; importable here as before
-from xraydx.errors import TrainError, XraydxError
+from xraydx.errors import TrainError
 from xraydx.evaluate import evaluate_split
 from xraydx.fsutil import atomic_write_bytes, atomic_write_json, printable_path
 from xraydx.groupdro import GroupDRO, group_ids
-from xraydx.metrics import bootstrap_ci, compute_metrics, fit_temperature, format_metrics
+from xraydx.metrics import bootstrap_ci, compute_metrics, format_metrics
 from xraydx.models import count_parameters, create_model, normalization_for
 from xraydx.optim import make_optimizer, save_train_state, write_log
 from xraydx.predict import batch_logits
 from xraydx.resume import resume_where_it_stopped
+from xraydx.runchecks import best_on_disk, check_leaks, new_run_dir, refuse_divergence
 from xraydx.transforms import AugmentSpec, BatchAugment, Preprocessing
 
 LOG_COLUMNS = [
@@ -135,32 +137,6 @@ def build_meta(cfg: Config, spec: Preprocessing, manifest: Manifest, extra: dict
 
 
 # ---- the run -------------------------------------------------------------------------------------
-
-
-def new_run_dir(cfg: Config) -> Path:
-    """The new run's folder. An existing one is refused unless it is what an earlier attempt that failed
-    before its first checkpoint left (only xraydx's own run files, no checkpoint): that one is reused."""
-    name = cfg.name or f"{cfg.model.name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
-    run = Path(cfg.runs_dir) / name
-    if run.exists() and any(run.iterdir()) and not reusable_run_dir(run):
-        raise TrainError(
-            f"{run}: run folder already exists; use --resume to continue it or choose another --name"
-        )
-    return run
-
-
-#: what a run writes before its first checkpoint; a folder holding only these (and an empty checkpoints/)
-#: is an attempt that failed early, and --name may reuse it
-EARLY_RUN_FILES = frozenset({"config.yaml", "train.log", "manifest.csv", "skipped.csv", "checkpoints"})
-
-
-def reusable_run_dir(run: Path) -> bool:
-    try:
-        names = {p.name for p in run.iterdir()}
-        ck = run / "checkpoints"
-        return names <= EARLY_RUN_FILES and (not ck.is_dir() or not any(ck.iterdir()))
-    except OSError:
-        return False
 
 
 def sampling_weights(labels: np.ndarray, sources: Sequence[str], balance: str) -> np.ndarray | None:
@@ -325,6 +301,8 @@ def load_data(
         w.writerow(["path", "split", "reason"])
         w.writerows([[str(r.path), r.split, reason] for r, reason in skipped])
         atomic_write_bytes(run / "skipped.csv", buf.getvalue().encode("utf-8", "surrogateescape"))
+    if d.main:
+        check_leaks(cfg, manifest, [(s.records, s.images) for s in splits.values()], log)
     for name in ("train", "val"):
         if name not in splits or len(splits[name].labels) == 0:
             raise TrainError(f"{cfg.data.path}: no readable {name} images")
@@ -477,7 +455,7 @@ def end_epoch(
     stopped = t.bad_epochs >= cfg.train.patience and epoch < cfg.train.epochs
     if t.d.main:
         meta = build_meta(cfg, t.spec, t.manifest, {"epoch": epoch, "val_metrics": vm})
-        if improved and _best_on_disk(t.ckdir / "best.safetensors") < epoch:  # never an earlier epoch over it
+        if improved and best_on_disk(t.ckdir / "best.safetensors") < epoch:  # never an earlier epoch over it
             save_checkpoint(t.ckdir / "best.safetensors", t.model, meta)
         save_checkpoint(t.ckdir / "last.safetensors", t.model, meta)
         info = {"epoch": epoch, "best_f1": t.best_f1, "best_epoch": t.best_epoch, "bad_epochs": t.bad_epochs,
@@ -499,33 +477,6 @@ def end_epoch(
     return stopped
 
 
-def _refuse_divergence(t: Trainer, epoch: int, train_loss: float, val_loss: float) -> None:
-    """A non-finite loss: stop before this epoch's weights reach any checkpoint (same test on every rank)."""
-    if math.isfinite(train_loss) and math.isfinite(val_loss):
-        return
-    last = t.ckdir / "last.safetensors"
-    kept = (
-        f"the last good checkpoint is {last} (epoch {epoch - 1})"
-        if last.is_file()
-        else "no checkpoint was written"
-    )
-    what = "train" if not math.isfinite(train_loss) else "val"
-    raise TrainError(
-        f"{t.run}: training diverged in epoch {epoch} ({what} loss is {train_loss if what == 'train' else val_loss});"
-        f" {kept}; lower train.lr (now {t.cfg.train.lr:g}) and start a new run"
-    )
-
-
-def _best_on_disk(path: Path) -> int:
-    """The epoch of the best checkpoint already written (0 where there is none or it cannot be read)."""
-    from xraydx.models import read_metadata
-
-    try:
-        return int(read_metadata(path).get("epoch", 0)) if path.is_file() else 0
-    except (XraydxError, OSError, TypeError, ValueError):
-        return 0
-
-
 def _run(cfg: Config, d: Dist, device: torch.device, resume: Path | None, progress: bool) -> Path:
     t = setup(cfg, d, device, resume, progress)
     epochs_bar = tqdm(
@@ -536,7 +487,7 @@ def _run(cfg: Config, d: Dist, device: torch.device, resume: Path | None, progre
         t0 = time.perf_counter()
         stats = train_one_epoch(t, epoch, progress)
         vm, val_loss = validate(t)
-        _refuse_divergence(t, epoch, float(stats[0] / max(1.0, float(stats[2]))), val_loss)
+        refuse_divergence(t.run, t.cfg, epoch, float(stats[0] / max(1.0, float(stats[2]))), val_loss)
         if end_epoch(t, epoch, stats, vm, val_loss, t0):
             break
     epochs_bar.close()
@@ -585,21 +536,29 @@ def finish_run(
     model, meta = load_checkpoint(best_path, device)
     va = splits["val"]
     val_logits = batch_logits(model, va.images, spec, device)
-    temperature = 1.0
+    temperature, check = 1.0, None
     if cfg.train.calibrate:
-        temperature = fit_temperature(val_logits, torch.from_numpy(va.labels))
+        check = calibrate(val_logits.numpy(), va.labels)  # T = 1 where scaling makes held-out NLL worse
+        temperature = check["temperature"]
     val_before = compute_metrics(va.labels, torch.softmax(val_logits, 1).numpy(), CLASSES)
     val_after = compute_metrics(va.labels, torch.softmax(val_logits / temperature, 1).numpy(), CLASSES)
     meta = read_metadata(best_path)
     meta["calibration"] = {
-        "method": "temperature" if cfg.train.calibrate else "none",
+        "method": "temperature" if cfg.train.calibrate and temperature != 1.0 else "none",
         "temperature": temperature,
         "fit_on": "val",
         "val_nll_before": val_before["nll"],
         "val_nll_after": val_after["nll"],
         "val_ece_before": val_before["ece"],
         "val_ece_after": val_after["ece"],
+        **(check or {}),
     }
+    if check is not None and val_after["ece"] > val_before["ece"] + 1e-9:
+        check["warnings"].append(
+            f"temperature scaling made val ECE worse ({val_before['ece']:.3f} -> {val_after['ece']:.3f})"
+        )
+    for w in (check or {}).get("warnings", []):
+        log(f"WARNING: {w}")
     meta["val_metrics"] = val_after
     val_probs = torch.softmax(val_logits / temperature, 1).numpy()
     meta["abstention"] = choose_abstention(va.labels, val_probs)
@@ -609,14 +568,18 @@ def finish_run(
         t = float(cfg.train.abstention_threshold)
         kept = val_probs.max(1) >= t
         meta["abstention"].update(
-            threshold=t, chosen_on="given (train.abstention_threshold)", target_reached=None,
-            val_coverage=float(kept.mean()),
+            threshold=t, chosen_on="given (train.abstention_threshold)", target_reached=None, flag_all=False,
+            reason=None, best_unreached=None, val_coverage=float(kept.mean()),
             val_accuracy_accepted=float((val_probs.argmax(1) == va.labels)[kept].mean()) if kept.any() else 0.0,
         )  # fmt: skip
-    log(
-        f"abstention: flag 'uncertain' below top probability {meta['abstention']['threshold']:.3f} (on val: keeps "
-        f"{meta['abstention']['val_coverage']:.0%} at accuracy {meta['abstention']['val_accuracy_accepted']:.3f})"
-    )
+    ab = meta["abstention"]
+    if ab.get("flag_all"):
+        log(f"WARNING: abstention: {ab['reason']}")
+    else:
+        log(
+            f"abstention: flag 'uncertain' below top probability {ab['threshold']:.3f} (on val: keeps "
+            f"{ab['val_coverage']:.0%} at accuracy {ab['val_accuracy_accepted']:.3f})"
+        )
     results: dict[str, Any] = {"best_epoch": best_epoch, "val": val_after, "calibration": meta["calibration"],
                                "abstention": meta["abstention"]}  # fmt: skip
     # report.html describes the test split (or val, calibrated on itself, when there is no test split)

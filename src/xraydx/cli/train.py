@@ -50,6 +50,10 @@ def add_parser(sub: SubParsers) -> None:
     tr.add_argument(
         "--resume", metavar="RUN_DIR", help="continue a killed or finished run from its last checkpoint"
     )
+    tr.add_argument(
+        "--strict-data", action="store_true",
+        help="refuse to train on duplicates across splits or conflicting labels (default: warn) [data.strict]",
+    )  # fmt: skip
     add_quiet(tr)
     tr.set_defaults(func=run)
 
@@ -62,6 +66,8 @@ def build_config(args: argparse.Namespace) -> Any:
     overrides = {key: getattr(args, flag) for flag, (key, _, _) in TRAIN_FLAGS.items()}
     cfg.override(overrides)
     cfg.override(parse_overrides(args.set or []))
+    if getattr(args, "strict_data", False):
+        cfg.data.strict = True
     return cfg
 
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 import hashlib
 import os
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,12 +30,12 @@ from PIL import Image
 from tqdm import tqdm
 
 from xraydx.constants import CLASSES, SPLITS
-from xraydx.data.records import Manifest, _show, _sort_key
+from xraydx.data.records import Manifest, Record, _show, _sort_key
 from xraydx.data.walk import is_loss
 from xraydx.errors import printable
 from xraydx.io import ImageReadError, read_image
 
-__all__ = ["NEAR_DUPLICATE_MAD", "InspectReport", "format_report", "inspect"]
+__all__ = ["NEAR_DUPLICATE_MAD", "InspectReport", "Leaks", "find_leaks", "format_report", "inspect"]
 
 #: Near-duplicate threshold: mean absolute difference of 16x16 thumbnails (0–255 scale).
 NEAR_DUPLICATE_MAD: float = 4.0
@@ -267,6 +267,77 @@ def inspect(
         conflicts += [as_paths(g) for g in near_groups if len(labels(g)) > 1]
     report.label_conflicts = conflicts
     return report
+
+
+# ---- leaks in the images a training run loaded ---------------------------------------------------
+
+
+@dataclass
+class Leaks:
+    """Exact and near duplicates across splits and label conflicts among the images of one manifest."""
+
+    exact_cross_split: list[list[Path]] = field(default_factory=list)
+    near_cross_split: list[list[Path]] = field(default_factory=list)
+    label_conflicts: list[list[Path]] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return bool(self.exact_cross_split or self.near_cross_split or self.label_conflicts)
+
+    def lines(self) -> list[str]:
+        """One sentence per kind found, each with an example."""
+
+        def ex(groups: list[list[Path]]) -> str:
+            return " = ".join(_show(p) for p in groups[0][:3])
+
+        out = []
+        for groups, what in (
+            (self.exact_cross_split, "exact duplicates across splits"),
+            (self.near_cross_split, "near duplicates across splits"),
+            (self.label_conflicts, "duplicates with conflicting labels"),
+        ):
+            if groups:
+                out.append(f"{len(groups)} groups of {what} (e.g. {ex(groups)})")
+        return out
+
+
+def find_leaks(
+    records: Sequence[Record],
+    images: Sequence[np.ndarray] | np.ndarray,
+    near_threshold: float = NEAR_DUPLICATE_MAD,
+) -> Leaks:
+    """Leaks among ``images`` (one decoded, preprocessed image per record, as a training run holds them).
+
+    Exact: the same pixels (SHA-1 of the array). Near: the 16x16 box-thumbnail distance of :func:`inspect`
+    (mean absolute difference at most ``near_threshold``, 0–255 scale), among images that are not exact
+    copies of each other. Groups count when they span more than one split (a leak: val/test figures
+    measure images the model trained on) or more than one label (a conflict)."""
+    n = len(records)
+    digests, thumbs = [], np.zeros((n, _THUMB, _THUMB), dtype=np.float32)
+    for i in range(n):
+        arr = np.ascontiguousarray(images[i])
+        digests.append(hashlib.sha1(arr.tobytes()).hexdigest())
+        thumbs[i] = np.asarray(
+            Image.fromarray(arr).resize((_THUMB, _THUMB), Image.Resampling.BOX), np.float32
+        )
+    by_digest: dict[str, list[int]] = defaultdict(list)
+    for i, dg in enumerate(digests):
+        by_digest[dg].append(i)
+    exact = [g for g in by_digest.values() if len(g) > 1]
+    uf = _UnionFind(n)
+    for a, b in _near_pairs(thumbs, near_threshold, False):
+        uf.union(a, b)
+    comps: dict[int, list[int]] = defaultdict(list)
+    for k in range(n):
+        comps[uf.find(k)].append(k)
+    near = [g for g in comps.values() if len(g) > 1 and len({digests[i] for i in g}) > 1]
+
+    def paths(groups: list[list[int]], kind: str) -> list[list[Path]]:
+        key = {"split": lambda i: records[i].split, "label": lambda i: records[i].label}[kind]
+        chosen = [g for g in groups if len({key(i) for i in g}) > 1]
+        chosen.sort(key=lambda g: _sort_key(records[min(g)]))
+        return [[records[i].path for i in sorted(g, key=lambda i: _sort_key(records[i]))] for g in chosen]
+
+    return Leaks(paths(exact, "split"), paths(near, "split"), paths(exact, "label") + paths(near, "label"))
 
 
 # ---- text report ---------------------------------------------------------------------------------
