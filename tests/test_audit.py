@@ -147,7 +147,7 @@ def marked_runs(marked_data: Path, tmp_path_factory: pytest.TempPathFactory) -> 
 
 
 def test_audit_catches_a_planted_corner_marker(marked_runs: dict[str, Path], marked_data: Path) -> None:
-    a = run_audit(marked_runs["none"], marked_data, "test", n_boot=300)
+    a = run_audit(marked_runs["none"], marked_data, "test", n_boot=300, masks="dataset")
     v = a["variants"]
     assert v["baseline"]["balanced_accuracy"] > 0.85  # the marker is easy to learn
     assert v["lungs_hidden"]["balanced_accuracy"] > 0.6  # it is outside the lungs (chance: 0.33)
@@ -163,7 +163,7 @@ def test_lung_only_model_is_trained_on_masks_and_does_not_read_the_marker(
 ) -> None:
     meta = read_metadata(marked_runs["mask"])
     assert meta["preprocessing"]["lung_mask"] == "mask"
-    a = run_audit(marked_runs["mask"], marked_data, "test", n_boot=300)
+    a = run_audit(marked_runs["mask"], marked_data, "test", n_boot=300, masks="dataset")
     # with its input masked to the lungs it never saw the marker: hiding the border changes nothing
     assert a["variants"]["border_blanked"]["agreement_with_baseline"] > 0.9
     assert a["verdict"]["level"] != "shortcut"

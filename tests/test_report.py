@@ -229,7 +229,18 @@ def test_training_writes_report_and_abstention_rule(trained_run: Path) -> None:
     meta = read_metadata(trained_run / "checkpoints" / "best.safetensors")
     ab = meta["abstention"]
     assert set(ab) >= {"threshold", "target_accuracy", "val_coverage", "val_accuracy_accepted"}
-    assert 0.0 < ab["val_coverage"] <= 1.0 and ab["target_accuracy"] == 0.95
+    assert ab["target_accuracy"] == 0.95
+    if ab[
+        "flag_all"
+    ]:  # the tiny model does not reach 0.95 on val: every prediction flagged, and the report says so
+        assert (
+            ab["val_coverage"] == 0.0
+            and ab["threshold"] == 1.0
+            and "every prediction is flagged" in ab["reason"]
+        )
+        assert "Every prediction is marked" in html
+    else:
+        assert 0.0 < ab["val_coverage"] <= 1.0
     metrics = json.loads((trained_run / "metrics.json").read_text())
     assert metrics["test"]["ci"]["n_boot"] == 1000 and metrics["abstention"] == ab
     assert "ece_before" in metrics["test"]["calibration"]

@@ -76,3 +76,22 @@ def test_train_tiny_segmenter(tmp_path: Path) -> None:
     assert seg.predict_mask(img).shape == img.shape
     with pytest.raises(FileExistsError):
         train_segmenter([data], out, pretrained="none", size=64, epochs=1, progress=False)
+
+
+def test_a_useless_segmenter_is_warned_about_and_the_split_is_named(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import xraydx.segment_train as st
+    from xraydx.data import SegSample
+
+    monkeypatch.setattr(st, "_val_dice", lambda *a, **k: 0.0)  # every epoch finds no lung
+    out = tmp_path / "run"
+    res = train_segmenter([_mini_lungseg(tmp_path)], out, pretrained="none", size=64, epochs=1, batch_size=4,
+                          threads=1, val_fraction=0.2, test_fraction=0.2, progress=False)  # fmt: skip
+    assert res["warnings"] and "val Dice 0.000" in res["warnings"][0]
+    assert "WARNING: the best epoch (1) has val Dice 0.000" in (out / "train.log").read_text()
+    assert LungSegmenter.load(out / "lungseg.safetensors").meta["warnings"] == res["warnings"]
+    assert res["split"].startswith("patient-held-out")  # the mini set has patient ids
+    # one image per group (no patient ids, as COVID-QU-Ex's official split): not patient-held-out
+    one_each = [SegSample(Path(f"{i}.png"), Path(f"m{i}.png"), f"d:{i}.png", "train", "x") for i in range(4)]
+    assert "NOT patient-held-out" in st.describe_split(one_each)

@@ -100,15 +100,19 @@ class AuditData:
 
 
 def load_audit_data(
-    records: Sequence[Any], spec: Preprocessing, classes: Sequence[str], progress: bool = False
-) -> AuditData:
+    records: Sequence[Any], spec: Preprocessing, classes: Sequence[str], progress: bool = False,
+    masks: str = "segmenter",
+) -> AuditData:  # fmt: skip
+    """``masks``: ``segmenter`` (default) makes every lung mask with the shipped segmenter, as predict and
+    serve do (the deployed pipeline); ``dataset`` takes the dataset's own where it has one."""
     from tqdm.auto import tqdm
 
     from xraydx.io import ImageReadError, read_image
     from xraydx.predict import load_lung_segmenter
     from xraydx.transforms import preprocess
 
-    segmenter = None if all(r.mask is not None for r in records) else load_lung_segmenter()
+    own = masks == "dataset"
+    segmenter = None if own and all(r.mask is not None for r in records) else load_lung_segmenter()
     s = spec.size
     images = np.zeros((len(records), s, s), dtype=np.uint8)
     lungs = np.zeros((len(records), s, s), dtype=bool)
@@ -122,7 +126,7 @@ def load_audit_data(
             failures.append((str(r.path), exc.reason))
             continue
         mask, kind = None, "prior"
-        if r.mask is not None:
+        if own and r.mask is not None:
             try:
                 m = read_image(r.mask)
                 if _fg(m).any():
@@ -356,16 +360,17 @@ def run_audit(
     batch_size: int = 64,
     progress: bool = False,
     examples: bool = True,
+    masks: str = "segmenter",
 ) -> dict[str, Any]:
     """Audit one checkpoint on one split of a dataset. Returns a JSON-ready dict (``examples``, where
-    asked, holds data: URIs of illustration images for the HTML)."""
+    asked, holds data: URIs of illustration images for the HTML). ``masks``: see :func:`load_audit_data`."""
     from xraydx.predict import Predictor
 
     pred = Predictor(checkpoint, device)
     recs = checkpoint_split(pred.meta.get("config", {}).get("data", {}), data, split)
     if not recs:
         raise AuditError(f"{data}: no images in split {split!r}")
-    d = load_audit_data(recs, pred.spec, pred.classes, progress=progress)
+    d = load_audit_data(recs, pred.spec, pred.classes, progress=progress, masks=masks)
     if len(d.labels) == 0:
         raise AuditError(f"{data}: none of the {len(recs)} images in split {split!r} could be read")
     a = audit_arrays(

@@ -131,13 +131,19 @@ def evaluate_split(
 
 def evaluate_checkpoint(
     checkpoint: Path, data: str, split: str, out: Path, *, device: str = "auto", overwrite: bool = False,
-    progress: bool = True, audit: bool = False, allow_changed_data: bool = False,
+    progress: bool = True, audit: bool = False, allow_changed_data: bool = False, masks: str = "segmenter",
 ) -> dict[str, Any]:  # fmt: skip
     """Evaluate on one split of a dataset; write metrics.json, report.html and predictions.csv into ``out``.
 
     The split is made as the checkpoint's training run made it and checked against the membership the
     checkpoint recorded: where the data no longer gives it, ``split="test"`` is refused (images the model
-    trained on may now be in it) unless ``allow_changed_data``; other splits go on with a warning."""
+    trained on may now be in it) unless ``allow_changed_data``; other splits go on with a warning.
+
+    ``masks`` (for a lung_mask=crop|mask model): ``segmenter`` (default) crops every image with the shipped
+    segmenter's mask, as predict and serve do, so the figures are those of the deployed pipeline;
+    ``dataset`` uses the dataset's own lung masks where it has them (the segmenter's elsewhere)."""
+    if masks not in MASK_SOURCES:
+        raise UsageError(f"--masks must be one of {', '.join(MASK_SOURCES)}; got {masks!r}")
     refuse_overwrite(out / "metrics.json", overwrite)
     refuse_overwrite(out / "report.html", overwrite)
     pred = Predictor(checkpoint, device)
@@ -145,10 +151,11 @@ def evaluate_checkpoint(
     split_check = _split_check(checkpoint, data, split, change, recorded, allow_changed_data)
     if not recs:
         raise UsageError(f"{data}: no images in split {split!r} (as the checkpoint's training run split it)")
-    masks = [r.mask for r in recs] if pred.spec.lung_mask != "none" else None
+    uses_masks = pred.spec.lung_mask != "none"
+    mask_files = [r.mask if masks == "dataset" else None for r in recs] if uses_masks else None
     arr, failures = load_many(
-        [r.path for r in recs], pred.spec, cache_dir=None, masks=masks, progress=progress, desc=f"load {split}",
-        mask_fn=pred.lung_mask if masks is not None else None,
+        [r.path for r in recs], pred.spec, cache_dir=None, masks=mask_files, progress=progress,
+        desc=f"load {split}", mask_fn=pred.lung_mask if uses_masks else None,
     )  # fmt: skip
     bad = {i for i, _ in failures}
     keep = [i for i in range(len(recs)) if i not in bad]
@@ -156,23 +163,37 @@ def evaluate_checkpoint(
     if audit:
         from xraydx.audit import run_audit  # audit is a sibling runner (L4)
 
-        audit_result = run_audit(checkpoint, data, split, device=device, progress=progress)
+        audit_result = run_audit(checkpoint, data, split, device=device, progress=progress, masks=masks)
     metrics = evaluate_split(
         pred.model, pred.spec, arr[keep], [recs[i] for i in keep], out, device=pred.device, classes=pred.classes,
         temperature=pred.temperature, abstention=pred.abstention, audit=audit_result,
         title=f"xraydx evaluation: {Path(str(data)).name} [{split}]",
-        meta={"checkpoint": str(checkpoint), "data": str(data), "split": split, "split check": split_check},
+        meta={"checkpoint": str(checkpoint), "data": str(data), "split": split, "split check": split_check,
+              "lung masks": _masks_text(uses_masks, masks)},  # fmt: skip
         failures=[(recs[i], r) for i, r in failures],
     )  # fmt: skip
     if audit_result is not None:
         metrics["audit"] = {k: v for k, v in audit_result.items() if k != "examples"}
     metrics["split"] = split
     metrics["split_check"] = split_check
+    metrics["masks"] = masks if uses_masks else "none (the model uses no lung mask)"
     metrics["data"] = str(data)
     metrics["checkpoint"] = str(checkpoint)
     metrics["unreadable"] = [{"path": str(recs[i].path), "reason": r} for i, r in failures]
     atomic_write_json(out / "metrics.json", metrics)
     return metrics
+
+
+#: where evaluate's lung masks come from: the deployed pipeline's segmenter (default), or the dataset's
+MASK_SOURCES = ("segmenter", "dataset")
+
+
+def _masks_text(uses_masks: bool, masks: str) -> str:
+    if not uses_masks:
+        return "none (the model uses no lung mask)"
+    if masks == "segmenter":
+        return "the shipped segmenter's, as predict and serve crop (the deployed pipeline)"
+    return "the dataset's own where it has them (--masks dataset; predict and serve use the segmenter's)"
 
 
 def _split_check(

@@ -5,7 +5,9 @@ patient, seeded) and from any dataset :func:`xraydx.data.discover` reads that ha
 splits and groups). Training (:func:`train_segmenter`): AdamW with warmup then cosine decay, a paired
 random affine on image and mask (:class:`SegAugment`), BCE + soft Dice, the best epoch by val Dice kept
 and evaluated with the full pipeline (post-processing, mask at the image's own size) on the
-patient-held-out test split. :func:`segment_files` writes ``masks/``, ``overlays/`` and ``segment.csv``.
+test split, which is patient-held-out only where the data has patient ids (:func:`describe_split` says
+what it is, in the log, metrics.json and the checkpoint). A best val Dice below :data:`USABLE_DICE` is
+warned about. :func:`segment_files` writes ``masks/``, ``overlays/`` and ``segment.csv``.
 
 CLI::
 
@@ -237,6 +239,8 @@ def train_segmenter(
         raise SegmenterError(
             f"{len(leaked)} patient groups are in train and in val/test, e.g. {sorted(leaked)[0]}"
         )
+    split_kind = describe_split(samples)
+    log(f"data: split: {split_kind}")
     buf = _io.StringIO()
     w = csv.writer(buf)
     w.writerow(["image", "mask", "group", "split", "source"])
@@ -305,6 +309,13 @@ def train_segmenter(
         )
         write_log(out / "log.csv", rows)
 
+    warnings = []
+    if best < USABLE_DICE:
+        warnings.append(
+            f"the best epoch ({best_epoch}) has val Dice {best:.3f}, far below a usable lung mask (Dice >= "
+            f"{USABLE_DICE:g}): this segmenter finds little or no lung; train longer or check the masks"
+        )
+        log(f"WARNING: {warnings[-1]}")
     model.load_state_dict(best_state)
     model.eval()
     if half:
@@ -342,13 +353,16 @@ def train_segmenter(
             "sources": [str(p) for p in data],
             "notes": notes,
             "counts": {k: len(v) for k, v in by.items()},
+            "split": split_kind,
         },
+        "warnings": warnings,
         "val_metrics": {"dice_mean_at_input_size": best},
         "command": command,
     }
     save_checkpoint(ckpt, model, meta)
     seg = LungSegmenter.load(ckpt)
-    results: dict[str, Any] = {"best_epoch": best_epoch, "val_dice_at_input_size": best}
+    results: dict[str, Any] = {"best_epoch": best_epoch, "val_dice_at_input_size": best, "split": split_kind,
+                               "warnings": warnings}  # fmt: skip
     results["val"] = evaluate_segmenter(seg, by["val"])
     if by["test"]:
         results["test"] = evaluate_segmenter(seg, by["test"])
@@ -358,10 +372,29 @@ def train_segmenter(
     atomic_write_json(out / "metrics.json", results)
     te_m = results.get("test", {})
     log(
-        f"best epoch {best_epoch}; test (patient-held-out, n={te_m.get('n', 0)}): Dice {te_m.get('dice_mean', float('nan')):.4f}"
+        f"best epoch {best_epoch}; test (n={te_m.get('n', 0)}; {split_kind}): Dice {te_m.get('dice_mean', float('nan')):.4f}"
         f" IoU {te_m.get('iou_mean', float('nan')):.4f}; wrote {ckpt} ({ckpt.stat().st_size / 1e6:.1f} MB)"
     )
     return results
+
+
+#: the val Dice below which a trained segmenter is warned about (the shipped one: about 0.95 on test)
+USABLE_DICE = 0.5
+
+
+def describe_split(samples: Sequence[SegSample]) -> str:
+    """What the train/val/test split is, in words: by patient only where the data has patient ids (some
+    group holds more than one image); otherwise by image, which is not patient-held-out (COVID-QU-Ex's
+    official split, for one, has no patient ids)."""
+    sizes: dict[str, int] = {}
+    for x in samples:
+        sizes[x.group] = sizes.get(x.group, 0) + 1
+    if any(n > 1 for n in sizes.values()):
+        return "patient-held-out (no patient group in more than one split)"
+    return (
+        "by image, NOT patient-held-out: the data has no patient ids (e.g. COVID-QU-Ex's official split), "
+        "so images of one patient may be in train and in test"
+    )
 
 
 # ---- writing masks and overlays ------------------------------------------------------------------

@@ -12,7 +12,7 @@ import io as _io
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -517,6 +517,26 @@ def eval_logits(
     return out
 
 
+def _deployed_metrics(
+    cfg: Config,
+    spec: Preprocessing,
+    records: Sequence[Record],
+    model: nn.Module,
+    device: torch.device,
+    t: float,
+) -> dict[str, Any]:
+    """Test metrics with every lung mask made by the shipped segmenter, as predict and serve make them."""
+    cache_dir = Path(cfg.data.cache_dir) if cfg.data.cache_dir else Path(cfg.runs_dir) / ".cache"
+    sd, _ = load_split(
+        [replace(r, mask=None) for r in records], spec, cache_dir, "test (segmenter masks)", False
+    )
+    probs = torch.softmax(batch_logits(model, sd.images, spec, device) / t, 1).numpy()
+    m = compute_metrics(sd.labels, probs, CLASSES)
+    m["ci"] = bootstrap_ci(sd.labels, probs, CLASSES)
+    m["masks"] = "segmenter (as deployed)"
+    return m
+
+
 def finish_run(
     run: Path,
     cfg: Config,
@@ -595,6 +615,15 @@ def finish_run(
         results["test"] = tm
         meta["test_metrics"] = {k: v for k, v in tm.items() if k not in ("roc_curves", "coverage_curve")}
         log(format_metrics(tm, title=f"test split (best epoch {best_epoch}, temperature {temperature:.3f})"))
+        if spec.lung_mask != "none" and any(r.mask is not None for r in rep.records):
+            dep = _deployed_metrics(cfg, spec, rep.records, model, device, temperature)
+            results["test_deployed"] = meta["test_metrics_deployed"] = dep
+            log(
+                "note: this run cropped with the dataset's lung masks; predict, serve and evaluate crop with the "
+                f"shipped segmenter's. Test with the dataset's masks: accuracy {tm['accuracy']:.3f}, macro-F1 "
+                f"{tm['macro_f1']:.3f}; with the segmenter's (as deployed): accuracy {dep['accuracy']:.3f}, "
+                f"macro-F1 {dep['macro_f1']:.3f} (metrics.json test_deployed)"
+            )
     else:
         results["val_report"] = tm
     if "external" in splits and len(splits["external"].labels):

@@ -27,6 +27,10 @@ def add_parser(sub: SubParsers) -> None:
     au.add_argument("--corner", type=float, default=AUDIT_CORNER, help="corner squares, fraction of the side")
     au.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples for the CIs")
     au.add_argument("--seed", type=int, default=0)
+    au.add_argument(
+        "--masks", default="segmenter", choices=["segmenter", "dataset"],
+        help="lung masks: the segmenter's, as predict/serve use (default), or the dataset's own",
+    )  # fmt: skip
     au.add_argument("--device", default="auto")
     au.add_argument("--overwrite", action="store_true")
     au.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
@@ -49,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
     for ck in args.checkpoint:
         a = run_audit(
             ck, args.data, args.split, device=args.device, border=args.border, corner=args.corner,
-            n_boot=args.n_boot, seed=args.seed, progress=not args.quiet,
+            n_boot=args.n_boot, seed=args.seed, progress=not args.quiet, masks=args.masks,
         )  # fmt: skip
         audits.append(a)
         print(f"{audit_name(a)}: {a['verdict']['text']}")

@@ -27,6 +27,10 @@ def add_parser(sub: SubParsers) -> None:
         "--allow-changed-data", action="store_true",
         help="evaluate --split test even where the data no longer gives the checkpoint's recorded split",
     )  # fmt: skip
+    ev.add_argument(
+        "--masks", default="segmenter", choices=["segmenter", "dataset"],
+        help="lung masks for a lung-crop model: the segmenter's, as predict/serve use (default), or the dataset's",
+    )  # fmt: skip
     add_quiet(ev)
     ev.set_defaults(func=run)
 
@@ -39,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else _default_eval_dir(ckpt, args.split)
     m = evaluate_checkpoint(
         ckpt, args.data, args.split, out, device=args.device, overwrite=args.overwrite, progress=not args.quiet,
-        audit=args.audit, allow_changed_data=args.allow_changed_data,
+        audit=args.audit, allow_changed_data=args.allow_changed_data, masks=args.masks,
     )  # fmt: skip
     print(format_metrics(m, title=f"{args.data} [{args.split}] with {ckpt}"))
     if m.get("audit"):

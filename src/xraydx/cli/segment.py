@@ -159,6 +159,8 @@ def run_train(args: argparse.Namespace) -> int:
     te = res.get("test")
     if te:
         print(
-            f"test split (patient-held-out, n={te['n']}): Dice {te['dice_mean']:.4f}, IoU {te['iou_mean']:.4f}"
+            f"test split (n={te['n']}; {res['split']}): Dice {te['dice_mean']:.4f}, IoU {te['iou_mean']:.4f}"
         )
+    for w in res.get("warnings", []):
+        print(f"xraydx: warning: {w}", file=sys.stderr)
     return EXIT_OK
