@@ -301,8 +301,15 @@ def load_data(
         w.writerow(["path", "split", "reason"])
         w.writerows([[str(r.path), r.split, reason] for r, reason in skipped])
         atomic_write_bytes(run / "skipped.csv", buf.getvalue().encode("utf-8", "surrogateescape"))
-    if d.main:
-        check_leaks(cfg, manifest, [(s.records, s.images) for s in splits.values()], log)
+    refusal = None
+    if d.main:  # rank 0 checks; every rank stops together where --strict-data refuses
+        try:
+            check_leaks(cfg, manifest, [(s.records, s.images) for s in splits.values()], log)
+        except TrainError as exc:
+            refusal = str(exc)
+    refusal = broadcast_obj(refusal, d)
+    if refusal:
+        raise TrainError(refusal)
     for name in ("train", "val"):
         if name not in splits or len(splits[name].labels) == 0:
             raise TrainError(f"{cfg.data.path}: no readable {name} images")
