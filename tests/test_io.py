@@ -353,6 +353,69 @@ def test_dicom_8bit_and_multiframe(real: np.ndarray) -> None:
     np.testing.assert_array_equal(out, read_image_bytes(_dicom_bytes(_dicom(_d12(real), bits_stored=12))))
 
 
+# ---- presentation and windowing (issue 16 item 9, issue 17 item 9) -------------------------------
+
+
+def test_dicom_presentation_lut_inverse_is_applied(real: np.ndarray) -> None:
+    stored = 4095 - _d12(real)  # bone dark in the stored values, as a viewer's INVERSE shape undoes
+    info: dict = {}
+    inverse = read_image_bytes(
+        _dicom_bytes(_dicom(stored, bits_stored=12, PresentationLUTShape="INVERSE")), info=info
+    )
+    plain = read_image_bytes(_dicom_bytes(_dicom(_d12(real), bits_stored=12)))
+    assert np.abs(inverse.astype(int) - plain).max() <= 1  # the same window, mirrored (rounding aside)
+    assert _corr(inverse, real) > 0.99 and info["inverted"] is True
+    # MONOCHROME1 with INVERSE (what the DX module requires of MONOCHROME1): the same one inversion
+    mono1 = read_image_bytes(
+        _dicom_bytes(_dicom(stored, "MONOCHROME1", bits_stored=12, PresentationLUTShape="INVERSE"))
+    )
+    np.testing.assert_array_equal(mono1, inverse)
+    identity = read_image_bytes(
+        _dicom_bytes(_dicom(_d12(real), bits_stored=12, PresentationLUTShape="IDENTITY"))
+    )
+    np.testing.assert_array_equal(identity, plain)
+
+
+def test_8bit_dicom_is_read_like_the_same_pixels_as_png(real: np.ndarray) -> None:
+    low = (real // 2 + 40).astype(np.uint8)  # 40..167: a min-max stretch would change every pixel
+    info: dict = {}
+    out = read_image_bytes(_dicom_bytes(_dicom(low)), info=info)
+    np.testing.assert_array_equal(out, read_image_bytes(_pil_bytes(Image.fromarray(low), "PNG")))
+    assert info["window"] == "none"
+    np.testing.assert_array_equal(read_image_bytes(_dicom_bytes(_dicom(low, "MONOCHROME1"))), 255 - low)
+
+
+def test_16bit_dicom_without_window_ignores_a_few_extreme_pixels(real: np.ndarray) -> None:
+    d12 = _d12(real)
+    spiked = d12.copy()
+    spiked[:2, :6] = 65535  # a dozen pixels (a burnt-in marker, a dead detector line) far above the rest
+    info: dict = {}
+    out = read_image_bytes(_dicom_bytes(_dicom(spiked, bits_stored=16)), info=info)
+    clean = read_image_bytes(_dicom_bytes(_dicom(d12, bits_stored=12)))
+    assert info["window"] == "default"
+    # min-max would squeeze the whole chest into the lowest 1/16 of the gray levels
+    assert np.abs(out.astype(int)[2:] - clean.astype(int)[2:]).mean() < 3
+    assert int(np.percentile(out, 99)) > 200
+    assert _corr(out, real) > 0.98
+
+
+def test_dicom_window_maps_onto_the_full_range(real: np.ndarray) -> None:
+    d12 = _d12(real)
+    lo, hi = float(np.percentile(d12, 20)), float(np.percentile(d12, 80))
+    c, w = (lo + hi) / 2, hi - lo
+    info: dict = {}
+    out = read_image_bytes(
+        _dicom_bytes(_dicom(d12, bits_stored=12, WindowCenter=c, WindowWidth=w)), info=info
+    )
+    assert info["window"] == "file"
+    expected = np.clip(np.rint(((d12 - (c - 0.5)) / (w - 1) + 0.5) * 255), 0, 255)  # PS3.3 C.11.2.1.2.1
+    assert np.abs(out.astype(int) - expected.astype(int)).max() <= 1
+    # an invalid window (width 0) is ignored for the default one, not divided by
+    bad: dict = {}
+    read_image_bytes(_dicom_bytes(_dicom(d12, bits_stored=12, WindowCenter=c, WindowWidth=0)), info=bad)
+    assert bad["window"] == "default"
+
+
 def test_dicom_without_pixel_data_is_refused(tmp_path: Path, real: np.ndarray) -> None:
     ds = _dicom(_d12(real), bits_stored=12)
     del ds.PixelData

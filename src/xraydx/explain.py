@@ -304,7 +304,7 @@ def explain_files(
             decoded, total=len(paths), desc="explain", unit="img", disable=not progress, leave=False
         ):
             # the same per-image check (OOD guard, lung mask, preprocessing) as predict and serve
-            checked = pred.check([d.image], [d.colour])[0] if d.image is not None else d.error
+            checked = pred.check([d.image], [d.colour], [d.window])[0] if d.image is not None else d.error
             if isinstance(checked, str):
                 counts["error"] += 1
                 print(f"xraydx: {printable(d.path)}: {printable(checked)}", file=sys.stderr)

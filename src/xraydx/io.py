@@ -23,16 +23,28 @@ Design rules
   (``convert("L")``).  Images with transparency (RGBA, LA, PA, palette or gray with a
   ``transparency`` entry) are composited onto **black**, because the background of a chest
   X-ray is black.
-* High bit depth (16-bit PNG/TIFF, 32-bit integer or float TIFF, DICOM after its LUTs) is
-  scaled to 8 bits by a plain **min-max window over the pixel values actually present**
-  (not ``>> 8``), so 12-bit data stored in 16-bit containers keeps its contrast.  Non-finite
+* High bit depth without a window of its own (16-bit PNG/TIFF, 32-bit integer or float TIFF,
+  DICOM without VOI LUT or window) is scaled to 8 bits by the **default window**: the
+  :data:`DEFAULT_WINDOW_PERCENTILES` (0.5th and 99.5th) percentiles of the pixel values
+  present map to 0 and 255, values beyond them are clipped (not ``>> 8``, so 12-bit data in a
+  16-bit container keeps its contrast; not min-max, so a dozen extreme pixels -- a burnt-in
+  marker, a dead detector line -- cannot squeeze the chest into a few gray levels).  Where the
+  percentiles coincide (a mostly constant image) the min-max of the values is used.  Non-finite
   float values are ignored when finding the window and mapped to black.  A constant
   high-bit-depth image is mapped through its nominal range (e.g. 0..65535) when one is known,
   else to all zeros.  All-constant images are returned, not refused.
-* DICOM: Modality LUT (rescale slope/intercept) then VOI LUT or windowing (first window),
-  then min-max to 8 bits (8-bit data too); MONOCHROME1 is inverted so that bone is bright;
-  colour (RGB, YBR, PALETTE COLOR) DICOM is converted to luminance; multi-frame data yields
-  the first frame.  Compressed transfer syntaxes are decoded through
+* DICOM: Modality LUT (rescale slope/intercept), then the file's VOI: a VOI LUT Sequence (its
+  output min-max to 8 bits), else the first WindowCenter/WindowWidth applied by the formulas of
+  PS3.3 C.11.2.1.2 (VOILUTFunction LINEAR, LINEAR_EXACT or SIGMOID) straight onto 0..255;
+  without either, 8-bit data (BitsStored <= 8, no rescale) is mapped through its nominal range
+  -- 8-bit values are kept as they are, exactly as the same pixels in a PNG -- and anything
+  else gets the default window above.  The image is inverted (bone bright) when it is
+  MONOCHROME1 **or** its PresentationLUTShape is INVERSE: the DX module requires INVERSE for
+  MONOCHROME1, so the two name one inversion, not two; INVERSE on MONOCHROME2 inverts.
+  Colour (RGB, YBR, PALETTE COLOR) DICOM is converted to luminance; multi-frame data yields
+  the first frame.  Pass ``info={}`` to :func:`read_image` to learn which window was used
+  (``info["window"]``: ``file``, ``file-lut``, ``none`` or ``default``) and whether the image
+  was inverted.  Compressed transfer syntaxes are decoded through
   pydicom's plugins (pylibjpeg-libjpeg, pylibjpeg-openjpeg); a missing plugin gives a reason
   naming the transfer syntax and the pip package.  Deflated transfer syntax is refused (it
   would be inflated fully into memory before any size check).
@@ -59,6 +71,7 @@ from PIL import Image, ImageFile, UnidentifiedImageError
 from xraydx.errors import XraydxError
 
 __all__ = [
+    "DEFAULT_WINDOW_PERCENTILES",
     "MAX_ASPECT",
     "MAX_FILE_BYTES",
     "MAX_PIXELS",
@@ -80,6 +93,8 @@ MAX_PIXELS: int = 64_000_000
 MIN_SIDE: int = 32
 MAX_ASPECT: float = 4.0
 MAX_FILE_BYTES: int = 256 * 1024 * 1024
+DEFAULT_WINDOW_PERCENTILES: tuple[float, float] = (0.5, 99.5)
+_PERCENTILE_SAMPLE = 2_000_000  # the default window's percentiles are taken on at most this many pixels
 
 _HEAD_BYTES = 16384  # enough for every magic number and for a DICOM file meta group
 _PIL_FORMATS: dict[str, str] = {"png": "PNG", "jpeg": "JPEG", "bmp": "BMP", "tiff": "TIFF"}
@@ -287,19 +302,25 @@ def _check_byte_size(name: str, size: int) -> None:
         raise ImageReadError(name, f"file too large ({size} bytes; limit is {MAX_FILE_BYTES} bytes)")
 
 
-def read_image(path: str | os.PathLike[str]) -> np.ndarray:
-    """Read an image file as a 2-D ``uint8`` grayscale array (H, W); see the module docstring."""
+def read_image(path: str | os.PathLike[str], *, info: dict[str, Any] | None = None) -> np.ndarray:
+    """Read an image file as a 2-D ``uint8`` grayscale array (H, W); see the module docstring.
+
+    ``info``: a dict filled with how the pixels became 8 bits: ``format``, ``window`` (``file``: the
+    DICOM's own window; ``file-lut``: its VOI LUT Sequence; ``none``: 8-bit data kept as is; ``default``:
+    the percentile window, the file had none) and ``inverted`` (MONOCHROME1 / PresentationLUTShape)."""
     name, fp = _open_checked(path)
     with fp:
-        return _decode(fp, name)
+        return _decode(fp, name, info)
 
 
-def read_image_bytes(data: bytes, name: str = "<upload>") -> np.ndarray:
+def read_image_bytes(
+    data: bytes, name: str = "<upload>", *, info: dict[str, Any] | None = None
+) -> np.ndarray:
     """Like :func:`read_image` for in-memory data (``bytes``, ``bytearray`` or ``memoryview``)."""
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise TypeError(f"read_image_bytes expects bytes, got {type(data).__name__}")
     _check_byte_size(name, len(data))
-    return _decode(io.BytesIO(bytes(data)), name)
+    return _decode(io.BytesIO(bytes(data)), name, info)
 
 
 def image_info(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -371,7 +392,7 @@ def _check_dimensions(name: str, width: int, height: int) -> None:
         raise ImageReadError(name, f"aspect ratio {ratio:.1f} exceeds {MAX_ASPECT}")
 
 
-def _decode(fp: BinaryIO, name: str) -> np.ndarray:
+def _decode(fp: BinaryIO, name: str, info: dict[str, Any] | None = None) -> np.ndarray:
     head = fp.read(_HEAD_BYTES)
     if not head:
         raise ImageReadError(name, "empty file (0 bytes)")
@@ -379,8 +400,9 @@ def _decode(fp: BinaryIO, name: str) -> np.ndarray:
     if fmt is None:
         raise ImageReadError(name, _unrecognised_reason(head))
     fp.seek(0)
+    how: dict[str, Any] = {"format": fmt, "window": "none", "inverted": False}
     try:
-        out = _decode_dicom(fp, name, head) if fmt == "dicom" else _decode_pil(fp, name, fmt, head)
+        out = _decode_dicom(fp, name, head, how) if fmt == "dicom" else _decode_pil(fp, name, fmt, head, how)
     except ImageReadError:
         raise
     except MemoryError:
@@ -390,6 +412,8 @@ def _decode(fp: BinaryIO, name: str) -> np.ndarray:
     if out.ndim != 2 or out.dtype != np.uint8:  # pragma: no cover - internal invariant
         raise ImageReadError(name, f"internal error: decoded array has shape {out.shape}, dtype {out.dtype}")
     _check_dimensions(name, out.shape[1], out.shape[0])
+    if info is not None:
+        info.update(how)
     return np.ascontiguousarray(out)
 
 
@@ -430,7 +454,7 @@ def _png_precheck(name: str, head: bytes) -> None:
         _check_dimensions(name, width, height)
 
 
-def _decode_pil(fp: BinaryIO, name: str, fmt: str, head: bytes) -> np.ndarray:
+def _decode_pil(fp: BinaryIO, name: str, fmt: str, head: bytes, how: dict[str, Any]) -> np.ndarray:
     if fmt == "png":
         _png_precheck(name, head)
     im = _pil_open(fp, name, fmt)
@@ -449,7 +473,7 @@ def _decode_pil(fp: BinaryIO, name: str, fmt: str, head: bytes) -> np.ndarray:
             ) from None
         if im.size != (width, height):  # pragma: no cover - defensive (e.g. JPEG draft mode)
             _check_dimensions(name, *im.size)
-        return _pil_to_gray(im, name)
+        return _pil_to_gray(im, name, how)
 
 
 def _composite_on_black(rgba: Image.Image) -> np.ndarray:
@@ -461,7 +485,7 @@ def _composite_on_black(rgba: Image.Image) -> np.ndarray:
     return ((gray * alpha + 127) // 255).astype(np.uint8)
 
 
-def _pil_to_gray(im: Image.Image, name: str) -> np.ndarray:
+def _pil_to_gray(im: Image.Image, name: str, how: dict[str, Any]) -> np.ndarray:
     mode = im.mode
     has_transparency = "transparency" in im.info
     if mode == "L" and not has_transparency:
@@ -477,7 +501,8 @@ def _pil_to_gray(im: Image.Image, name: str) -> np.ndarray:
         nominal = (0.0, 65535.0) if mode.startswith("I;16") else None
         if arr.ndim != 2:
             raise ImageReadError(name, f"unexpected pixel layout for mode {mode}")
-        return _to_uint8(arr, nominal)
+        how["window"] = "default"
+        return _to_uint8(arr, nominal, robust=True)
     if mode in ("P", "RGB", "CMYK", "YCbCr", "RGBX"):
         return np.asarray(im.convert("RGB").convert("L"), dtype=np.uint8)
     try:
@@ -486,8 +511,19 @@ def _pil_to_gray(im: Image.Image, name: str) -> np.ndarray:
         raise ImageReadError(name, f"unsupported image mode {mode} ({_exc_text(exc)})") from None
 
 
-def _to_uint8(arr: np.ndarray, nominal: tuple[float, float] | None = None) -> np.ndarray:
-    """Min-max window of the finite values of ``arr`` onto 0..255.
+def _percentile_window(values: np.ndarray) -> tuple[float, float]:
+    """The default window: the DEFAULT_WINDOW_PERCENTILES of ``values`` (finite, 1-D), on an evenly
+    strided subsample of at most _PERCENTILE_SAMPLE values (deterministic)."""
+    step = max(1, -(-values.size // _PERCENTILE_SAMPLE))
+    lo, hi = np.percentile(values[::step], DEFAULT_WINDOW_PERCENTILES)
+    return float(lo), float(hi)
+
+
+def _to_uint8(
+    arr: np.ndarray, nominal: tuple[float, float] | None = None, *, robust: bool = False
+) -> np.ndarray:
+    """Window the finite values of ``arr`` onto 0..255: min-max, or with ``robust`` the default
+    percentile window (min-max where its two percentiles coincide); values outside are clipped.
 
     A constant image is mapped through ``nominal`` (the container's value range) when given,
     else to zeros.  Non-finite values become 0.
@@ -506,6 +542,10 @@ def _to_uint8(arr: np.ndarray, nominal: tuple[float, float] | None = None) -> np
     else:
         lo = float(work.min())
         hi = float(work.max())
+    if robust and hi > lo:
+        plo, phi = _percentile_window(work[finite] if not all_finite else work.ravel())
+        if phi > plo:
+            lo, hi = plo, phi
     span = hi - lo
     if not span > 0:
         if nominal is None or nominal[1] <= nominal[0]:
@@ -556,10 +596,72 @@ def _read_dicom(fp: BinaryIO, head: bytes, stop_before_pixels: bool = False) -> 
     return ds
 
 
-def _decode_dicom(fp: BinaryIO, name: str, head: bytes) -> np.ndarray:
+def _first_number(value: Any) -> float | None:
+    """The first value of a (possibly multi-valued) DICOM number, or None where absent or invalid."""
+    if value is None:
+        return None
+    if not isinstance(value, (str, bytes)) and hasattr(value, "__len__"):
+        if len(value) == 0:
+            return None
+        value = value[0]
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        return None
+    return v if np.isfinite(v) else None
+
+
+def _apply_window(arr: np.ndarray, ds: Any) -> np.ndarray | None:
+    """The dataset's first window (PS3.3 C.11.2.1.2) applied to modality values, onto 0..255 as uint8;
+    None where the file has no usable window."""
+    c, w = _first_number(ds.get("WindowCenter")), _first_number(ds.get("WindowWidth"))
+    function = str(ds.get("VOILUTFunction", "") or "LINEAR").strip().upper()
+    if c is None or w is None or w <= 0 or (function == "LINEAR" and w < 1):
+        return None
+    x = np.asarray(arr, dtype=np.float64)
+    if function == "SIGMOID":
+        with np.errstate(over="ignore"):
+            y = 1.0 / (1.0 + np.exp(-4.0 * (x - c) / w))
+    elif function == "LINEAR_EXACT":
+        y = (x - c) / w + 0.5
+    elif function == "LINEAR":
+        y = (x > c - 0.5).astype(np.float64) if w == 1 else (x - (c - 0.5)) / (w - 1) + 0.5
+    else:
+        return None
+    return np.rint(np.clip(y, 0.0, 1.0) * 255.0).astype(np.uint8)
+
+
+def _dicom_gray(arr: np.ndarray, ds: Any, how: dict[str, Any]) -> np.ndarray:
+    """Modality values -> uint8 by the file's VOI, the 8-bit nominal range or the default window."""
+    from pydicom.pixels import apply_voi_lut
+
+    if ds.get("VOILUTSequence"):
+        how["window"] = "file-lut"
+        return _to_uint8(np.asarray(apply_voi_lut(arr, ds, index=0), dtype=np.float64))
+    windowed = _apply_window(arr, ds)
+    if windowed is not None:
+        how["window"] = "file"
+        return windowed
+    bits = int(ds.get("BitsStored", ds.get("BitsAllocated", 16)) or 16)
+    slope, intercept = _first_number(ds.get("RescaleSlope")), _first_number(ds.get("RescaleIntercept"))
+    plain = not ds.get("ModalityLUTSequence") and slope in (None, 1.0) and intercept in (None, 0.0)
+    if bits <= 8 and plain and arr.dtype.kind in "ui":
+        signed = arr.dtype.kind == "i" and int(ds.get("PixelRepresentation", 0) or 0) == 1
+        lo = -(2 ** (bits - 1)) if signed else 0
+        top = lo + 2**bits - 1
+        how["window"] = "none"
+        if bits == 8 and lo == 0:
+            return np.clip(arr, 0, 255).astype(np.uint8)
+        scaled = (np.clip(arr.astype(np.float64), lo, top) - lo) * (255.0 / (top - lo))
+        return np.rint(scaled).astype(np.uint8)
+    how["window"] = "default"
+    return _to_uint8(np.asarray(arr, dtype=np.float64), robust=True)
+
+
+def _decode_dicom(fp: BinaryIO, name: str, head: bytes, how: dict[str, Any]) -> np.ndarray:
     import pydicom
     from pydicom.errors import InvalidDicomError
-    from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut, pixel_array
+    from pydicom.pixels import apply_color_lut, apply_modality_lut, pixel_array
 
     if _DEFLATED_TS in head:
         raise ImageReadError(
@@ -625,10 +727,9 @@ def _decode_dicom(fp: BinaryIO, name: str, head: bytes) -> np.ndarray:
         return _to_uint8(gray, None if top is None else (0.0, top))
     if arr.ndim != 2:
         raise ImageReadError(name, f"unexpected DICOM pixel array shape {arr.shape}")
-    arr = apply_modality_lut(arr, ds)
-    arr = apply_voi_lut(arr, ds, index=0)
-    # Min-max to 8 bits, also for 8-bit data, so that the output does not depend on the container.
-    out = _to_uint8(np.asarray(arr, dtype=np.float64))
-    if photometric == "MONOCHROME1":
+    out = _dicom_gray(apply_modality_lut(arr, ds), ds, how)
+    shape = str(ds.get("PresentationLUTShape", "") or "").strip().upper()
+    if photometric == "MONOCHROME1" or shape == "INVERSE":  # one inversion, see the module docstring
+        how["inverted"] = True
         out = 255 - out
     return out

@@ -80,6 +80,13 @@ OOD_KIND = "ood-guard"
 COLOURFUL_MAX = 12.0  # Hasler-Suesstrunk "slightly colourful" starts at ~15; a tinted scan stays below
 BLANK_STD = 4.0  # gray levels (0-255): standard deviation of a 64 x 64 thumbnail
 RULE_SCORE = 1.5  # the least score a broken rule gives, so rule rejections sort after borderline distances
+# added to the reasons of a rejected image that xraydx.io read through its default window (a DICOM or 16-bit
+# file with no window of its own): then the rendering, not the patient, is the likely cause
+DEFAULT_WINDOW_HINT = (
+    "the file carries no display window, so xraydx used its default one (0.5th-99.5th percentiles); if it"
+    " looks washed out or too dark, windowing is the likely cause: export it with its window (WindowCenter /"
+    " WindowWidth or a VOI LUT) or as the 8-bit image the PACS shows"
+)
 
 
 class OODError(CheckpointError):
@@ -248,7 +255,9 @@ class OODGuard:
         resid = np.maximum((z**2).sum(1) - (y**2).sum(1), 0.0)
         return np.sqrt((inside + resid / self.sigma2) / z.shape[1])
 
-    def _result(self, img: np.ndarray, a: SegAnalysis, colour: float | None) -> OODResult:
+    def _result(
+        self, img: np.ndarray, a: SegAnalysis, colour: float | None, window: str | None = None
+    ) -> OODResult:
         reasons: list[str] = []
         scores: list[float] = []
         det: dict[str, float] = {}
@@ -301,26 +310,39 @@ class OODGuard:
         score = float(max(scores))
         if reasons and score <= 1.0:
             score = RULE_SCORE
-        return OODResult(not reasons, score, reasons, det, a.mask)
+        is_cxr = not reasons
+        if not is_cxr and window == "default":
+            reasons.append(DEFAULT_WINDOW_HINT)
+        return OODResult(is_cxr, score, reasons, det, a.mask)
 
-    def check(self, img: np.ndarray, colourfulness: float | None = None) -> OODResult:
-        """Score one uint8 (H, W) gray image; pass the file's colourfulness where known."""
-        return self._result(img, self.segmenter.analyze_many([img], variants=True)[0], colourfulness)
+    def check(
+        self, img: np.ndarray, colourfulness: float | None = None, window: str | None = None
+    ) -> OODResult:
+        """Score one uint8 (H, W) gray image; pass the file's colourfulness where known, and ``window``:
+        how :func:`xraydx.io.read_image` windowed it (its ``info["window"]``)."""
+        return self._result(img, self.segmenter.analyze_many([img], variants=True)[0], colourfulness, window)
 
     def check_many(
-        self, imgs: Sequence[np.ndarray], colours: Sequence[float | None] | None = None, batch_size: int = 16
+        self,
+        imgs: Sequence[np.ndarray],
+        colours: Sequence[float | None] | None = None,
+        batch_size: int = 16,
+        windows: Sequence[str | None] | None = None,
     ) -> list[OODResult]:
         cols = list(colours) if colours is not None else [None] * len(imgs)
+        wins = list(windows) if windows is not None else [None] * len(imgs)
         return [
-            self._result(im, a, c)
-            for im, a, c in zip(
-                imgs, self.segmenter.analyze_many(imgs, batch_size, variants=True), cols, strict=True
+            self._result(im, a, c, w)
+            for im, a, c, w in zip(
+                imgs, self.segmenter.analyze_many(imgs, batch_size, variants=True), cols, wins, strict=True
             )
         ]
 
     def check_file(self, path: str | Path) -> OODResult:
-        """Read a file (raises ImageReadError) and score it, colour included."""
-        return self.check(read_image(path), colourfulness_of_file(path))
+        """Read a file (raises ImageReadError) and score it, colour and windowing included."""
+        info: dict[str, Any] = {}
+        img = read_image(path, info=info)
+        return self.check(img, colourfulness_of_file(path), info.get("window"))
 
 
 # ---- fitting ---------------------------------------------------------------------------------------

@@ -249,18 +249,25 @@ class Predictor:
         return preprocess(img, self.spec, mask)
 
     def check(
-        self, imgs: Sequence[np.ndarray], colours: Sequence[float | None] | None = None
+        self,
+        imgs: Sequence[np.ndarray],
+        colours: Sequence[float | None] | None = None,
+        windows: Sequence[str | None] | None = None,
     ) -> list[Checked | str]:
         """The one per-image check, batched: the OOD guard (whose lung masks are the segmenter's, i.e. what
         :meth:`lung_mask` returns) and the preprocessing. One entry per image: a :class:`Checked`, or the
-        reason it cannot be predicted. ``colours``: each file's colourfulness where known."""
+        reason it cannot be predicted. ``colours``: each file's colourfulness where known; ``windows``: how
+        the reader windowed each (``read_image``'s ``info["window"]``), so that a rejection can say when the
+        default window is the likely cause."""
         cols = list(colours) if colours is not None else [None] * len(imgs)
+        wins = list(windows) if windows is not None else [None] * len(imgs)
         guard = self.ood_guard()
         needs_mask = self.spec.lung_mask != "none"
         try:
             if guard is not None:
+                kw = {"windows": wins} if windows is not None else {}
                 oods: list[OODResult | None] = list(
-                    guard.check_many(imgs, cols, batch_size=max(1, len(imgs)))
+                    guard.check_many(imgs, cols, batch_size=max(1, len(imgs)), **kw)
                 )
                 masks = [o.mask if needs_mask and o is not None else None for o in oods]
             else:
@@ -273,7 +280,11 @@ class Predictor:
                 )
         except (ImageReadError, ValueError) as exc:
             if len(imgs) > 1:  # one bad image: the others are still predicted
-                return [c for img, col in zip(imgs, cols, strict=True) for c in self.check([img], [col])]
+                return [
+                    c
+                    for img, col, win in zip(imgs, cols, wins, strict=True)
+                    for c in self.check([img], [col], [win])
+                ]
             return [_reason(exc)]
         out: list[Checked | str] = []
         for img, mask, oc in zip(imgs, masks, oods, strict=True):
@@ -301,10 +312,13 @@ class Predictor:
         return self.classifier.probs(images)
 
     def predict_images(
-        self, imgs: Sequence[np.ndarray], colours: Sequence[float | None] | None = None
+        self,
+        imgs: Sequence[np.ndarray],
+        colours: Sequence[float | None] | None = None,
+        windows: Sequence[str | None] | None = None,
     ) -> list[tuple[np.ndarray, Checked] | str]:
         """The whole pipeline on decoded gray images: (probabilities, :class:`Checked`) or an error reason."""
-        checked = self.check(imgs, colours)
+        checked = self.check(imgs, colours, windows)
         ok = [c for c in checked if isinstance(c, Checked)]
         probs = iter(self.probs(np.stack([c.prepared for c in ok])) if ok else [])
         return [(next(probs), c) if isinstance(c, Checked) else c for c in checked]
@@ -326,7 +340,9 @@ class Predictor:
         def flush() -> Iterator[Prediction]:
             good = [d for d in pending if d.image is not None]
             imgs = [d.image for d in good if d.image is not None]
-            results = iter(self.predict_images(imgs, [d.colour for d in good]) if good else [])
+            results = iter(
+                self.predict_images(imgs, [d.colour for d in good], [d.window for d in good]) if good else []
+            )
             for d in pending:
                 r = next(results) if d.image is not None else d.error
                 if isinstance(r, tuple):
@@ -357,6 +373,7 @@ class Decoded:
     image: np.ndarray | None  # uint8 (H, W) gray, or None where unreadable
     colour: float | None = None  # the file's colourfulness (OOD guard), where asked for and readable
     error: str = ""
+    window: str | None = None  # how the reader windowed it (read_image's info["window"])
 
 
 _END = object()
@@ -381,8 +398,10 @@ def decode_ahead(paths: Iterable[Path], depth: int = 64, colour: bool = False) -
         try:
             for p in paths:
                 try:
-                    img = read_image(p)
+                    info: dict[str, Any] = {}
+                    img = read_image(p, info=info)
                     d = Decoded(Path(p), img, colourfulness_of_file(p) if colour else None)
+                    d.window = info.get("window")
                 except (ImageReadError, ValueError) as exc:
                     d = Decoded(Path(p), None, error=_reason(exc))
                 if not put(d):
