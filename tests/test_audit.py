@@ -17,15 +17,20 @@ from xraydx.audit import (
     HIDDEN_MARGIN,
     aligned_lungs,
     border_mask,
+    load_audit_data,
+    model_name,
     prior_lung_mask,
     run_audit,
+    variant,
     verdict,
 )
 from xraydx.cli import EXIT_OK, main
+from xraydx.data import Record
 from xraydx.io import ImageReadError, read_image
 from xraydx.models import read_metadata
 from xraydx.predict import Predictor, load_lung_segmenter
-from xraydx.transforms import Preprocessing
+from xraydx.report import audit_name
+from xraydx.transforms import Preprocessing, preprocess
 
 CLASSES = ("covid", "non_covid", "normal")
 CORNERS = {"covid": (0, 0), "non_covid": (0, 1), "normal": (1, 0)}  # (bottom?, right?) per class
@@ -60,7 +65,56 @@ def test_aligned_lungs_follow_the_lung_crop() -> None:
     assert (small == none).mean() > 0.97
 
 
-def _audit(base: float, hidden: float, border: float, only: float, share: float, ci: float = 0.05) -> dict:
+def test_border_mask_of_a_rectangle() -> None:
+    b = border_mask((100, 200), border=0.05, corner=0.2)
+    assert b.shape == (100, 200)
+    assert b[4, 100] and not b[5, 100]  # the band: 5% of the height at top
+    assert b[50, 9] and not b[50, 10]  # and 5% of the width at the sides
+    assert b[19, 19] and not b[19, 20] and not b[20, 19]  # corner squares: 20% of the shorter side
+    assert b[80, 180] and not b[79, 180]
+
+
+def test_border_is_blanked_on_the_original_image_not_inside_a_lung_crop(tmp_path: Path) -> None:
+    """For a lung_mask=crop model the preprocessed image is the lung box: blanking its border cut lung.
+    The audit blanks the original's border and then applies the model's own preprocessing."""
+    rng = np.random.default_rng(0)
+    img = rng.integers(60, 200, (200, 200)).astype(np.uint8)
+    mask = np.zeros((200, 200), np.uint8)
+    mask[60:140, 50:150] = 255  # lungs well inside the 12% band and the 20% corners
+    Image.fromarray(img).save(tmp_path / "img.png")
+    Image.fromarray(mask).save(tmp_path / "mask.png")
+    rec = Record(tmp_path / "img.png", "normal", "test", "g", mask=tmp_path / "mask.png")
+    spec = Preprocessing(size=64, lung_mask="crop")
+    d = load_audit_data([rec], spec, CLASSES)
+    base, blanked = variant(d, "baseline"), variant(d, "border_blanked")
+    np.testing.assert_array_equal(base[0], preprocess(img, spec, mask))
+    np.testing.assert_array_equal(blanked, base)  # nothing of the lung box was blanked
+    # a full-image model sees the blanked border (about the band's share of its input is black)
+    full = load_audit_data([rec], Preprocessing(size=64), CLASSES)
+    black = (variant(full, "border_blanked")[0] == 0).mean()
+    assert black > 0.3 and (variant(full, "baseline")[0] == 0).mean() == 0
+
+
+def test_the_shipped_model_is_named_by_its_run_and_id_not_its_folder() -> None:
+    ckpt = Path(__file__).resolve().parents[1] / "src" / "xraydx" / "weights" / "default.safetensors"
+    meta = read_metadata(ckpt)
+    assert model_name(ckpt, meta) == meta["config"]["name"]
+    label = audit_name(
+        {"checkpoint": str(ckpt), "name": model_name(ckpt, meta), "model_id": "m-1", "lung_mask": "crop"}
+    )
+    assert (
+        label.startswith(f"{meta['config']['name']} [m-1]")
+        and "xraydx" not in label
+        and "weights" not in label
+    )
+    assert audit_name({"checkpoint": "runs/x/checkpoints/best.safetensors", "lung_mask": "none"}).startswith(
+        "best"
+    )
+
+
+def _audit(
+    base: float, hidden: float, border: float, only: float, share: float, ci: float = 0.05, n: int = 300
+) -> dict:
     def v(b: float) -> dict:
         return {
             "balanced_accuracy": b,
@@ -71,13 +125,14 @@ def _audit(base: float, hidden: float, border: float, only: float, share: float,
 
     return {
         "chance": 1 / 3,
+        "n": n,
         "variants": {
             "baseline": v(base),
             "lungs_hidden": v(hidden),
             "border_blanked": v(border),
             "lungs_only": v(only),
         },
-        "saliency": {"mean_lung_share": share},
+        "saliency": {"mean_lung_share": share, "mean_lung_share_ci": [share - ci, share + ci]},
         "lung_field": {"dataset": 10},
     }
 
@@ -99,6 +154,21 @@ def test_verdict_rules() -> None:
     r = verdict(_audit(0.9, 0.36, 0.87, 0.86, 0.7))
     assert r["level"] == "none_found" and r["text"].startswith("No shortcut found")
     assert verdict(_audit(0.36, 0.34, 0.33, 0.33, 0.7))["level"] == "inconclusive"
+
+
+def test_verdicts_need_intervals_that_do_not_overlap() -> None:
+    # n = 15: drops and shares beyond every threshold, but the intervals overlap -> no verdict from them
+    wide = _audit(0.8, 0.5, 0.8 - BORDER_DROP - 0.05, 0.6, 0.45, ci=0.25, n=15)
+    r = verdict(wide)
+    assert r["level"] == "none_found", r
+    assert "Not judged, because at n = 15 the 95% intervals overlap" in r["text"]
+    assert "border and corners (0.80 to 0.60)" in r["text"] and "Grad-CAM" in r["text"]
+    # the same point estimates with narrow intervals do fire
+    assert verdict(_audit(0.8, 0.5, 0.8 - BORDER_DROP - 0.05, 0.6, 0.45, ci=0.03))["level"] == "shortcut"
+    # no interval for the baseline at all: inconclusive, not a verdict from point estimates
+    none = _audit(0.9, 0.9, 0.3, 0.3, 0.1)
+    none["variants"]["baseline"]["ci"]["balanced_accuracy"] = None
+    assert verdict(none)["level"] == "inconclusive"
 
 
 # ---- the planted shortcut --------------------------------------------------------------------------
@@ -179,7 +249,7 @@ def test_lung_only_model_is_trained_on_masks_and_does_not_read_the_marker(
 
 
 def test_audit_cli_compares_two_checkpoints(
-    marked_runs: dict[str, Path], marked_data: Path, tmp_path: Path
+    marked_runs: dict[str, Path], marked_data: Path, tmp_path: Path, capfd: pytest.CaptureFixture[str]
 ) -> None:
     out = tmp_path / "audit"
     args = ["audit", "--checkpoint", str(marked_runs["none"]), "--checkpoint", str(marked_runs["mask"]),
@@ -187,10 +257,18 @@ def test_audit_cli_compares_two_checkpoints(
     assert main(args) == EXIT_OK
     doc = json.loads((out / "audit.json").read_text())
     assert [a["lung_mask"] for a in doc["audits"]] == ["none", "mask"]
+    assert [a["name"] for a in doc["audits"]] == ["lung-none", "lung-mask"]  # the runs' names
+    assert all(
+        a["model_id"] and a["settings"]["border_blanked_on"].startswith("the original") for a in doc["audits"]
+    )
     assert all("examples" not in a for a in doc["audits"])  # the images live in the HTML only
     html = (out / "audit.html").read_text()
     assert "<section id=audit>" in html and "Reads shortcuts" in html
-    assert html.count('src="data:image/png;base64,') >= 5
+    assert html.count('src="data:image/png;base64,') >= 10  # the examples of both models, not the first only
+    assert "What is shown to model 1" in html and "What is shown to model 2" in html
+    assert "in the <b>original</b> image" in html
+    err = capfd.readouterr().err
+    assert "Warning" not in err and "sklearn" not in err, err  # no library warning leaks into the output
     before = (out / "audit.json").read_bytes()
     assert main(args) != EXIT_OK  # refuses to overwrite
     assert (out / "audit.json").read_bytes() == before

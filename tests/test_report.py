@@ -51,7 +51,7 @@ def _random_case(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
 def test_ci_hand_computed_cases() -> None:
     # all right: every resample is perfect
     y = np.array([0, 0, 1, 1, 2, 2])
-    ci = bootstrap_ci(y, _probs_for(y), CLASSES, n_boot=200)
+    ci = bootstrap_ci(y, _probs_for(y), CLASSES, n_boot=200, stratified=True)
     assert ci["accuracy"] == [1.0, 1.0]
     assert ci["per_class"]["normal"]["sensitivity"] == [1.0, 1.0]
     # covid: 2 images, one right; the other 8 right. Resampling within class, covid recall is
@@ -60,14 +60,14 @@ def test_ci_hand_computed_cases() -> None:
     y = np.array([0, 0, 1, 1, 1, 1, 2, 2, 2, 2])
     pred = y.copy()
     pred[1] = 2
-    ci = bootstrap_ci(y, _probs_for(pred), CLASSES, n_boot=1000, seed=3)
+    ci = bootstrap_ci(y, _probs_for(pred), CLASSES, n_boot=1000, seed=3, stratified=True)
     assert ci["per_class"]["covid"]["sensitivity"] == [0.0, 1.0]
     assert ci["accuracy"] == pytest.approx([0.8, 1.0])
     assert ci["per_class"]["non_covid"]["sensitivity"] == [1.0, 1.0]
     # a class never recognised has recall 0 in every resample
     pred = y.copy()
     pred[y == 2] = 1
-    ci = bootstrap_ci(y, _probs_for(pred), CLASSES, n_boot=300)
+    ci = bootstrap_ci(y, _probs_for(pred), CLASSES, n_boot=300, stratified=True)
     assert ci["per_class"]["normal"]["sensitivity"] == [0.0, 0.0]
     assert ci["per_class"]["normal"]["ppv"] is None  # never predicted: undefined in every resample
 
@@ -244,3 +244,16 @@ def test_training_writes_report_and_abstention_rule(trained_run: Path) -> None:
     metrics = json.loads((trained_run / "metrics.json").read_text())
     assert metrics["test"]["ci"]["n_boot"] == 1000 and metrics["abstention"] == ab
     assert "ece_before" in metrics["test"]["calibration"]
+
+
+def test_report_marks_small_cells_and_shows_no_zero_width_interval() -> None:
+    from xraydx.report import render_report
+
+    y = np.array([0, 0, 0, 0, 1, 1, 1, 2, 2, 2])  # all right, two sources of 4 and 6
+    lg = np.zeros((10, 3))
+    lg[np.arange(10), y] = 3.0
+    m = evaluation_summary(y, lg, CLASSES, sources=["a"] * 4 + ["b"] * 6, n_boot=100)
+    html = render_report(m)
+    assert "1.000 <span class=ci>(1.000&ndash;1.000)" not in html  # what a within-class bootstrap showed
+    assert html.count("(n&lt;30)") >= 3 + 1 + 2  # the classes, the test set, the sources
+    assert "Wilson" in html

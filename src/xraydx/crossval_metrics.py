@@ -17,31 +17,24 @@ from typing import Any
 
 import numpy as np
 
-from xraydx.metrics import bootstrap_ci, compute_metrics, coverage_curve
+from xraydx.metrics import (
+    SMALL_N,
+    compute_metrics,
+    confidence_intervals,
+    coverage_curve,
+    recall_cells,
+    wilson,
+)
 
-SMALL_N = 30
-
-
-def wilson(k: int, n: int, level: float = 0.95) -> list[float] | None:
-    """Wilson score interval for k successes of n (scipy); None for n = 0."""
-    if n <= 0:
-        return None
-    from scipy.stats import binomtest
-
-    ci = binomtest(int(k), int(n)).proportion_ci(confidence_level=level, method="wilson")
-    return [float(ci.low), float(ci.high)]
-
-
-def recall_cells(y: np.ndarray, pred: np.ndarray, classes: Sequence[str]) -> dict[str, Any]:
-    """Per class present: recall k/n with its Wilson interval, and ``small`` where n < 30."""
-    out: dict[str, Any] = {}
-    for i, c in enumerate(classes):
-        n = int((y == i).sum())
-        if n == 0:
-            continue
-        k = int(((y == i) & (pred == i)).sum())
-        out[c] = {"n": n, "correct": k, "recall": k / n, "ci": wilson(k, n), "small": n < SMALL_N}
-    return out
+__all__ = [
+    "SMALL_N",
+    "flag_summary",
+    "recall_cells",
+    "shift_summary",
+    "shift_threshold",
+    "summarize",
+    "wilson",
+]
 
 
 def _arrays(rows: Sequence[dict[str, str]], classes: Sequence[str]) -> dict[str, np.ndarray]:
@@ -187,8 +180,8 @@ def summarize(
     with warnings.catch_warnings():  # the pooled set may lack a class (every fold normal-only, say)
         warnings.simplefilter("ignore", UserWarning)
         pooled = compute_metrics(y, p, classes)
-    # resampled over images, not within classes: the class mix of the pooled set is not fixed by design
-    pooled["ci"] = bootstrap_ci(y, p, classes, n_boot=n_boot, seed=seed, stratified=False)
+    # Wilson for proportions, bootstrap over images (not within classes) for the rest: metrics.confidence_intervals
+    pooled["ci"] = confidence_intervals(y, p, classes, n_boot=n_boot, seed=seed)
     pooled["recall"] = recall_cells(y, pred, classes)
     per_source: dict[str, Any] = {}
     for s in sorted(set(a["source"].tolist())):

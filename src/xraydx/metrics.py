@@ -13,7 +13,6 @@ from typing import Any
 import numpy as np
 from sklearn.metrics import (
     accuracy_score,
-    balanced_accuracy_score,
     confusion_matrix,
     f1_score,
     log_loss,
@@ -76,7 +75,11 @@ def compute_metrics(
         "n": int(n),
         "classes": list(classes),
         "accuracy": float(accuracy_score(y, pred)),
-        "balanced_accuracy": float(balanced_accuracy_score(y, pred)) if len(set(y.tolist())) > 1 else None,
+        # the mean recall of the classes present, as sklearn's balanced_accuracy_score computes it, without
+        # its "y_pred contains classes not in y_true" warning on stderr when one is predicted but absent
+        "balanced_accuracy": float(np.mean([cm[i, i] / cm[i].sum() for i in labels if cm[i].sum()]))
+        if len(set(y.tolist())) > 1
+        else None,
         "macro_f1": float(f1_score(y, pred, labels=labels, average="macro", zero_division=0)),
         "macro_roc_auc": float(np.mean(aucs)) if len(aucs) == k else None,
         "nll": float(log_loss(y, clipped, labels=labels)),
@@ -230,16 +233,16 @@ def bootstrap_ci(
     n_boot: int = 1000,
     seed: int = 0,
     level: float = 0.95,
-    stratified: bool = True,
+    stratified: bool = False,
 ) -> dict[str, Any]:
     """Percentile-bootstrap confidence intervals for the metrics of :func:`compute_metrics`.
 
-    Each of ``n_boot`` resamples draws N images with replacement; with ``stratified`` (default) the draw
-    is made within each true class, keeping every class's count fixed (so per-class sensitivity is
-    defined in every resample, and the class mix of the test set is what is being described). The
-    interval is the (1-level)/2 and (1+level)/2 percentiles of the metric over the resamples. Seeded:
-    the same inputs and seed give the same intervals. Values are [low, high], or None where the metric
-    is undefined in every resample."""
+    Each of ``n_boot`` resamples draws N images with replacement from all of them; with ``stratified``
+    the draw is made within each true class, keeping every class's count fixed (then a class's recall
+    of 10/10 is 1.000 in every resample: a zero-width interval, which is why reports use
+    :func:`confidence_intervals` instead). The interval is the (1-level)/2 and (1+level)/2 percentiles
+    of the metric over the resamples. Seeded: the same inputs and seed give the same intervals. Values
+    are [low, high], or None where the metric is undefined in every resample."""
     y = np.asarray(y_true, dtype=int)
     p = np.asarray(probs, dtype=np.float64)
     k = len(classes)
@@ -282,6 +285,114 @@ def bootstrap_ci(
     out["per_class"] = {
         c: {key: interval(stacked[key][:, i]) for key in CI_PER_CLASS} for i, c in enumerate(classes)
     }
+    return out
+
+
+# ---- confidence intervals that stay honest at small n ------------------------------------------
+
+SMALL_N = 30  # below this many cases a cell is marked in reports, and no bootstrap interval is given
+WILSON_METRICS = ("accuracy",)
+WILSON_PER_CLASS = ("sensitivity", "specificity", "ppv", "npv")
+
+
+def wilson(k: int, n: int, level: float = 0.95) -> list[float] | None:
+    """Wilson score interval for k successes of n (scipy); None for n = 0."""
+    if n <= 0:
+        return None
+    from scipy.stats import binomtest
+
+    ci = binomtest(int(k), int(n)).proportion_ci(confidence_level=level, method="wilson")
+    return [float(ci.low), float(ci.high)]
+
+
+def recall_cells(y: np.ndarray, pred: np.ndarray, classes: Sequence[str]) -> dict[str, Any]:
+    """Per class present: recall k/n with its Wilson interval, and ``small`` where n < SMALL_N."""
+    out: dict[str, Any] = {}
+    for i, c in enumerate(classes):
+        n = int((y == i).sum())
+        if n == 0:
+            continue
+        k = int(((y == i) & (pred == i)).sum())
+        out[c] = {"n": n, "correct": k, "recall": k / n, "ci": wilson(k, n), "small": n < SMALL_N}
+    return out
+
+
+def balanced_accuracy_ci(
+    y: np.ndarray, pred: np.ndarray, k: int, level: float = 0.95, seed: int = 0, draws: int = 20_000
+) -> list[float] | None:
+    """An interval for balanced accuracy (the mean recall of the classes present) that is never zero-width:
+    each class's recall k_c/n_c gets its Jeffreys posterior Beta(k_c + 1/2, n_c - k_c + 1/2) (the posterior
+    behind the Jeffreys interval, which like Wilson's stays honest at small n), and the interval is the
+    central ``level`` of the mean of independent draws from them (Monte Carlo, seeded). 10/10 in each of
+    three classes gives about 0.90-1.00, not 1.00-1.00. None with fewer than two classes present."""
+    present = [c for c in range(k) if (y == c).any()]
+    if len(present) < 2:
+        return None
+    rng = np.random.default_rng(seed)
+    mean = np.zeros(draws)
+    for c in present:
+        n_c = int((y == c).sum())
+        k_c = int(((y == c) & (pred == c)).sum())
+        mean += rng.beta(k_c + 0.5, n_c - k_c + 0.5, draws)
+    mean /= len(present)
+    return [float(np.percentile(mean, 50 * (1 - level))), float(np.percentile(mean, 50 * (1 + level)))]
+
+
+def confidence_intervals(
+    y_true: Sequence[int] | np.ndarray,
+    probs: np.ndarray,
+    classes: Sequence[str],
+    *,
+    n_boot: int = 1000,
+    seed: int = 0,
+    level: float = 0.95,
+) -> dict[str, Any]:
+    """The 95% intervals reports show, honest at small n (same keys as :func:`bootstrap_ci`).
+
+    Proportions -- accuracy and each class's sensitivity, specificity, PPV and NPV -- get Wilson score
+    intervals (a 10/10 recall is 0.72-1.00, not 1.000-1.000). Balanced accuracy gets
+    :func:`balanced_accuracy_ci`. The rest (macro-F1, ROC-AUC, ECE, NLL, per-class F1) gets a percentile
+    bootstrap over all images (not within classes), and no interval (None) where n < SMALL_N or where every
+    resample gives the same value (e.g. all correct): the bootstrap cannot bound it there."""
+    y = np.asarray(y_true, dtype=int)
+    p = np.asarray(probs, dtype=np.float64)
+    k = len(classes)
+    boot = bootstrap_ci(y, p, classes, n_boot=n_boot, seed=seed, level=level, stratified=False)
+    n = len(y)
+    small = n < SMALL_N
+
+    def keep(ci: list[float] | None) -> list[float] | None:
+        return None if small or ci is None or not ci[1] > ci[0] else ci
+
+    pred = p.argmax(axis=1)
+    cm = confusion_matrix(y, pred, labels=list(range(k)))
+    out: dict[str, Any] = {
+        "method": "Wilson score intervals for proportions (accuracy, sensitivity, specificity, PPV, NPV);"
+        " balanced accuracy: the mean of the classes' Jeffreys posteriors of recall; macro-F1, F1, ROC-AUC,"
+        f" ECE, NLL: percentile bootstrap over all images, none where n < {SMALL_N}",
+        "n_boot": n_boot,
+        "seed": seed,
+        "level": level,
+        "n": n,
+        "small_n": small,
+    }
+    for key in CI_METRICS:
+        out[key] = keep(boot[key])
+    out["accuracy"] = wilson(int(np.trace(cm)), n, level)
+    out["balanced_accuracy"] = balanced_accuracy_ci(y, pred, k, level, seed=seed)
+    out["per_class"] = {}
+    for i, c in enumerate(classes):
+        tp = int(cm[i, i])
+        fn, fp = int(cm[i].sum()) - tp, int(cm[:, i].sum()) - tp
+        tn = n - tp - fn - fp
+        cell = {key: keep(boot["per_class"][c][key]) for key in CI_PER_CLASS}
+        cell.update(
+            sensitivity=wilson(tp, tp + fn, level),
+            specificity=wilson(tn, tn + fp, level),
+            ppv=wilson(tp, tp + fp, level),
+            npv=wilson(tn, tn + fn, level),
+        )
+        out["per_class"][c] = cell
     return out
 
 
@@ -466,19 +577,21 @@ def per_source_metrics(
         with warnings.catch_warnings():  # a source often holds one or two classes only
             warnings.simplefilter("ignore", UserWarning)
             m = compute_metrics(ys, ps, classes)
-        ci = bootstrap_ci(ys, ps, classes, n_boot=n_boot, seed=seed)
         present = sorted(set(ys.tolist()))
+        correct = int((ps.argmax(1) == ys).sum())
         out[s] = {
             "n": m["n"],
+            "small": m["n"] < SMALL_N,
             "counts": {c: int((ys == i).sum()) for i, c in enumerate(classes)},
             "accuracy": m["accuracy"],
-            "accuracy_ci": ci["accuracy"],
+            "accuracy_ci": wilson(correct, m["n"]),  # Wilson: honest at a source's small n
             "balanced_accuracy": m["balanced_accuracy"],
             # over the classes this source holds: averaged over all, a one-class source scores 1/3 at
             # 100% accuracy (the F1 of the absent classes is 0 by definition)
             "macro_f1": float(f1_score(ys, ps.argmax(1), labels=present, average="macro", zero_division=0)),
             "classes_present": [classes[i] for i in present],
             "recall": {c: m["per_class"][c]["sensitivity"] for c in classes},
+            "recall_cells": recall_cells(ys, ps.argmax(1), classes),  # k/n, Wilson interval, small
         }
     notes = []
     for i, c in enumerate(classes):
@@ -520,7 +633,7 @@ def evaluation_summary(
     cal = softmax(lg, temperature)
     m = compute_metrics(y, cal, classes)
     before = compute_metrics(y, raw, classes)
-    m["ci"] = bootstrap_ci(y, cal, classes, n_boot=n_boot, seed=seed)
+    m["ci"] = confidence_intervals(y, cal, classes, n_boot=n_boot, seed=seed)
     m["calibration"] = {
         "method": "temperature scaling" if temperature != 1.0 else "none (temperature 1)",
         "temperature": float(temperature),

@@ -46,6 +46,13 @@ def fmt_ci(v: float | None, ci: Sequence[float] | None, digits: int = 3) -> str:
     return f"{fmt(v, digits)} <span class=ci>({fmt(ci[0], digits)}&ndash;{fmt(ci[1], digits)})</span>"
 
 
+def small_mark(n: int | None) -> str:
+    """The mark of a cell computed on fewer than SMALL_N cases (its interval is wide; read it as such)."""
+    from xraydx.metrics import SMALL_N
+
+    return f" <span class=muted>(n&lt;{SMALL_N})</span>" if n is not None and n < SMALL_N else ""
+
+
 def img_tag(data: bytes, alt: str, width: int | None = None) -> str:
     w = f' width="{width}"' if width else ""
     return f'<img src="{png_uri(data)}" alt="{esc(alt)}"{w}>'
@@ -188,7 +195,7 @@ def _summary(m: dict[str, Any], meta: dict[str, Any]) -> str:
     ci = m.get("ci") or {}
     cal = m.get("calibration") or {}
     rows = [
-        ["images", esc(m["n"])],
+        ["images", esc(m["n"]) + small_mark(m["n"])],
         ["accuracy", fmt_ci(m["accuracy"], ci.get("accuracy"))],
         ["balanced accuracy", fmt_ci(m["balanced_accuracy"], ci.get("balanced_accuracy"))],
         ["macro-F1", fmt_ci(m["macro_f1"], ci.get("macro_f1"))],
@@ -233,13 +240,15 @@ def _metrics(m: dict[str, Any]) -> str:
     for c in m["classes"]:
         r = m["per_class"][c]
         cc = pc_ci.get(c, {})
-        rows.append([esc(c), esc(r["support"]), *[fmt_ci(r[k], cc.get(k)) for k in keys]])
+        rows.append(
+            [esc(c), esc(r["support"]) + small_mark(r["support"]), *[fmt_ci(r[k], cc.get(k)) for k in keys]]
+        )
     method = ""
     if ci:
         method = (
-            f"<p class=muted>95% confidence intervals: {esc(ci['method'])}, {ci['n_boot']} resamples, seed {ci['seed']} "
-            "(percentiles 2.5 and 97.5). They describe sampling noise in this test set only, not a shift to "
-            "other hospitals.</p>"
+            f"<p class=muted>95% confidence intervals: {esc(ci['method'])} ({ci['n_boot']} resamples, seed "
+            f"{ci['seed']}). Cells marked n&lt;30 rest on few cases: read their intervals, not the point. They "
+            "describe sampling noise in this test set only, not a shift to other hospitals.</p>"
         )
     return (
         "<section id=metrics><h2>Metrics per class</h2>"
@@ -342,13 +351,23 @@ def _sources(m: dict[str, Any]) -> str:
     rows = []
     for s, v in ps["sources"].items():
         counts = " / ".join(str(v["counts"][c]) for c in classes)
-        recall = " / ".join(fmt(v["recall"][c], 2) for c in classes)
-        rows.append([esc(s), esc(v["n"]), counts, fmt_ci(v["accuracy"], v["accuracy_ci"]), recall])
+        cells = v.get("recall_cells")
+        recall = [
+            _recall_cell(cells.get(c)) if cells is not None else fmt(v["recall"][c], 2) for c in classes
+        ]
+        acc = fmt_ci(v["accuracy"], v["accuracy_ci"])
+        rows.append([esc(s), esc(v["n"]) + small_mark(v["n"]), counts, acc, *recall])
     notes = "".join(f"<li>{esc(n)}</li>" for n in ps.get("notes", []))
     return (
         "<section id=sources><h2>Per source</h2>"
         + table(
-            ["source", "n", f"n per class ({' / '.join(classes)})", "accuracy (95% CI)", "recall per class"],
+            [
+                "source",
+                "n",
+                f"n per class ({' / '.join(classes)})",
+                "accuracy (Wilson 95%)",
+                *[f"recall {esc(c)} (Wilson 95%)" for c in classes],
+            ],
             rows,
         )
         + (f"<div class=warn>Confounding:<ul>{notes}</ul></div>" if notes else "")
@@ -392,13 +411,17 @@ _VARIANT_TEXT = {
     "baseline": "unmodified",
     "lungs_only": "only the lungs visible",
     "lungs_hidden": "lungs blacked out",
-    "border_blanked": "border band and corners blacked out",
+    "border_blanked": "border band and corners of the original image blacked out, then preprocessed",
 }
 _LEVEL_CLASS = {"shortcut": "bad", "possible": "warn", "none_found": "good", "inconclusive": "warn"}
 
 
 def audit_name(a: dict[str, Any]) -> str:
-    return f"{Path(a['checkpoint']).parent.parent.name or Path(a['checkpoint']).name} (lung_mask={a['lung_mask']})"
+    """A model's label in the audit: its run name and model id (``<architecture>-<sha256[:12]>``), not the
+    folder its file sits in (audits written before these were recorded: the file's stem)."""
+    name = a.get("name") or Path(a["checkpoint"]).stem
+    mid = f" [{a['model_id']}]" if a.get("model_id") else ""
+    return f"{name}{mid} (lung_mask={a['lung_mask']})"
 
 
 def audit_section(audits: dict[str, Any] | Sequence[dict[str, Any]]) -> str:
@@ -436,15 +459,21 @@ def audit_section(audits: dict[str, Any] | Sequence[dict[str, Any]]) -> str:
     header = ["check (balanced accuracy, 95% CI)", *label]
     first = items[0]
     st = first["settings"]
-    ex = first.get("examples")
     pics = ""
-    if ex:
+    for i, a in enumerate(items):  # every model: a crop model is shown something else than a full-image one
+        ex = a.get("examples")
+        if not ex:
+            continue
         figs = "".join(
             f'<figure><img src="{ex[k]}" alt="{esc(k)}" width=150><figcaption>{esc(k)}</figcaption></figure>'
             for k in (*VARIANTS, "gradcam")
             if k in ex
         )
-        pics = f"<p>What the model is shown in each check (first image; Grad-CAM with the lung field outlined):</p><div class=thumbs>{figs}</div>"
+        who = "" if len(items) == 1 else f" to model {i + 1}, {esc(audit_name(a))}"
+        pics += (
+            f"<p>What is shown{who} in each check (first image; Grad-CAM with the lung field outlined):</p>"
+            f"<div class=thumbs>{figs}</div>"
+        )
     notes = "".join(f"<li>{esc(n)}</li>" for a in items for n in a.get("notes", []))
     return (
         "<section id=audit><h2>Shortcut audit</h2>"
@@ -453,12 +482,17 @@ def audit_section(audits: dict[str, Any] | Sequence[dict[str, Any]]) -> str:
         + pics
         + (f"<ul>{notes}</ul>" if notes else "")
         + f"<p class=muted>{esc(first['data'])} [{esc(first['split'])}], n = {first['n']}; chance = "
-        f"{first['chance']:.2f}. Blacked-out pixels are set to 0 after preprocessing. Border band "
-        f"{st['border']:.0%} of the side, corner squares {st['corner']:.0%}. Verdict: <i>reads shortcuts</i> when the "
-        f"95% CI of balanced accuracy with the lungs hidden lies above chance + {HIDDEN_MARGIN:.2f}, or blanking the "
-        f"border and corners costs more than {BORDER_DROP:.2f}; <i>possible shortcuts</i> when the point estimate with "
-        f"the lungs hidden is above chance + {HIDDEN_MARGIN:.2f}, under {SALIENCY_MIN:.0%} of the Grad-CAM mass is in "
-        f"the lungs, or showing only the lungs costs more than {LUNGS_ONLY_DROP:.2f}. See docs/trust.md.</p></section>"
+        f"{first['chance']:.2f}. Lungs only / lungs hidden: pixels set to 0 in the preprocessed image (what the model"
+        f" sees). Border blanked: a band of {st['border']:.0%} of each side and corner squares of {st['corner']:.0%}"
+        " set to 0 in the <b>original</b> image, before the model's own preprocessing (for a lung-crop model the"
+        " preprocessed image is already the lung box). Intervals: Wilson for accuracy, the classes' Jeffreys"
+        " posteriors for balanced accuracy. Verdict: <i>reads shortcuts</i> when the 95% CI of balanced accuracy"
+        f" with the lungs hidden lies above chance + {HIDDEN_MARGIN:.2f}, or blanking the border and corners costs"
+        f" more than {BORDER_DROP:.2f} with its CI wholly below the baseline's; <i>possible shortcuts</i> when the"
+        f" score with the lungs hidden is above chance + {HIDDEN_MARGIN:.2f} with its CI above chance, the Grad-CAM"
+        f" mass in the lungs is under {SALIENCY_MIN:.0%} with its CI, or showing only the lungs costs more than"
+        f" {LUNGS_ONLY_DROP:.2f} with its CI wholly below the baseline's. Where intervals overlap there is no"
+        " verdict. See docs/trust.md.</p></section>"
     )
 
 
@@ -485,11 +519,12 @@ def write_audit(audits: Sequence[dict[str, Any]], out: Path, overwrite: bool = F
 
 
 def _recall_cell(cell: dict[str, Any] | None) -> str:
+    """A recall k/n with its Wilson interval (xraydx.metrics.recall_cells), marked where n < 30."""
     if not cell:
         return "&mdash;"
-    small = " <span class=muted>(n&lt;30)</span>" if cell["small"] else ""
     return (
-        f"{fmt_ci(cell['recall'], cell['ci'])} <span class=muted>{cell['correct']}/{cell['n']}</span>{small}"
+        f"{fmt_ci(cell['recall'], cell['ci'])} <span class=muted>{cell['correct']}/{cell['n']}</span>"
+        + small_mark(cell["n"])
     )
 
 

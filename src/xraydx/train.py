@@ -41,7 +41,7 @@ from xraydx.errors import TrainError
 from xraydx.evaluate import evaluate_split
 from xraydx.fsutil import atomic_write_bytes, atomic_write_json, printable_path
 from xraydx.groupdro import GroupDRO, group_ids
-from xraydx.metrics import bootstrap_ci, compute_metrics, format_metrics
+from xraydx.metrics import compute_metrics, confidence_intervals, format_metrics
 from xraydx.models import count_parameters, create_model, normalization_for
 from xraydx.optim import make_optimizer, save_train_state, write_log
 from xraydx.predict import batch_logits
@@ -539,7 +539,7 @@ def _deployed_metrics(
     )
     probs = torch.softmax(batch_logits(model, sd.images, spec, device) / t, 1).numpy()
     m = compute_metrics(sd.labels, probs, CLASSES)
-    m["ci"] = bootstrap_ci(sd.labels, probs, CLASSES)
+    m["ci"] = confidence_intervals(sd.labels, probs, CLASSES)
     m["masks"] = "segmenter (as deployed)"
     return m
 
@@ -637,7 +637,7 @@ def finish_run(
         ex = splits["external"]
         probs = torch.softmax(batch_logits(model, ex.images, spec, device) / temperature, 1).numpy()
         xm = compute_metrics(ex.labels, probs, CLASSES)
-        xm["ci"] = bootstrap_ci(ex.labels, probs, CLASSES)  # 95%, as for the test split
+        xm["ci"] = confidence_intervals(ex.labels, probs, CLASSES)  # 95%, as for the test split
         xm["source"] = cfg.data.holdout_source
         results["external"] = meta["external_metrics"] = xm
         log(format_metrics(xm, title=f"held-out source {cfg.data.holdout_source!r} (never seen in training)"))
