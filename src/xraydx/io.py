@@ -69,6 +69,7 @@ import numpy as np
 from PIL import Image, ImageFile, UnidentifiedImageError
 
 from xraydx.errors import XraydxError
+from xraydx.pixels import DEFAULT_WINDOW_PERCENTILES, dicom_gray, to_uint8
 
 __all__ = [
     "DEFAULT_WINDOW_PERCENTILES",
@@ -93,8 +94,6 @@ MAX_PIXELS: int = 64_000_000
 MIN_SIDE: int = 32
 MAX_ASPECT: float = 4.0
 MAX_FILE_BYTES: int = 256 * 1024 * 1024
-DEFAULT_WINDOW_PERCENTILES: tuple[float, float] = (0.5, 99.5)
-_PERCENTILE_SAMPLE = 2_000_000  # the default window's percentiles are taken on at most this many pixels
 
 _HEAD_BYTES = 16384  # enough for every magic number and for a DICOM file meta group
 _PIL_FORMATS: dict[str, str] = {"png": "PNG", "jpeg": "JPEG", "bmp": "BMP", "tiff": "TIFF"}
@@ -189,7 +188,21 @@ def _bare_dicom(head: bytes) -> bool:
             return False
         if head[pos + 4 : pos + 6] in _DICOM_VRS:
             vr = head[pos + 4 : pos + 6]
-            if vr in (b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"):
+            if vr in (
+                b"OB",
+                b"OD",
+                b"OF",
+                b"OL",
+                b"OV",
+                b"OW",
+                b"SQ",
+                b"SV",
+                b"UC",
+                b"UN",
+                b"UR",
+                b"UT",
+                b"UV",
+            ):
                 (length,) = struct.unpack_from("<I", head, pos + 8) if len(head) >= pos + 12 else (1 << 32,)
                 pos += 12 + length
             else:
@@ -502,64 +515,13 @@ def _pil_to_gray(im: Image.Image, name: str, how: dict[str, Any]) -> np.ndarray:
         if arr.ndim != 2:
             raise ImageReadError(name, f"unexpected pixel layout for mode {mode}")
         how["window"] = "default"
-        return _to_uint8(arr, nominal, robust=True)
+        return to_uint8(arr, nominal, robust=True)
     if mode in ("P", "RGB", "CMYK", "YCbCr", "RGBX"):
         return np.asarray(im.convert("RGB").convert("L"), dtype=np.uint8)
     try:
         return np.asarray(im.convert("L"), dtype=np.uint8)
     except (ValueError, OSError) as exc:
         raise ImageReadError(name, f"unsupported image mode {mode} ({_exc_text(exc)})") from None
-
-
-def _percentile_window(values: np.ndarray) -> tuple[float, float]:
-    """The default window: the DEFAULT_WINDOW_PERCENTILES of ``values`` (finite, 1-D), on an evenly
-    strided subsample of at most _PERCENTILE_SAMPLE values (deterministic)."""
-    step = max(1, -(-values.size // _PERCENTILE_SAMPLE))
-    lo, hi = np.percentile(values[::step], DEFAULT_WINDOW_PERCENTILES)
-    return float(lo), float(hi)
-
-
-def _to_uint8(
-    arr: np.ndarray, nominal: tuple[float, float] | None = None, *, robust: bool = False
-) -> np.ndarray:
-    """Window the finite values of ``arr`` onto 0..255: min-max, or with ``robust`` the default
-    percentile window (min-max where its two percentiles coincide); values outside are clipped.
-
-    A constant image is mapped through ``nominal`` (the container's value range) when given,
-    else to zeros.  Non-finite values become 0.
-    """
-    if arr.dtype == np.uint8:
-        return arr
-    work = arr.astype(np.float64 if arr.dtype in (np.float64, np.int64, np.uint64) else np.float32)
-    finite = np.isfinite(work)
-    all_finite = bool(finite.all())
-    if not all_finite:
-        if not finite.any():
-            return np.zeros(arr.shape, dtype=np.uint8)
-        lo = float(work[finite].min())
-        hi = float(work[finite].max())
-        work[~finite] = lo
-    else:
-        lo = float(work.min())
-        hi = float(work.max())
-    if robust and hi > lo:
-        plo, phi = _percentile_window(work[finite] if not all_finite else work.ravel())
-        if phi > plo:
-            lo, hi = plo, phi
-    span = hi - lo
-    if not span > 0:
-        if nominal is None or nominal[1] <= nominal[0]:
-            return np.zeros(arr.shape, dtype=np.uint8)
-        value = (lo - nominal[0]) / (nominal[1] - nominal[0]) * 255.0
-        return np.full(arr.shape, int(np.clip(round(value), 0, 255)), dtype=np.uint8)
-    if np.isfinite(span):
-        work -= lo
-        work *= 255.0 / span
-    else:  # range wider than the float type can represent: halve everything first
-        work = work * 0.5 - lo * 0.5
-        work *= 255.0 / (hi * 0.5 - lo * 0.5)
-    np.clip(work, 0.0, 255.0, out=work)
-    return np.rint(work).astype(np.uint8)
 
 
 # ---- DICOM --------------------------------------------------------------------------------
@@ -591,71 +553,13 @@ def _read_dicom(fp: BinaryIO, head: bytes, stop_before_pixels: bool = False) -> 
         implicit, little = ds.original_encoding
         if implicit is not None:
             ds.file_meta.TransferSyntaxUID = (
-                ImplicitVRLittleEndian if implicit else ExplicitVRLittleEndian if little else ExplicitVRBigEndian
+                ImplicitVRLittleEndian
+                if implicit
+                else ExplicitVRLittleEndian
+                if little
+                else ExplicitVRBigEndian
             )
     return ds
-
-
-def _first_number(value: Any) -> float | None:
-    """The first value of a (possibly multi-valued) DICOM number, or None where absent or invalid."""
-    if value is None:
-        return None
-    if not isinstance(value, (str, bytes)) and hasattr(value, "__len__"):
-        if len(value) == 0:
-            return None
-        value = value[0]
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        return None
-    return v if np.isfinite(v) else None
-
-
-def _apply_window(arr: np.ndarray, ds: Any) -> np.ndarray | None:
-    """The dataset's first window (PS3.3 C.11.2.1.2) applied to modality values, onto 0..255 as uint8;
-    None where the file has no usable window."""
-    c, w = _first_number(ds.get("WindowCenter")), _first_number(ds.get("WindowWidth"))
-    function = str(ds.get("VOILUTFunction", "") or "LINEAR").strip().upper()
-    if c is None or w is None or w <= 0 or (function == "LINEAR" and w < 1):
-        return None
-    x = np.asarray(arr, dtype=np.float64)
-    if function == "SIGMOID":
-        with np.errstate(over="ignore"):
-            y = 1.0 / (1.0 + np.exp(-4.0 * (x - c) / w))
-    elif function == "LINEAR_EXACT":
-        y = (x - c) / w + 0.5
-    elif function == "LINEAR":
-        y = (x > c - 0.5).astype(np.float64) if w == 1 else (x - (c - 0.5)) / (w - 1) + 0.5
-    else:
-        return None
-    return np.rint(np.clip(y, 0.0, 1.0) * 255.0).astype(np.uint8)
-
-
-def _dicom_gray(arr: np.ndarray, ds: Any, how: dict[str, Any]) -> np.ndarray:
-    """Modality values -> uint8 by the file's VOI, the 8-bit nominal range or the default window."""
-    from pydicom.pixels import apply_voi_lut
-
-    if ds.get("VOILUTSequence"):
-        how["window"] = "file-lut"
-        return _to_uint8(np.asarray(apply_voi_lut(arr, ds, index=0), dtype=np.float64))
-    windowed = _apply_window(arr, ds)
-    if windowed is not None:
-        how["window"] = "file"
-        return windowed
-    bits = int(ds.get("BitsStored", ds.get("BitsAllocated", 16)) or 16)
-    slope, intercept = _first_number(ds.get("RescaleSlope")), _first_number(ds.get("RescaleIntercept"))
-    plain = not ds.get("ModalityLUTSequence") and slope in (None, 1.0) and intercept in (None, 0.0)
-    if bits <= 8 and plain and arr.dtype.kind in "ui":
-        signed = arr.dtype.kind == "i" and int(ds.get("PixelRepresentation", 0) or 0) == 1
-        lo = -(2 ** (bits - 1)) if signed else 0
-        top = lo + 2**bits - 1
-        how["window"] = "none"
-        if bits == 8 and lo == 0:
-            return np.clip(arr, 0, 255).astype(np.uint8)
-        scaled = (np.clip(arr.astype(np.float64), lo, top) - lo) * (255.0 / (top - lo))
-        return np.rint(scaled).astype(np.uint8)
-    how["window"] = "default"
-    return _to_uint8(np.asarray(arr, dtype=np.float64), robust=True)
 
 
 def _decode_dicom(fp: BinaryIO, name: str, head: bytes, how: dict[str, Any]) -> np.ndarray:
@@ -724,10 +628,10 @@ def _decode_dicom(fp: BinaryIO, name: str, head: bytes, how: dict[str, Any]) -> 
         if arr.dtype == np.uint8:
             return np.clip(np.rint(gray), 0, 255).astype(np.uint8)
         top = float(np.iinfo(arr.dtype).max) if arr.dtype.kind in "ui" else None
-        return _to_uint8(gray, None if top is None else (0.0, top))
+        return to_uint8(gray, None if top is None else (0.0, top))
     if arr.ndim != 2:
         raise ImageReadError(name, f"unexpected DICOM pixel array shape {arr.shape}")
-    out = _dicom_gray(apply_modality_lut(arr, ds), ds, how)
+    out = dicom_gray(apply_modality_lut(arr, ds), ds, how)
     shape = str(ds.get("PresentationLUTShape", "") or "").strip().upper()
     if photometric == "MONOCHROME1" or shape == "INVERSE":  # one inversion, see the module docstring
         how["inverted"] = True
