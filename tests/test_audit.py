@@ -85,12 +85,12 @@ def test_border_is_blanked_on_the_original_image_not_inside_a_lung_crop(tmp_path
     Image.fromarray(mask).save(tmp_path / "mask.png")
     rec = Record(tmp_path / "img.png", "normal", "test", "g", mask=tmp_path / "mask.png")
     spec = Preprocessing(size=64, lung_mask="crop")
-    d = load_audit_data([rec], spec, CLASSES)
+    d = load_audit_data([rec], spec, CLASSES, masks="dataset")
     base, blanked = variant(d, "baseline"), variant(d, "border_blanked")
     np.testing.assert_array_equal(base[0], preprocess(img, spec, mask))
     np.testing.assert_array_equal(blanked, base)  # nothing of the lung box was blanked
     # a full-image model sees the blanked border (about the band's share of its input is black)
-    full = load_audit_data([rec], Preprocessing(size=64), CLASSES)
+    full = load_audit_data([rec], Preprocessing(size=64), CLASSES, masks="dataset")
     black = (variant(full, "border_blanked")[0] == 0).mean()
     assert black > 0.3 and (variant(full, "baseline")[0] == 0).mean() == 0
 
