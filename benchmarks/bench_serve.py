@@ -2,6 +2,7 @@
 
     python benchmarks/bench_serve.py                       # 500 requests at concurrency 8, default model
     python benchmarks/bench_serve.py --compare --json out.json   # several server settings, one after another
+    python benchmarks/bench_serve.py --abandon 100         # 100 dropped requests, then one real one
 
 Starts ``xraydx serve`` as a subprocess on a free loopback port (so the load generator does not share the
 server's interpreter), sends a few warm-up requests, then ``--requests`` POST /api/predict uploads of the
@@ -107,7 +108,8 @@ class Server:
     """``xraydx serve`` in a subprocess on a free loopback port."""
 
     def __init__(
-        self, checkpoint: Path, engine: str, max_batch: int, window_ms: float, threads: int | None
+        self, checkpoint: Path, engine: str, max_batch: int, window_ms: float, threads: int | None,
+        extra: list[str] | None = None,
     ) -> None:
         self.port = free_port()
         self.url = f"http://{HOST}:{self.port}"
@@ -118,6 +120,7 @@ class Server:
         ]  # fmt: skip
         if threads:
             cmd += ["--workers-threads", str(threads)]
+        cmd += extra or []
         env = dict(os.environ)
         env["PYTHONPATH"] = str(ROOT / "src") + os.pathsep + env.get("PYTHONPATH", "")
         self.proc = subprocess.Popen(
@@ -195,6 +198,46 @@ async def load(url: str, files: list[tuple[str, bytes]], n: int, concurrency: in
     return latencies, errors, counter["next"], wall, timed_out["hit"]
 
 
+async def abandoned(url: str, files: list[tuple[str, bytes]], n: int, give_up_s: float) -> dict[str, Any]:
+    """Send ``n`` uploads whose clients give up ``give_up_s`` after sending (the connection is closed, as a
+    browser tab closed mid-wait does), then one real request: its latency and what the server computed."""
+    import httpx
+
+    async def one_real(client: httpx.AsyncClient) -> float:
+        name, data = files[0]
+        t0 = time.perf_counter()
+        r = await client.post("/api/predict", files={"file": (name, data, "image/png")})
+        r.raise_for_status()
+        return time.perf_counter() - t0
+
+    async with httpx.AsyncClient(base_url=url, timeout=120.0) as real:
+        alone = sorted([await one_real(real) for _ in range(3)])[1]
+        before = (await real.get("/api/health")).json()
+        limits = httpx.Limits(max_connections=n, max_keepalive_connections=0)
+        timeout = httpx.Timeout(120.0, read=give_up_s)
+        gave_up = 0
+        async with httpx.AsyncClient(base_url=url, timeout=timeout, limits=limits) as drop:
+
+            async def dropped(i: int) -> None:
+                nonlocal gave_up
+                name, data = files[i % len(files)]
+                try:
+                    await drop.post("/api/predict", files={"file": (name, data, "image/png")})
+                except httpx.TimeoutException:
+                    gave_up += 1
+
+            await asyncio.gather(*(dropped(i) for i in range(n)))
+        after_drop = await one_real(real)
+        await asyncio.sleep(1.0)
+        after = (await real.get("/api/health")).json()
+    return {
+        "abandoned": n, "gave_up": gave_up, "give_up_s": give_up_s,
+        "latency_alone_ms": round(alone * 1000, 1), "latency_after_ms": round(after_drop * 1000, 1),
+        "computed_images": after["images"] - before["images"],
+        "skipped_gone": after.get("skipped_gone", 0) - before.get("skipped_gone", 0),
+    }  # fmt: skip
+
+
 def percentile(xs: list[float], q: float) -> float:
     import numpy as np
 
@@ -227,6 +270,30 @@ def run_one(checkpoint: Path, label: str, engine: str, max_batch: int, window_ms
     return res
 
 
+def run_abandon(checkpoint: Path, args: argparse.Namespace, files: list[tuple[str, bytes]]) -> int:
+    if not 0 < args.abandon <= 1000:
+        raise SystemExit("--abandon must be within 1..1000")
+    server = Server(checkpoint, args.engine, args.max_batch, args.batch_window_ms, args.threads,
+                    extra=["--max-queue", str(max(64, args.abandon + 8))])  # fmt: skip
+    try:
+        server.wait_ready()
+        res = asyncio.run(abandoned(server.url, files, args.abandon, args.give_up_s))
+    finally:
+        server.stop()
+    load_avg = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    print(f"\n{args.abandon} requests whose clients gave up after {args.give_up_s} s, then one real request;"
+          f" {os.cpu_count()} CPUs, load average {load_avg:.1f} at the end")  # fmt: skip
+    print("| abandoned | gave up | real request alone ms | real request after them ms | images computed | skipped |")
+    print("|---|---|---|---|---|---|")
+    print(f"| {res['abandoned']} | {res['gave_up']} | {res['latency_alone_ms']} | {res['latency_after_ms']} |"
+          f" {res['computed_images']} | {res['skipped_gone']} |")  # fmt: skip
+    if args.json:
+        from xraydx.fsutil import atomic_write_json
+
+        atomic_write_json(args.json, {"load_average": load_avg, "abandon": res})
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", type=Path, help="default: the shipped model, else a stand-in (see above)")
@@ -241,6 +308,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--heatmap", action="store_true", help="ask for Grad-CAM on every request")
     ap.add_argument("--compare", action="store_true", help="run the settings in COMPARE one after another")
     ap.add_argument("--json", type=Path, help="also write the results here")
+    ap.add_argument("--abandon", type=int, default=0, metavar="N",
+                    help="instead of the load: N requests whose clients give up, then one real request")
+    ap.add_argument("--give-up-s", type=float, default=0.2, help="with --abandon: seconds each client waits")
     args = ap.parse_args(argv)
     if not (0 < args.requests <= 100_000 and 0 < args.concurrency <= 256 and 0 < args.time_limit <= 3600):
         ap.error(
@@ -255,6 +325,8 @@ def main(argv: list[str] | None = None) -> int:
         if ckpt is None:
             ckpt = stand_in_checkpoint(Path(tmp))
             print(f"no checkpoint given and no shipped model: using a stand-in, {ckpt.name}", file=sys.stderr)
+        if args.abandon:
+            return run_abandon(ckpt, args, files)
         configs = (
             COMPARE
             if args.compare

@@ -16,6 +16,7 @@ import base64
 import importlib.util
 import os
 import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -154,6 +155,12 @@ def test_upload_shows_probabilities_heatmap_and_metrics(page: Page, server: tupl
     page.locator("#opacity").fill("80")
     assert page.eval_on_selector("#heat", "e => e.style.opacity") == "0.8"
     assert page.locator("#opacity-value").inner_text() == "80%"
+    # the second view, labelled: the model's input at its input size; no crop box for a whole-image model
+    assert page.locator("#view-input").is_visible()
+    assert page.eval_on_selector("#model-input", "e => e.naturalWidth") == app.state.service.spec.size
+    assert "Model input" in page.locator("#input-meta").inner_text()
+    assert "Uploaded image" in page.locator("#image-meta").inner_text()
+    assert page.locator("#crop-box").is_hidden()
 
 
 def test_drag_and_drop_and_dicom(page: Page, tmp_path: Path) -> None:
@@ -197,11 +204,59 @@ def test_bad_file_shows_the_reason(page: Page, tmp_path: Path) -> None:
     err.wait_for(state="visible")
     text = err.inner_text()
     assert "notes.png" in text and "not an image" in text and "415" in text
+    assert text.count("notes.png") == 1  # the file name once, not once from the page and once from the server
     assert page.locator("#result").is_hidden()
+    junk = tmp_path / "junk.png"
+    junk.write_bytes(bytes(range(7, 250)) * 3)  # binary, no known format: no hex dump on the page
+    page.set_input_files("#file", str(junk))
+    page.wait_for_function("() => document.getElementById('error').textContent.includes('junk.png')")
+    text = err.inner_text()
+    assert text.count("junk.png") == 1 and "0x" not in text and "not an image" in text
     # and the page still works afterwards
     page.set_input_files("#file", str(sample_images("val", "covid")[0]))
     page.wait_for_selector('#result[data-ready="true"]')
     assert err.is_hidden()
+
+
+def test_shipped_model_shows_the_crop_box_and_no_headline_for_a_photo(browser: Browser) -> None:
+    """The shipped default model crops to the lungs: the page draws the crop box on the uploaded image and
+    shows the model's input as a second view; a colour photo gets no headline class and a sensible reason."""
+    from PIL import Image
+
+    from xraydx.constants import DEFAULT_CHECKPOINT
+
+    if not DEFAULT_CHECKPOINT.is_file():
+        pytest.skip("no shipped default model")
+    app = serve.create_app(DEFAULT_CHECKPOINT)
+    if app.state.service.unavailable:
+        pytest.skip("no lung segmenter in this installation")
+    rng = np.random.default_rng(1)
+    y, x = np.mgrid[0:300, 0:400] / 300.0
+    photo = np.stack([128 + 100 * np.sin(5 * x), 128 + 100 * np.cos(7 * y), 60 + 0 * x], -1)
+    photo = (photo + rng.normal(0, 10, photo.shape)).clip(0, 255).astype(np.uint8)
+    with serve.serve_in_thread(app) as url, tempfile.TemporaryDirectory() as tmp:
+        photo_path = Path(tmp) / "cat.png"
+        Image.fromarray(photo).save(photo_path)
+        ctx = browser.new_context(viewport={"width": 1280, "height": 1000})
+        pg = ctx.new_page()
+        pg.goto(url + "/")
+        pg.set_input_files("#file", str(sample_images("test", "normal")[0]))
+        pg.wait_for_selector('#result[data-ready="true"]')
+        box, shown = pg.locator("#crop-box").bounding_box(), pg.locator("#image").bounding_box()
+        assert pg.locator("#crop-box").is_visible() and box and shown
+        assert shown["x"] - 1 <= box["x"] and box["x"] + box["width"] <= shown["x"] + shown["width"] + 1
+        assert shown["y"] - 1 <= box["y"] and box["y"] + box["height"] <= shown["y"] + shown["height"] + 1
+        assert box["width"] * box["height"] < shown["width"] * shown["height"]  # a crop, not the whole image
+        assert pg.locator("#view-input").is_visible() and "lung crop" in pg.locator("#input-meta").inner_text()
+        pg.set_input_files("#file", str(photo_path))
+        pg.wait_for_function("() => document.getElementById('file-name').textContent === 'cat.png'")
+        pg.wait_for_selector('#result[data-ready="true"]')
+        assert pg.locator("#predicted-line").is_hidden()  # no predicted class for a photo
+        assert pg.eval_on_selector("#reference", "e => e.open") is False
+        assert "reference only" in pg.locator("#reference summary").inner_text()
+        flag = pg.locator("#flag").inner_text()
+        assert "not look like a frontal chest X-ray" in flag and "colour image" in flag and "rotated" not in flag
+        ctx.close()
 
 
 def test_page_asks_for_the_token(browser: Browser, checkpoint: Path) -> None:

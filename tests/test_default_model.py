@@ -75,13 +75,14 @@ def test_explain_and_evaluate_without_checkpoint(tmp_path: Path) -> None:
 
 def test_serve_without_checkpoint_serves_the_shipped_model(monkeypatch: pytest.MonkeyPatch) -> None:
     pytest.importorskip("fastapi")
-    import uvicorn
     from fastapi.testclient import TestClient
 
+    import xraydx.serve.run as run
+
     got: dict[str, object] = {}
-    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: got.update(app=app, **kw))
-    assert main(["serve"]) == 0
-    client = TestClient(got["app"])  # type: ignore[arg-type]
+    monkeypatch.setattr(run, "run_uvicorn", lambda app, sock, **kw: got.update(app=app, **kw))
+    assert main(["serve", "--port", "0"]) == 0
+    client = TestClient(got["app"], base_url="http://127.0.0.1")  # type: ignore[arg-type]
     info = client.get("/api/model").json()
     assert info["architecture"] == read_metadata(DEFAULT_CHECKPOINT)["architecture"]
     # the manifest scripts/train_default.sh writes (MODEL_CARD.md)

@@ -92,7 +92,7 @@ def app(checkpoint: Path) -> Any:
 @pytest.fixture(scope="module")
 def client(app: Any) -> Iterator[TestClient]:
     # raise_server_exceptions=False: a server bug shows up as the 500 a real client would get
-    with TestClient(app, raise_server_exceptions=False) as c:
+    with TestClient(app, raise_server_exceptions=False, base_url="http://127.0.0.1") as c:
         yield c
 
 
@@ -375,7 +375,7 @@ def test_filename_is_sanitised(client: TestClient) -> None:
 @pytest.fixture(scope="module")
 def small_limit_client(checkpoint: Path) -> Iterator[TestClient]:
     app = serve.create_app(checkpoint, max_upload_bytes=10_000)
-    with TestClient(app, raise_server_exceptions=False) as c:
+    with TestClient(app, raise_server_exceptions=False, base_url="http://127.0.0.1") as c:
         yield c
 
 
@@ -421,7 +421,7 @@ def test_declared_length_over_limit_is_refused_before_reading(small_limit_client
 def test_token(checkpoint: Path) -> None:
     app = serve.create_app(checkpoint, token="s3cret-token")
     files = upload(sample_images("test", "covid")[0])
-    with TestClient(app, raise_server_exceptions=False) as c:
+    with TestClient(app, raise_server_exceptions=False, base_url="http://127.0.0.1") as c:
         assert c.get("/api/health").status_code == 200  # liveness stays open
         assert c.get("/").status_code == 200  # the page itself, which then asks for the token
         for headers in ({}, {"Authorization": "Bearer wrong"}, {"X-API-Token": "s3cret-tokenX"},
@@ -476,7 +476,7 @@ def test_abstention_rule_flags_low_confidence(checkpoint: Path, tmp_path: Path) 
         checkpoint, tmp_path / "abst.safetensors", abstention={"threshold": 0.6, "target": 0.9}
     )
     paths = sample_images("test")
-    with TestClient(serve.create_app(ckpt), raise_server_exceptions=False) as c:
+    with TestClient(serve.create_app(ckpt), raise_server_exceptions=False, base_url="http://127.0.0.1") as c:
         d = c.post("/api/predict/batch", files=[("files", (p.name, p.read_bytes())) for p in paths]).json()
         info = c.get("/api/model").json()
     assert info["abstention"]["threshold"] == 0.6 and info["abstention"]["rule"]["target"] == 0.9
@@ -501,7 +501,7 @@ def test_uncertainty_flag_agrees_with_batch_predict(client: TestClient, predicto
 
 def test_no_abstention_rule_says_so(checkpoint: Path, tmp_path: Path) -> None:
     ckpt = _checkpoint_with(checkpoint, tmp_path / "noabst.safetensors", abstention=None)
-    with TestClient(serve.create_app(ckpt)) as c:
+    with TestClient(serve.create_app(ckpt), base_url="http://127.0.0.1") as c:
         d = c.post("/api/predict", files=upload(sample_images("test", "covid")[0])).json()
         info = c.get("/api/model").json()
     assert d["uncertain"] is None
@@ -511,7 +511,7 @@ def test_no_abstention_rule_says_so(checkpoint: Path, tmp_path: Path) -> None:
 
 def test_uncalibrated_checkpoint_says_so(checkpoint: Path, tmp_path: Path) -> None:
     ckpt = _checkpoint_with(checkpoint, tmp_path / "raw.safetensors", calibration={"method": "none"})
-    with TestClient(serve.create_app(ckpt)) as c:
+    with TestClient(serve.create_app(ckpt), base_url="http://127.0.0.1") as c:
         d = c.post("/api/predict", files=upload(sample_images("test", "covid")[0])).json()
     assert d["calibrated"] is False
     assert any("not calibrated" in w for w in d["warnings"])
@@ -634,7 +634,7 @@ def test_onnx_engine_matches_torch(checkpoint: Path, predictor: Predictor) -> No
     pytest.importorskip("onnxruntime")
     app = serve.create_app(checkpoint, engine="onnx")
     paths = sample_images("test")[::4]
-    with TestClient(app) as c:
+    with TestClient(app, base_url="http://127.0.0.1") as c:
         assert c.get("/api/health").json()["engine"] == "onnx"
         for p in paths:
             d = c.post("/api/predict", files=upload(p)).json()
@@ -673,15 +673,14 @@ def test_cli_serve_without_default_model(monkeypatch: pytest.MonkeyPatch, tmp_pa
 
 def test_cli_serve_starts_uvicorn_on_loopback(checkpoint: Path, monkeypatch: pytest.MonkeyPatch,
                                               capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
-    import uvicorn
-
     import xraydx.cli as cli
+    import xraydx.serve.run as run
 
     got: dict[str, Any] = {}
-    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: got.update(app=app, **kw))
+    monkeypatch.setattr(run, "run_uvicorn", lambda app, sock, **kw: got.update(app=app, sock=sock, **kw))
     monkeypatch.setenv(serve.TOKEN_ENV, "from-env")
-    assert cli.main(["serve", "--checkpoint", str(checkpoint), "--max-upload-mb", "2", "--port", "8123"]) == 0
-    assert got["host"] == "127.0.0.1" and got["port"] == 8123
+    assert cli.main(["serve", "--checkpoint", str(checkpoint), "--max-upload-mb", "2", "--port", "0"]) == 0
+    assert got["host"] == "127.0.0.1" and got["port"] == 0 and got["sock"].family.name == "AF_INET"
     svc = got["app"].state.service
     assert svc.token == b"from-env" and svc.max_upload_bytes == 2 * 1024 * 1024
     assert "research use only" in capsys.readouterr().err
@@ -689,13 +688,12 @@ def test_cli_serve_starts_uvicorn_on_loopback(checkpoint: Path, monkeypatch: pyt
 
 def test_cli_warns_when_exposed_without_token(checkpoint: Path, monkeypatch: pytest.MonkeyPatch,
                                               capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
-    import uvicorn
-
     import xraydx.cli as cli
+    import xraydx.serve.run as run
 
-    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: None)
+    monkeypatch.setattr(run, "run_uvicorn", lambda app, sock, **kw: None)
     monkeypatch.delenv(serve.TOKEN_ENV, raising=False)
-    assert cli.main(["serve", "--checkpoint", str(checkpoint), "--host", "0.0.0.0"]) == 0
+    assert cli.main(["serve", "--checkpoint", str(checkpoint), "--host", "0.0.0.0", "--port", "0"]) == 0
     assert "without a token" in capsys.readouterr().err
 
 
@@ -713,7 +711,7 @@ def test_lung_mask_model_without_or_with_segmenter(checkpoint: Path, tmp_path: P
 
     pre = {**read_metadata(checkpoint)["preprocessing"], "lung_mask": "crop"}
     ckpt = _checkpoint_with(checkpoint, tmp_path / "crop.safetensors", preprocessing=pre)
-    with TestClient(serve.create_app(ckpt), raise_server_exceptions=False) as c:
+    with TestClient(serve.create_app(ckpt), raise_server_exceptions=False, base_url="http://127.0.0.1") as c:
         r = c.post("/api/predict?heatmap=true", files=upload(sample_images("test", "covid")[0]))
     if r.status_code == 503:
         err = r.json()["error"]

@@ -226,6 +226,11 @@ def parse_overrides(pairs: list[str]) -> dict[str, str]:
 # ---- the server --------------------------------------------------------------------------------
 
 MIB = 1024 * 1024
+#: Host names every server accepts in the Host header (see ServeConfig.allowed_hosts)
+LOOPBACK_HOSTS: tuple[str, ...] = ("localhost", "127.0.0.1", "::1")
+#: the server's pixel limit: below xraydx.io.MAX_PIXELS (64 M) for the command line; 25 M covers the largest
+#: chest detectors (43 x 43 cm at 100 um is 4300 x 4300 = 18.5 M)
+SERVE_MAX_PIXELS = 25_000_000
 
 
 @dataclass
@@ -242,12 +247,27 @@ class ServeConfig:
     max_batch: int = 16  # most images per inference batch
     batch_window_ms: float = 5.0  # wait this long to group concurrent requests (0: greedy)
     max_batch_files: int = 32  # most files in one POST /api/predict/batch
+    #: Host header values accepted (DNS rebinding); "*" accepts any. The command line adds the bound host.
+    allowed_hosts: tuple[str, ...] = LOOPBACK_HOSTS
+    max_queue: int = 64  # most images admitted and not yet answered; beyond it 503 (server busy)
+    max_pixels: int = SERVE_MAX_PIXELS  # largest image (width x height) the server decodes
+    decode_memory_bytes: int = 1024 * MIB  # the estimated decode memory of all decodes at once
 
     def __post_init__(self) -> None:
         self.checkpoint = Path(self.checkpoint)
+        self.allowed_hosts = tuple(h.strip().lower() for h in self.allowed_hosts if h.strip())
+        if not self.allowed_hosts:
+            raise ServeError("allowed_hosts must name at least one host (or '*' for any)")
+        tok = self.token
+        if tok is not None and not (tok and tok.isascii() and tok.isprintable() and tok.strip() == tok):
+            raise ServeError(
+                "the API token must be printable ASCII without surrounding spaces (an HTTP header cannot"
+                " carry other characters, so such a token could never match)"
+            )  # fmt: skip
         if self.engine not in ENGINES:
             raise ServeError(f"engine must be {' or '.join(ENGINES)}; got {self.engine!r}")
-        for name in ("max_upload_bytes", "max_batch", "max_batch_files"):
+        for name in ("max_upload_bytes", "max_batch", "max_batch_files", "max_queue", "max_pixels",
+                     "decode_memory_bytes"):  # fmt: skip
             if not getattr(self, name) >= 1:
                 raise ServeError(f"{name} must be >= 1; got {getattr(self, name)}")
         if not self.batch_window_ms >= 0:

@@ -58,6 +58,16 @@ def add_parser(sub: SubParsers) -> None:
                     help="wait this long to group concurrent requests (0: greedy)")  # fmt: skip
     sp.add_argument("--limit-concurrency", type=_positive_int, default=64,
                     help="connections beyond this get 503 (memory bound)")  # fmt: skip
+    sp.add_argument("--allowed-hosts", metavar="NAMES",
+                    help="Host header values accepted, comma-separated ('*': any); default: the bound host,"
+                         " localhost, 127.0.0.1 and ::1 (for 0.0.0.0 also this machine's names); against DNS"
+                         " rebinding")  # fmt: skip
+    sp.add_argument("--max-queue", type=_positive_int, default=ServeConfig.max_queue,
+                    help="most images queued for inference; beyond it 503 (server busy)")  # fmt: skip
+    sp.add_argument("--max-megapixels", type=_positive_float, default=ServeConfig.max_pixels / 1e6,
+                    help="largest image decoded (width x height, millions of pixels)")  # fmt: skip
+    sp.add_argument("--decode-memory-mb", type=_positive_float, default=ServeConfig.decode_memory_bytes / MIB,
+                    help="memory all decodes in flight may take together (estimated from each header)")  # fmt: skip
     sp.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     sp.set_defaults(func=run)
 

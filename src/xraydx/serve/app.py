@@ -41,13 +41,14 @@ def create_app(config: "ServeConfig | str | os.PathLike[str]", /, **options: Any
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         svc.worker.start()
+        await svc.warm_up()  # a real prediction of a probe image; /api/health reports it
         yield
         svc.worker.stop()
 
     app = FastAPI(title="xraydx", version=__version__, description=DESCRIPTION, docs_url=None, redoc_url=None,
                   lifespan=lifespan)  # fmt: skip
     app.state.service = svc
-    app.add_middleware(SecurityHeaders, docs_csp=docs_csp(assets))
+    app.add_middleware(SecurityHeaders, docs_csp=docs_csp(assets), allowed_hosts=cfg.allowed_hosts)
     add_error_handlers(app)
     app.include_router(api)
     app.include_router(docs_router(assets))

@@ -1,8 +1,9 @@
 """Every error as the same JSON shape (``{"error": {status, code, message[, file]}, "detail"}``).
 
 A client's problem is an :class:`~xraydx.serve.errors.ApiError` (4xx; 503 when the model cannot run here);
-FastAPI's own 404 / 405 and validation errors are answered the same way; anything else is a server bug:
-logged with its traceback, answered 500 without internals.
+FastAPI's own 404 / 405 and validation errors are answered the same way; anything else is a server bug,
+logged with its traceback (once) and answered 500 without internals by
+:class:`xraydx.serve.security.SecurityHeaders`, so that the 500 carries the security headers too.
 """
 
 import logging
@@ -19,6 +20,8 @@ log = logging.getLogger("xraydx.serve")
 
 def error_response(exc: ApiError) -> JSONResponse:
     headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
+    if exc.code == "busy":
+        headers = {"Retry-After": "1"}
     return JSONResponse(exc.payload(), status_code=exc.status, headers=headers)
 
 
@@ -38,13 +41,7 @@ async def validation_error(request: Request, exc: Exception) -> JSONResponse:
     return error_response(ApiError(422, "invalid_request", msgs or "invalid request"))
 
 
-async def server_bug(request: Request, exc: Exception) -> JSONResponse:
-    log.error("unexpected error on %s %s", request.method, request.url.path, exc_info=exc)
-    return error_response(ApiError(500, "internal_error", f"internal server error ({type(exc).__name__})"))
-
-
 def add_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(ApiError, api_error)
     app.add_exception_handler(StarletteHTTPException, http_error)
     app.add_exception_handler(RequestValidationError, validation_error)
-    app.add_exception_handler(Exception, server_bug)

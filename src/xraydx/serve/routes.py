@@ -6,11 +6,14 @@ The service comes in through ``Depends`` (:data:`ServiceDep`); the token check i
 """
 
 import asyncio
+import logging
 import time
-from typing import Annotated, Any
+from collections.abc import Awaitable
+from typing import Annotated, Any, TypeVar
 
+import anyio
 from fastapi import APIRouter, Depends, Query, Request
-from fastapi.responses import FileResponse
+from fastapi.responses import FileResponse, JSONResponse
 
 from xraydx.constants import STATIC_DIR
 from xraydx.serve.errors import ApiError
@@ -18,6 +21,45 @@ from xraydx.serve.service import Service
 from xraydx.serve.uploads import Upload, batch_body_limit, read_multipart, single_body_limit
 
 # No ``from __future__ import annotations`` here: FastAPI reads these annotations at run time.
+
+log = logging.getLogger("xraydx.serve")
+T = TypeVar("T")
+
+
+async def unless_gone(request: Request, svc: Service, work: Awaitable[T], what: str) -> T:
+    """``work``, cancelled as soon as the client disconnects: its queued decode and model calls are then
+    skipped (their futures are cancelled before the inference thread reaches them). The request's body
+    has been read, so the next ASGI message is ``http.disconnect``, which comes only when the client goes
+    away (or after the response)."""
+    gone = False
+    result: list[T] = []
+    failure: list[Exception] = []
+
+    async with anyio.create_task_group() as tg:
+
+        async def watch() -> None:
+            nonlocal gone
+            while (await request.receive())["type"] != "http.disconnect":
+                pass
+            gone = True
+            tg.cancel_scope.cancel()
+
+        async def run() -> None:
+            try:
+                result.append(await work)
+            except Exception as exc:  # raised below, outside the task group (no ExceptionGroup)
+                failure.append(exc)
+            tg.cancel_scope.cancel()
+
+        tg.start_soon(watch)
+        tg.start_soon(run)
+    if failure:
+        raise failure[0]
+    if gone and not result:
+        svc.skipped += 1
+        log.info("client went away before the answer for %s: its queued work was skipped", what)
+        raise ApiError(499, "client_gone", f"{what}: the client closed the connection")
+    return result[0]
 
 
 def get_service(request: Request) -> Service:
@@ -66,9 +108,11 @@ api = APIRouter(prefix="/api")
 
 
 @api.get("/health", tags=["service"])
-async def health(svc: ServiceDep) -> dict[str, Any]:
-    """Liveness (never needs the token)."""
-    return svc.health()
+async def health(svc: ServiceDep) -> JSONResponse:
+    """Liveness and the start-up check (a real prediction of a probe image): 200 with ``status: ok``, else
+    503 (never needs the token)."""
+    d = svc.health()
+    return JSONResponse(d, status_code=200 if d["status"] == "ok" else 503)
 
 
 @api.get("/model", tags=["service"], responses={401: ERRORS[401]})
@@ -88,7 +132,10 @@ async def predict(
     if not parts:
         raise ApiError(400, "no_file", "no file in the request: send it as multipart field 'file'")
     up = parts[0]
-    return await svc.predict_one(bytes(up.data), up.filename, heatmap=heatmap, image=image)
+    with svc.admit(1):
+        return await unless_gone(
+            request, svc, svc.predict_one(bytes(up.data), up.filename, heatmap=heatmap, image=image), up.filename
+        )
 
 
 @api.post(
@@ -117,8 +164,17 @@ async def predict_batch(
             }
         except ApiError as exc:
             return {"ok": False, "file": up.filename, **exc.payload()}
+        except Exception as exc:  # a server bug on one file: logged, that file's error; the others are kept
+            log.error("unexpected error on %s in a batch", up.filename, exc_info=exc)
+            err = ApiError(500, "internal_error", f"{up.filename}: internal server error ({type(exc).__name__})",
+                           up.filename)  # fmt: skip
+            return {"ok": False, "file": up.filename, **err.payload()}
 
-    results = await asyncio.gather(*(one(p) for p in parts))
+    async def all_of_them() -> list[dict[str, Any]]:
+        return list(await asyncio.gather(*(one(p) for p in parts)))
+
+    with svc.admit(len(parts)):
+        results = await unless_gone(request, svc, all_of_them(), f"a batch of {len(parts)} files")
     n_ok = sum(1 for r in results if r["ok"])
     return {
         "model_id": svc.model_id,

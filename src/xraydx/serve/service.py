@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import logging
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,11 +18,17 @@ import numpy as np
 
 from xraydx import explain
 from xraydx.config import ServeConfig
+from xraydx.constants import WEIGHTS_DIR
+from xraydx.engines import PROBE_GLOB
 from xraydx.errors import CheckpointError
 from xraydx.fsutil import file_sha256, json_safe
+from xraydx.io import sniff_format
 from xraydx.ood import colourfulness_of_bytes
 from xraydx.predict import Checked, Predictor
+from xraydx.render import gray_png
+from xraydx.serve.decoding import MemoryBudget, decode_cost
 from xraydx.serve.errors import ApiError
+from xraydx.serve.modelinfo import crop_box, names_only, ood_message, public_data_summary
 from xraydx.serve.security import presented_token, token_matches
 from xraydx.serve.uploads import content_notes, read_upload_image
 from xraydx.serve.worker import InferenceWorker
@@ -40,14 +47,26 @@ class Decoded:
     colour: float | None = None  # the file's colourfulness, for the out-of-distribution guard
 
 
-def ood_warning(info: Mapping[str, Any]) -> str:
+@dataclass
+class Inspected:
+    """One image after :meth:`Service.check`: what the classifier sees, and the lung crop's box."""
+
+    checked: Checked
+    box: tuple[int, int, int, int] | None  # (top, bottom, left, right) in the decoded image, or None
+
+
+class ClientGone(Exception):
+    """The client of a request went away; its queued work is skipped."""
+
+
+def ood_warning(info: Mapping[str, Any], guard_threshold: float | None = None) -> str:
     """The warning put first in a response whose image the out-of-distribution check flags."""
     score = info.get("score")
     s = f" (score {float(score):.3g})" if isinstance(score, (int, float)) else ""
-    why = f": {info['reason']}" if info.get("reason") else ""
+    why = ood_message(info, guard_threshold)
     return (
-        f"This does not look like a frontal chest X-ray{s}{why}. The class probabilities below are not"
-        " trustworthy for this image."
+        f"This does not look like a frontal chest X-ray{s}{': ' + why if why else ''}. The class probabilities"
+        " below are not trustworthy for this image."
     )
 
 
@@ -56,35 +75,8 @@ def _png_b64(data: bytes) -> str:
 
 
 def render_png(img: np.ndarray, max_side: int = RENDER_MAX_SIDE) -> bytes:
-    """The decoded grayscale image as an 8-bit PNG (longest side at most ``max_side``)."""
-    import io
-
-    from PIL import Image
-
-    im = Image.fromarray(img)
-    if max(im.size) > max_side:
-        scale = max_side / max(im.size)
-        im = im.resize(
-            (max(1, round(im.width * scale)), max(1, round(im.height * scale))), Image.Resampling.BILINEAR
-        )
-    out = io.BytesIO()
-    im.save(out, format="PNG", compress_level=3)
-    return out.getvalue()
-
-
-def public_data_summary(summary: Any, data_path: Any = None) -> Any:
-    """The training-data summary without the server's folder layout: ``root`` is only the dataset folder's
-    name, and ``name`` the dataset's (the folder, or the manifest CSV's file name; from the training
-    config's ``data.path`` for checkpoints older than the ``name`` key)."""
-    if not isinstance(summary, Mapping):
-        return summary
-    out = dict(summary)
-    if out.get("root"):
-        out["root"] = Path(str(out["root"])).name
-    name = out.get("name") or (Path(str(data_path)).name if data_path else None) or out.get("root")
-    if name:
-        out["name"] = Path(str(name)).name
-    return out
+    """The decoded image for the browser (xraydx.render's encoder; longest side at most ``max_side``)."""
+    return gray_png(img, max_side=max_side, compress_level=3)
 
 
 class Service:
@@ -118,7 +110,15 @@ class Service:
         self.token = cfg.token.encode("utf-8") if cfg.token else None
         self.max_upload_bytes = int(cfg.max_upload_bytes)
         self.max_batch_files = int(cfg.max_batch_files)
-        self.decode_limiter = anyio.CapacityLimiter(max(2, os.cpu_count() or 2))
+        # decoding: a few threads, and one byte budget shared by every decode and decoded image in flight
+        self.decode_limiter = anyio.CapacityLimiter(max(2, min(4, os.cpu_count() or 2)))
+        self.decode_budget = MemoryBudget(cfg.decode_memory_bytes)
+        self.max_pixels = int(cfg.max_pixels)
+        self.max_queue = int(cfg.max_queue)
+        self.pending = 0  # images admitted and not yet answered
+        self.skipped = 0  # requests whose client went away before their work was done
+        self.refused_busy = 0
+        self.warm_up_result: dict[str, Any] = {"ok": None, "message": "not run yet"}
         self.sha256 = file_sha256(checkpoint)
         self.model_id = f"{self.meta['architecture']['name']}-{self.sha256[:12]}"
         self.explain: Any = explain  # Grad-CAM; None (tests) where the response should say it is missing
@@ -159,7 +159,7 @@ class Service:
 
     def model_info(self) -> dict[str, Any]:
         m = self.meta
-        return json_safe(
+        return names_only(json_safe(
             {
                 "model_id": self.model_id,
                 "checkpoint": self.checkpoint.name,
@@ -176,8 +176,8 @@ class Service:
                     "threshold": self.threshold,
                     "note": self.abstention_note,
                 },
-                "val_metrics": m.get("val_metrics"),
-                "test_metrics": m.get("test_metrics"),
+                "val_metrics": names_only(m.get("val_metrics")),
+                "test_metrics": names_only(m.get("test_metrics")),
                 "training_data": public_data_summary(
                     m.get("training_data"), ((m.get("config") or {}).get("data") or {}).get("path")
                 ),
@@ -190,20 +190,67 @@ class Service:
                 "limits": {
                     "max_upload_bytes": self.max_upload_bytes,
                     "max_batch_files": self.max_batch_files,
+                    "max_pixels": self.max_pixels,
+                    "decode_memory_bytes": self.decode_budget.total,
+                    "max_queue": self.max_queue,
                 },
                 "notice": NOTICE,
             }
-        )
+        ))  # fmt: skip
 
     def health(self) -> dict[str, Any]:
+        """Liveness and the start-up check: ``status`` is ``ok`` only after a real prediction of a probe image
+        succeeded (``error`` where it failed, ``starting`` before it ran)."""
+        ok = self.warm_up_result.get("ok")
         return {
-            "status": "ok",
+            "status": "ok" if ok else ("starting" if ok is None else "error"),
+            "warm_up": dict(self.warm_up_result),
             "model_id": self.model_id,
             "engine": self.engine_name,
             "uptime_s": round(time.time() - self.started, 1),
             "batches": self.worker.batches,
             "images": self.worker.images,
+            "queued": self.pending,
+            "skipped_gone": self.skipped,
+            "refused_busy": self.refused_busy,
+            "decode_memory": {"used": self.decode_budget.used, "peak": self.decode_budget.peak,
+                              "total": self.decode_budget.total},  # fmt: skip
         }
+
+    async def warm_up(self) -> dict[str, Any]:
+        """One real prediction of a shipped probe X-ray through the whole pipeline (decode, lung mask, OOD
+        guard, classifier), run at start; :meth:`health` reports its result."""
+        probes = sorted(WEIGHTS_DIR.glob(PROBE_GLOB))
+        t0 = time.perf_counter()
+        try:
+            if not probes:
+                raise CheckpointError(f"no probe image ({PROBE_GLOB}) in {WEIGHTS_DIR.name}/")
+            d = await self.predict_one(probes[0].read_bytes(), probes[0].name, heatmap=False, image=False)
+            probs = np.array(list(d["probabilities"].values()), dtype=np.float64)
+            if not (np.isfinite(probs).all() and abs(float(probs.sum()) - 1.0) < 1e-3):
+                raise CheckpointError(f"the model gave invalid probabilities {probs.tolist()} for the probe")
+            self.warm_up_result = {"ok": True, "probe": probes[0].name,
+                                   "ms": round((time.perf_counter() - t0) * 1000, 1)}  # fmt: skip
+        except Exception as exc:
+            msg = exc.message if isinstance(exc, ApiError) else str(exc)
+            self.warm_up_result = {"ok": False, "message": f"warm-up prediction failed: {msg or type(exc).__name__}"}
+            log.error("%s; /api/health answers 503", self.warm_up_result["message"])
+        return self.warm_up_result
+
+    @contextlib.contextmanager
+    def admit(self, n: int = 1) -> Iterator[None]:
+        """Admit ``n`` images to the queue, or 503 when the queue (``max_queue``) cannot take them."""
+        if self.pending + n > self.max_queue:
+            self.refused_busy += 1
+            raise ApiError(
+                503, "busy",
+                f"the server is busy ({self.pending} images queued, at most {self.max_queue}); retry shortly",
+            )  # fmt: skip
+        self.pending += n
+        try:
+            yield
+        finally:
+            self.pending -= n
 
     # -- one file: the steps --------------------------------------------------------------------
 
@@ -213,15 +260,51 @@ class Service:
         colour = colourfulness_of_bytes(bytes(data)) if self.ood_check else None
         return Decoded(img, fmt or "unknown", content_notes(img, data, fmt, self.spec.size), colour)
 
-    def check(self, dec: Decoded, name: str) -> Checked:
+    def check(self, dec: Decoded, name: str) -> Inspected:
         """Predictor.check, the pipeline's one per-image check (the lung mask, the OOD guard, the one
-        preprocessing function); runs on the inference thread. 422 where the image cannot be used."""
+        preprocessing function), and the crop box; runs on the inference thread. 422 where the image cannot
+        be used."""
         if self.unavailable is not None:
             raise ApiError(503, "model_unavailable", f"{name}: {self.unavailable}", name)
         checked = self.predictor.check([dec.image], [dec.colour])[0]
         if isinstance(checked, str):
             raise ApiError(422, "cannot_preprocess", f"{name}: {checked}", name)
-        return checked
+        box = None
+        if self.spec.lung_mask == "crop":
+            mask = checked.ood.mask if checked.ood is not None else None
+            if mask is None:
+                mask = self.predictor.lung_mask(dec.image)
+            box = crop_box(dec.image.shape, mask, self.spec)
+        return Inspected(checked, box)
+
+    def guard_threshold(self) -> float | None:
+        guard = self.predictor.ood_guard() if self.ood_check else None
+        t = getattr(guard, "threshold", None)
+        return float(t) if isinstance(t, (int, float)) else None
+
+    async def decoded(self, data: bytes, name: str) -> tuple[Decoded, int]:
+        """Decode within the byte budget: the header's estimate is reserved for the decode, then only the
+        decoded image's bytes stay reserved; returns them (the caller releases them when it answers)."""
+        import anyio.to_thread
+
+        cost = await anyio.to_thread.run_sync(
+            decode_cost, data, name, self.max_pixels, self.decode_budget.total, limiter=self.decode_limiter
+        )
+        total = self.decode_budget.total
+        if cost is not None:
+            need = min(cost.decode_bytes, total)
+        else:  # not an image (refused at once, nothing decoded), or a header unread here: then decode it alone
+            need = 0 if sniff_format(bytes(data[:16384])) is None else total
+        keep = cost.result_bytes if cost is not None else 0
+        await self.decode_budget.acquire(need)
+        try:
+            dec = await anyio.to_thread.run_sync(self.decode, data, name, limiter=self.decode_limiter)
+        except BaseException:
+            self.decode_budget.release(need)
+            raise
+        keep = min(keep or dec.image.size, need)
+        self.decode_budget.release(need - keep)
+        return dec, keep
 
     def heat_batch(self, images: np.ndarray, classes: list[int]) -> np.ndarray:
         """Grad-CAM heat maps (N, S, S) for preprocessed images; runs on the inference thread."""
@@ -282,24 +365,34 @@ class Service:
 
     async def predict_one(self, data: bytes, name: str, *, heatmap: bool, image: bool) -> dict[str, Any]:
         """The response for one upload: probabilities, uncertainty, OOD, optional heat map and rendering."""
+        t0 = time.perf_counter()
+        dec, held = await self.decoded(data, name)
+        try:
+            return await self._answer(dec, name, heatmap=heatmap, image=image, t0=t0)
+        finally:
+            self.decode_budget.release(held)
+
+    async def _answer(self, dec: Decoded, name: str, *, heatmap: bool, image: bool, t0: float) -> dict[str, Any]:
         import anyio.to_thread
 
-        t0 = time.perf_counter()
-        dec = await anyio.to_thread.run_sync(self.decode, data, name, limiter=self.decode_limiter)
-        checked = await asyncio.wrap_future(self.worker.submit_call(lambda: self.check(dec, name)))
-        prepared = checked.prepared
+        seen = await asyncio.wrap_future(self.worker.submit_call(lambda: self.check(dec, name)))
+        checked, prepared = seen.checked, seen.checked.prepared
         t1 = time.perf_counter()
         probs = await asyncio.wrap_future(self.worker.submit_probs(prepared))
         t2 = time.perf_counter()
         idx = int(np.argmax(probs))
         warns = list(dec.warnings) + list(self.static_warnings)
         ood = json_safe(checked.ood_info())
+        ood_text = None
         if ood and ood["flagged"]:
-            warns.insert(0, ood_warning(ood))
+            ood_text = ood_message(ood, self.guard_threshold())
+            warns.insert(0, ood_warning(ood, self.guard_threshold()))
         t3 = time.perf_counter()
         heat = await self._heatmap(prepared, idx, name, warns) if heatmap else None
         t4 = time.perf_counter()
-        rendered = await anyio.to_thread.run_sync(render_png, dec.image) if (image or heatmap) else None
+        show = image or heatmap
+        rendered = await anyio.to_thread.run_sync(render_png, dec.image) if show else None
+        model_input = await anyio.to_thread.run_sync(render_png, prepared) if show else None
         uncertain, uncertainty = self.uncertainty(float(probs[idx]))
         t5 = time.perf_counter()
         return json_safe(
@@ -316,8 +409,13 @@ class Service:
                 "uncertain": uncertain,
                 "uncertainty": uncertainty,
                 "ood": ood,
+                "ood_message": ood_text,
                 "heatmap": heat,
                 "image_png": _png_b64(rendered) if rendered is not None else None,
+                "model_input_png": _png_b64(model_input) if model_input is not None else None,
+                "crop_box": (
+                    dict(zip(("top", "bottom", "left", "right"), seen.box, strict=True)) if seen.box else None
+                ),
                 "model_id": self.model_id,
                 "engine": self.engine_name,
                 "processing_ms": {

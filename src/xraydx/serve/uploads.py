@@ -11,6 +11,7 @@ aspect limits.
 from __future__ import annotations
 
 import io
+import logging
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -22,6 +23,8 @@ from xraydx.serve.errors import ApiError
 
 if TYPE_CHECKING:  # pragma: no cover
     from starlette.requests import Request
+
+log = logging.getLogger("xraydx.serve")
 
 MULTIPART_OVERHEAD = 64 * 1024  # boundaries and part headers on top of the file bytes
 FIELD_LIMIT = 64 * 1024  # a form field that is not a file
@@ -149,6 +152,7 @@ async def read_multipart(
     """Parse a multipart/form-data body into in-memory parts, refusing it (413) as soon as it is too big."""
     from python_multipart.exceptions import FormParserError
     from python_multipart.multipart import MultipartParser, parse_options_header
+    from starlette.requests import ClientDisconnect
 
     ctype, params = parse_options_header(request.headers.get("content-type", ""))
     if ctype != b"multipart/form-data" or not params.get(b"boundary"):
@@ -174,6 +178,10 @@ async def read_multipart(
         parser.finalize()
     except FormParserError as exc:
         raise ApiError(400, "bad_multipart", f"malformed multipart body ({exc})") from None
+    except ClientDisconnect:
+        name = parts.parts[-1].filename if parts.parts else "the request"
+        log.info("client went away during the upload of %s (%d bytes received)", name, seen)
+        raise ApiError(499, "client_gone", f"{name}: the client closed the connection during the upload") from None
     if not parts.ended:
         raise ApiError(400, "bad_multipart", "incomplete multipart body (no closing boundary)")
     return parts.parts
@@ -191,9 +199,17 @@ def read_upload_image(data: bytes, name: str) -> tuple[np.ndarray, str | None]:
         img = read_image_bytes(data, name)
     except ImageReadError as exc:
         if fmt is None:
-            raise ApiError(415, "unsupported_media_type", str(exc), name) from None
-        raise ApiError(422, "unreadable_image", str(exc), name) from None
+            raise ApiError(415, "unsupported_media_type", str(exc), name, plain_reason(exc.reason)) from None
+        raise ApiError(422, "unreadable_image", str(exc), name, plain_reason(exc.reason)) from None
     return img, fmt
+
+
+def plain_reason(reason: str) -> str:
+    """A reader's reason in words for a person: unrecognised content is named as such, without the hex
+    dump of its first bytes (which stays in ``message`` for a developer)."""
+    if reason.startswith("not an image (unrecognised content"):
+        return "not an image this server reads (the content is not PNG, JPEG, BMP, TIFF or DICOM)"
+    return reason
 
 
 def content_notes(img: np.ndarray, data: bytes, fmt: str | None, model_size: int) -> list[str]:

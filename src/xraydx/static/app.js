@@ -39,10 +39,13 @@
     box.hidden = !text;
   }
 
+  // The server's reason in words (without the file name its message starts with, and without a hex dump
+  // of unrecognised content): the page puts the file name in front once.
   async function errorText(resp) {
     try {
       const body = await resp.json();
-      if (body && body.error && body.error.message) return body.error.message + " (HTTP " + resp.status + ")";
+      const err = body && body.error;
+      if (err && (err.reason || err.message)) return (err.reason || err.message) + " (HTTP " + resp.status + ")";
     } catch (e) { /* not JSON */ }
     return "HTTP " + resp.status + " " + resp.statusText;
   }
@@ -153,7 +156,7 @@
     bars.replaceChildren();
     r.classes.forEach((c) => {
       const p = r.probabilities[c];
-      const row = el("div", "bar-row" + (c === r.predicted_class ? " top" : ""));
+      const row = el("div", "bar-row" + (c === r.predicted_class && !notFrontal(r) ? " top" : ""));
       row.dataset.class = c;
       row.dataset.prob = String(p);
       row.appendChild(el("span", "bar-label", c));
@@ -172,14 +175,47 @@
     });
   }
 
+  // the prediction schema's flag for an input that is not a frontal chest X-ray (OOD guard, lateral view)
+  const NOT_FRONTAL = "not a frontal chest X-ray";
+
+  function notFrontal(r) {
+    return r.flag === NOT_FRONTAL || (r.ood && r.ood.flagged) || false;
+  }
+
+  // no headline class for a non-frontal input: the bars go into a closed "for reference only" box
+  function showHeadline(r) {
+    const hide = notFrontal(r);
+    $("predicted-line").hidden = hide;
+    $("predicted").textContent = hide ? "\u2013" : r.predicted_class;
+    const ref = $("reference");
+    ref.hidden = !hide;
+    if (hide) {
+      ref.open = false;
+      ref.appendChild($("bars"));
+    } else {
+      $("flag").after($("bars"));
+    }
+  }
+
+  function calibrationFailed(r) {
+    return r.calibration_failed === true || (r.uncertainty && r.uncertainty.calibration_failed === true);
+  }
+
   function showFlag(r) {
     const flag = $("flag");
     flag.replaceChildren();
     let cls = "flag none";
     let text;
-    if (r.ood && r.ood.flagged) {
+    if (notFrontal(r)) {
       cls = "flag ood";
-      text = "Not a frontal chest X-ray? The model's output is not trustworthy for this image.";
+      // the reasons that fit this image (the server leaves out "looks rotated" for a photo)
+      const why = r.ood_message || (r.row && r.row.ood_reason) || (r.ood && r.ood.reason);
+      text = "Not a frontal chest X-ray: no class is shown" + (why ? " (" + why + ")" : "") +
+        ". The model's output is not trustworthy for this image.";
+    } else if (calibrationFailed(r)) {
+      cls = "flag uncertain";
+      text = "Calibration failed for this model: its probabilities and confidence rule cannot be trusted " +
+        "(refer every case).";
     } else if (r.uncertain === true) {
       cls = "flag uncertain";
       text = "Uncertain: refer to a radiologist (highest probability " + fmt(r.confidence) +
@@ -196,23 +232,49 @@
     flag.textContent = text;
   }
 
+  // Two views: the uploaded image (as the server windowed it) with the lung crop box drawn on it, and the
+  // model's input (what the classifier sees). The Grad-CAM heat goes over whichever it is aligned to.
   function showImage(r) {
     const img = $("image");
     const heat = $("heat");
     const hm = r.heatmap;
-    const base = hm && hm.aligned_to === "model_input" && hm.model_input_png ? hm.model_input_png : r.image_png;
-    if (base) {
-      img.src = "data:image/png;base64," + base;
+    if (r.image_png) {
+      img.src = "data:image/png;base64," + r.image_png;
       img.hidden = false;
     } else {
       img.removeAttribute("src");
       img.hidden = true;
     }
+    const box = $("crop-box");
+    const b = r.crop_box;
+    if (b && r.width > 0 && r.height > 0 && r.image_png) {
+      box.style.left = (100 * b.left / r.width).toFixed(3) + "%";
+      box.style.top = (100 * b.top / r.height).toFixed(3) + "%";
+      box.style.width = (100 * (b.right - b.left) / r.width).toFixed(3) + "%";
+      box.style.height = (100 * (b.bottom - b.top) / r.height).toFixed(3) + "%";
+      box.hidden = false;
+    } else {
+      box.hidden = true;
+    }
+    const inputPng = r.model_input_png || (hm && hm.model_input_png);
+    const size = hm && hm.size ? hm.size[0] : null;
+    if (inputPng) {
+      $("model-input").src = "data:image/png;base64," + inputPng;
+      $("view-input").hidden = false;
+      $("input-meta").textContent = "Model input" + (size ? " (" + size + " \u00d7 " + size + " px)" : "") +
+        ": what the classifier sees" + (b ? ", the lung crop (yellow box) resized" : ", the whole image resized") +
+        " and normalised as in training.";
+    } else {
+      $("view-input").hidden = true;
+    }
     if (hm && hm.heat_png) {
+      const onInput = hm.aligned_to === "model_input" && inputPng;
+      (onInput ? $("stack-input") : $("stack")).appendChild(heat);
       heat.src = "data:image/png;base64," + hm.heat_png;
       heat.hidden = false;
       $("heat-controls").hidden = false;
-      $("heat-caption").textContent = "Grad-CAM for \u201c" + hm.class + "\u201d: where the network's evidence " +
+      $("heat-caption").textContent = "Grad-CAM for \u201c" + hm.class + "\u201d" +
+        (onInput ? " (on the model input)" : "") + ": where the network's evidence " +
         "for this class lies. Bright regions outside the lungs suggest a shortcut.";
       applyOpacity();
     } else {
@@ -220,7 +282,8 @@
       heat.hidden = true;
       $("heat-controls").hidden = true;
     }
-    $("image-meta").textContent = r.format.toUpperCase() + ", " + r.width + " \u00d7 " + r.height + " px";
+    $("image-meta").textContent = "Uploaded image: " + r.format.toUpperCase() + ", " + r.width + " \u00d7 " +
+      r.height + " px, as windowed for display" + (b ? "; yellow box: the lung crop the model sees" : "") + ".";
   }
 
   function applyOpacity() {
@@ -231,8 +294,8 @@
 
   function showResult(r) {
     $("file-name").textContent = r.file;
-    $("predicted").textContent = r.predicted_class;
     showBars(r);
+    showHeadline(r);
     showFlag(r);
     showImage(r);
     const ul = $("warnings");
