@@ -255,7 +255,7 @@ def test_shipped_model_shows_the_crop_box_and_no_headline_for_a_photo(browser: B
         assert pg.eval_on_selector("#reference", "e => e.open") is False
         assert "reference only" in pg.locator("#reference summary").inner_text()
         flag = pg.locator("#flag").inner_text()
-        assert "not look like a frontal chest X-ray" in flag and "colour image" in flag and "rotated" not in flag
+        assert "Not a frontal chest X-ray" in flag and "colour image" in flag and "rotated" not in flag
         ctx.close()
 
 

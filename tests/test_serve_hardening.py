@@ -505,3 +505,24 @@ def test_ood_reasons_read_sensibly_for_a_photo() -> None:
     assert "rotated" in ood_message(turned, 1.2)
     far = {"reasons": turned["reasons"], "details": {"feature_distance": 4.1, "rotation_gap": 0.5}}
     assert "rotated" not in ood_message(far, 1.2)
+
+
+def test_unreachable_abstention_target_flags_every_prediction(checkpoint: Path, tmp_path: Path) -> None:
+    """Issue 17 item 2 (trainint's flag_all): the server never says "within the model's confidence rule"
+    for such a model, whatever the threshold says; /api/model gives the reason for the page."""
+    from xraydx.models import load_checkpoint, save_checkpoint
+
+    model, m = load_checkpoint(checkpoint)
+    m["abstention"] = {"threshold": 0.05, "target": 0.99, "flag_all": True,
+                       "reason": "the 0.99 target was not reached on validation"}  # fmt: skip
+    ckpt = tmp_path / "flagall.safetensors"
+    save_checkpoint(ckpt, model, m)
+    paths = sample_images("test")[:3]
+    with TestClient(serve.create_app(ckpt), base_url=BASE) as c:
+        d = c.post("/api/predict/batch", files=[("files", (p.name, p.read_bytes())) for p in paths]).json()
+        info = c.get("/api/model").json()
+    for x in d["results"]:
+        assert x["uncertain"] is True and x["uncertainty"]["flag_all"] is True
+        assert "every prediction" in x["uncertainty"]["message"] and "0.99" in x["uncertainty"]["reason"]
+        assert "within the model's confidence rule" not in str(x)
+    assert info["abstention"]["flag_all"] is True and "0.99" in info["abstention"]["reason"]

@@ -138,6 +138,10 @@ class Service:
         )
         self.threshold = self.predictor.threshold
         self.abstention_note = self.predictor.abstention_note()
+        # training could not reach the abstention target: every prediction is flagged (never the green box)
+        rule = self.meta.get("abstention") if isinstance(self.meta.get("abstention"), dict) else {}
+        self.flag_all = bool(rule.get("flag_all")) and self.threshold is not None
+        self.flag_all_reason = str(rule.get("reason") or "the abstention target was not reached on validation")
         cal = self.meta.get("calibration") or {}
         self.calibrated = cal.get("method", "none") != "none" and "temperature" in cal
         self.static_warnings: list[str] = []
@@ -175,6 +179,8 @@ class Service:
                     "rule": m.get("abstention") if self.threshold is not None else None,
                     "threshold": self.threshold,
                     "note": self.abstention_note,
+                    "flag_all": self.flag_all,
+                    "reason": self.flag_all_reason if self.flag_all else None,
                 },
                 "val_metrics": names_only(m.get("val_metrics")),
                 "test_metrics": names_only(m.get("test_metrics")),
@@ -353,13 +359,18 @@ class Service:
 
     def uncertainty(self, confidence: float) -> tuple[bool | None, dict[str, Any]]:
         """The abstention rule (``Predictor.uncertain``) applied to one prediction's top probability."""
-        uncertain = self.predictor.uncertain([confidence])
+        uncertain = True if self.flag_all else self.predictor.uncertain([confidence])
         message = (
             "uncertain: refer to a radiologist"
             if uncertain
             else ("within the model's confidence rule" if uncertain is False else None)
         )
-        return uncertain, {"threshold": self.threshold, "rule": self.abstention_note, "message": message}
+        out = {"threshold": self.threshold, "rule": self.abstention_note, "message": message,
+               "flag_all": self.flag_all}  # fmt: skip
+        if self.flag_all:
+            out["message"] = f"uncertain: every prediction of this model is flagged ({self.flag_all_reason})"
+            out["reason"] = self.flag_all_reason
+        return uncertain, out
 
     # -- one file -------------------------------------------------------------------------------
 

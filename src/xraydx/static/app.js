@@ -100,6 +100,7 @@
       ? "temperature " + fmt(cal.temperature) + " fitted on " + (cal.fit_on || "val") +
         " (ECE " + fmt(cal.val_ece_before) + " \u2192 " + fmt(cal.val_ece_after) + ")"
       : "none: probabilities are not calibrated");
+    if (Array.isArray(cal.warnings) && cal.warnings.length) fact(dl, "Calibration warnings", cal.warnings.join(" "));
     fact(dl, "Uncertainty rule", info.abstention ? info.abstention.note : "none");
     fact(dl, "Out-of-distribution check", (info.ood_check ? "on: " : "off: ") + (info.ood_note || ""));
     fact(dl, "Heatmaps", info.heatmaps ? "Grad-CAM" : "not available in this build");
@@ -197,8 +198,9 @@
     }
   }
 
-  function calibrationFailed(r) {
-    return r.calibration_failed === true || (r.uncertainty && r.uncertainty.calibration_failed === true);
+  // training could not reach the abstention target: every prediction is flagged, never the green box
+  function flagAll(r) {
+    return Boolean(r.uncertainty && r.uncertainty.flag_all);
   }
 
   function showFlag(r) {
@@ -212,10 +214,10 @@
       const why = r.ood_message || (r.row && r.row.ood_reason) || (r.ood && r.ood.reason);
       text = "Not a frontal chest X-ray: no class is shown" + (why ? " (" + why + ")" : "") +
         ". The model's output is not trustworthy for this image.";
-    } else if (calibrationFailed(r)) {
+    } else if (flagAll(r)) {
       cls = "flag uncertain";
-      text = "Calibration failed for this model: its probabilities and confidence rule cannot be trusted " +
-        "(refer every case).";
+      text = "Uncertain: refer to a radiologist. Every prediction of this model is flagged (" +
+        (r.uncertainty.reason || "its abstention target was not reached") + ").";
     } else if (r.uncertain === true) {
       cls = "flag uncertain";
       text = "Uncertain: refer to a radiologist (highest probability " + fmt(r.confidence) +
