@@ -223,6 +223,20 @@ def test_dicom_prediction_and_rendering(client: TestClient, predictor: Predictor
     assert not any("ViewPosition" in w for w in d["warnings"])
 
 
+def test_guard_rejection_of_a_dicom_without_window_points_at_windowing(client: TestClient) -> None:
+    from xraydx.ood import DEFAULT_WINDOW_HINT
+
+    noise = np.random.default_rng(0).integers(0, 256, (128, 128)).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(noise).save(buf, "PNG")
+    reasons = []
+    for name, data in (("noise.dcm", dicom_bytes(noise)), ("noise.png", buf.getvalue())):
+        d = client.post("/api/predict", files={"file": (name, data)}).json()
+        assert d["ood"]["flagged"] is True, d
+        reasons.append(DEFAULT_WINDOW_HINT in d["ood"]["reasons"])
+    assert reasons == [True, False]  # only the file read through the default window gets the hint
+
+
 def test_dicom_lateral_view_warns(client: TestClient) -> None:
     data = dicom_bytes(read_image(sample_images("test", "normal")[0]), ViewPosition="LL")
     d = client.post("/api/predict", files={"file": ("lat.dcm", data)}).json()
@@ -525,7 +539,11 @@ class _FakeGuard:
         self.seen: list[tuple[tuple[int, ...], float | None]] = []
 
     def check_many(
-        self, imgs: list[np.ndarray], colours: list[float | None], batch_size: int = 16
+        self,
+        imgs: list[np.ndarray],
+        colours: list[float | None],
+        batch_size: int = 16,
+        windows: list[str | None] | None = None,
     ) -> list[Any]:
         self.seen += [(img.shape, c) for img, c in zip(imgs, colours, strict=True)]
         return [self.result for _ in imgs]

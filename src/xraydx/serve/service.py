@@ -45,6 +45,7 @@ class Decoded:
     fmt: str
     warnings: list[str]
     colour: float | None = None  # the file's colourfulness, for the out-of-distribution guard
+    window: str | None = None  # how the reader windowed it (io's info["window"]): the guard's windowing hint
 
 
 @dataclass
@@ -262,9 +263,11 @@ class Service:
 
     def decode(self, data: bytes, name: str) -> Decoded:
         """Sniff and decode one upload and note what is odd about it; runs in a worker thread."""
-        img, fmt = read_upload_image(data, name)
+        info: dict[str, Any] = {}
+        img, fmt = read_upload_image(data, name, info)
         colour = colourfulness_of_bytes(bytes(data)) if self.ood_check else None
-        return Decoded(img, fmt or "unknown", content_notes(img, data, fmt, self.spec.size), colour)
+        notes = content_notes(img, data, fmt, self.spec.size)
+        return Decoded(img, fmt or "unknown", notes, colour, info.get("window"))
 
     def check(self, dec: Decoded, name: str) -> Inspected:
         """Predictor.check, the pipeline's one per-image check (the lung mask, the OOD guard, the one
@@ -272,7 +275,7 @@ class Service:
         be used."""
         if self.unavailable is not None:
             raise ApiError(503, "model_unavailable", f"{name}: {self.unavailable}", name)
-        checked = self.predictor.check([dec.image], [dec.colour])[0]
+        checked = self.predictor.check([dec.image], [dec.colour], [dec.window])[0]
         if isinstance(checked, str):
             raise ApiError(422, "cannot_preprocess", f"{name}: {checked}", name)
         box = None

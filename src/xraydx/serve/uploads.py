@@ -190,13 +190,16 @@ async def read_multipart(
 # ---- the content ---------------------------------------------------------------------------------
 
 
-def read_upload_image(data: bytes, name: str) -> tuple[np.ndarray, str | None]:
-    """The decoded image and its sniffed format; 422 for an empty or unusable image, 415 for a non-image."""
+def read_upload_image(
+    data: bytes, name: str, info: dict[str, Any] | None = None
+) -> tuple[np.ndarray, str | None]:
+    """The decoded image and its sniffed format; 422 for an empty or unusable image, 415 for a non-image.
+    ``info``: filled as :func:`xraydx.io.read_image_bytes` does (which window made it 8 bits)."""
     if not data:
         raise ApiError(422, "empty_file", f"{name}: empty file (0 bytes)", name)
     fmt = sniff_format(bytes(data[:16384]))
     try:
-        img = read_image_bytes(data, name)
+        img = read_image_bytes(data, name, info=info)
     except ImageReadError as exc:
         if fmt is None:
             raise ApiError(415, "unsupported_media_type", str(exc), name, plain_reason(exc.reason)) from None
