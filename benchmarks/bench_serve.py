@@ -216,22 +216,26 @@ async def abandoned(url: str, files: list[tuple[str, bytes]], n: int, give_up_s:
         limits = httpx.Limits(max_connections=n, max_keepalive_connections=0)
         timeout = httpx.Timeout(120.0, read=give_up_s)
         gave_up = 0
+        answered: dict[Any, int] = {}  # dropped requests that got an answer (or an error) before giving up
         async with httpx.AsyncClient(base_url=url, timeout=timeout, limits=limits) as drop:
 
             async def dropped(i: int) -> None:
                 nonlocal gave_up
                 name, data = files[i % len(files)]
                 try:
-                    await drop.post("/api/predict", files={"file": (name, data, "image/png")})
+                    r = await drop.post("/api/predict", files={"file": (name, data, "image/png")})
+                    answered[r.status_code] = answered.get(r.status_code, 0) + 1
                 except httpx.TimeoutException:
                     gave_up += 1
+                except httpx.HTTPError as exc:
+                    answered[type(exc).__name__] = answered.get(type(exc).__name__, 0) + 1
 
             await asyncio.gather(*(dropped(i) for i in range(n)))
         after_drop = await one_real(real)
         await asyncio.sleep(1.0)
         after = (await real.get("/api/health")).json()
     return {
-        "abandoned": n, "gave_up": gave_up, "give_up_s": give_up_s,
+        "abandoned": n, "gave_up": gave_up, "give_up_s": give_up_s, "answered": {str(k): v for k, v in answered.items()},
         "latency_alone_ms": round(alone * 1000, 1), "latency_after_ms": round(after_drop * 1000, 1),
         "computed_images": after["images"] - before["images"],
         "skipped_gone": after.get("skipped_gone", 0) - before.get("skipped_gone", 0),
@@ -274,7 +278,8 @@ def run_abandon(checkpoint: Path, args: argparse.Namespace, files: list[tuple[st
     if not 0 < args.abandon <= 1000:
         raise SystemExit("--abandon must be within 1..1000")
     server = Server(checkpoint, args.engine, args.max_batch, args.batch_window_ms, args.threads,
-                    extra=["--max-queue", str(max(64, args.abandon + 8))])  # fmt: skip
+                    extra=["--max-queue", str(max(64, args.abandon + 8)),
+                           "--limit-concurrency", str(max(64, args.abandon + 16))])  # fmt: skip
     try:
         server.wait_ready()
         res = asyncio.run(abandoned(server.url, files, args.abandon, args.give_up_s))
@@ -285,6 +290,8 @@ def run_abandon(checkpoint: Path, args: argparse.Namespace, files: list[tuple[st
           f" {os.cpu_count()} CPUs, load average {load_avg:.1f} at the end")  # fmt: skip
     print("| abandoned | gave up | real request alone ms | real request after them ms | images computed | skipped |")
     print("|---|---|---|---|---|---|")
+    if res["answered"]:
+        print(f"answered before their clients gave up: {res['answered']}")
     print(f"| {res['abandoned']} | {res['gave_up']} | {res['latency_alone_ms']} | {res['latency_after_ms']} |"
           f" {res['computed_images']} | {res['skipped_gone']} |")  # fmt: skip
     if args.json:
