@@ -207,8 +207,11 @@ def test_resume_repairs_every_torn_partial_file(tail: str, tmp_path: Path) -> No
     partial = tmp_path / "p.csv.partial"
     cols = csv_columns(CLASSES)
     header = _csv_line(cols)
-    a, b = (prediction_row(Prediction(p, [0.8, 0.1, 0.1]), CLASSES) for p in ("/data/a.png", "/data/b.png"))
-    row_a, row_b = (_csv_line([str(r.get(c, "")) for c in cols]) for r in (a, b))
+    from xraydx.schema import csv_cells
+
+    mid = "test_resnet-0123456789ab"
+    a, b = (prediction_row(Prediction(p, [0.8, 0.1, 0.1]), CLASSES, mid) for p in ("/data/a.png", "/data/b.png"))
+    row_a, row_b = (_csv_line(csv_cells(r, cols)) for r in (a, b))
     text = {
         "empty file": "",
         "torn header": header[:9],
@@ -221,7 +224,9 @@ def test_resume_repairs_every_torn_partial_file(tail: str, tmp_path: Path) -> No
     kept = {"/data/a.png"} if row_a in text else set()
     assert done_paths(out) == kept
     todo = [p for p in ("/data/a.png", "/data/b.png") if p not in kept]
-    counts = write_predictions([Prediction(p, [0.1, 0.2, 0.7]) for p in todo], out, CLASSES, resume=True)
+    counts = write_predictions(
+        [Prediction(p, [0.1, 0.2, 0.7]) for p in todo], out, CLASSES, resume=True, model_id=mid
+    )
     assert counts == {"ok": len(todo), "error": 0}
     rows = _csv_rows(out)
     assert [r["path"] for r in rows] == ["/data/a.png", "/data/b.png"]
@@ -237,7 +242,9 @@ def test_resume_refuses_a_file_with_other_columns(tmp_path: Path) -> None:
     out = tmp_path / "p.csv"
     out.write_text("path,score\n/data/a.png,0.5\n")
     with pytest.raises(OutputExistsError, match="cannot --resume into it"):
-        write_predictions([Prediction("/data/b.png", [0.1, 0.2, 0.7])], out, CLASSES, resume=True)
+        write_predictions(
+            [Prediction("/data/b.png", [0.1, 0.2, 0.7])], out, CLASSES, resume=True, model_id="m-0123456789ab"
+        )
     assert out.read_text() == "path,score\n/data/a.png,0.5\n"
 
 

@@ -166,12 +166,15 @@ def test_predict_marks_non_cxrs(tmp_path: Path) -> None:
         assert p.status == "not_cxr" and p.probs is not None and len(p.probs) == 3
         assert float(p.extra["ood_score"]) > 1 and p.extra["ood"]["reasons"]
     out = tmp_path / "pred.csv"
-    counts = write_predictions(rows.values(), out, pred.classes, extra_columns=("flag",))
+    counts = write_predictions(rows.values(), out, pred.classes, model_id=pred.model_id)
     assert counts["ok"] == 3 and counts["not_cxr"] == 2
     with open(out, encoding="utf-8", newline="") as fh:
         got = {Path(r["path"]).name: r for r in csv.DictReader(fh)}
     assert got["noise.png"]["status"] == "not_cxr" and float(got["noise.png"]["ood_score"]) > 1
     assert got["noise.png"]["prob_covid"] != ""
+    # issue 17 item 3: a script that keeps the rows with an empty flag never accepts a non-X-ray
+    assert got["noise.png"]["flag"] == got[GRACE_HOPPER.name]["flag"] == "not a frontal chest X-ray"
+    assert got["noise.png"]["ood_reason"]
     assert float(got[real.name]["ood_score"]) <= 1
     off = Predictor(ck, "cpu", ood=False)
     assert all(p.status == "ok" for p in off.predict_files([noise], progress=False))

@@ -38,7 +38,8 @@ def test_predict_folder_with_bad_files(checkpoint: Path, mixed_folder: Path, tmp
     assert code == EXIT_PARTIAL
     rows = _rows(out)
     assert list(rows[0].keys()) == [
-        "path", "prediction", "prob_covid", "prob_non_covid", "prob_normal", "status", "ood_score", "shift_score", "flag"
+        "path", "prediction", "prob_covid", "prob_non_covid", "prob_normal", "status", "flag", "ood_score",
+        "ood_reason", "shift_score", "model_id",
     ]  # fmt: skip
     assert len(rows) == 7
     ok = [r for r in rows if r["status"] == "ok"]

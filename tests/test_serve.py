@@ -237,10 +237,12 @@ def test_guard_rejection_of_a_dicom_without_window_points_at_windowing(client: T
     assert reasons == [True, False]  # only the file read through the default window gets the hint
 
 
-def test_dicom_lateral_view_warns(client: TestClient) -> None:
+def test_dicom_lateral_view_is_not_frontal(client: TestClient) -> None:
+    """The one view rule (xraydx.frontal): status not_cxr and the flag, as predict gives (issue 17 item 6)."""
     data = dicom_bytes(read_image(sample_images("test", "normal")[0]), ViewPosition="LL")
     d = client.post("/api/predict", files={"file": ("lat.dcm", data)}).json()
-    assert any("ViewPosition is LL" in w for w in d["warnings"])
+    assert d["status"] == "not_cxr" and d["flag"] == "not a frontal chest X-ray" and d["ood"]["flagged"]
+    assert "ViewPosition LL" in d["row"]["ood_reason"] and "ViewPosition LL" in d["warnings"][0]
 
 
 def test_dicom_named_png_is_sniffed(client: TestClient) -> None:

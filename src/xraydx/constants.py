@@ -48,6 +48,10 @@ TOKEN_ENV = "XRAYDX_TOKEN"
 
 #: the predictions' ``flag`` column where the abstention rule refers a case
 UNCERTAIN_FLAG = "uncertain: refer to a radiologist"
+#: the predictions' ``flag`` column where the input is not a frontal chest X-ray (OOD guard, lateral view)
+NOT_FRONTAL_FLAG = "not a frontal chest X-ray"
+#: the predictions' ``flag`` column where the source-shift score is over its threshold (xraydx.shift)
+SHIFT_FLAG = "unlike the training sources"
 RESEARCH_NOTE = (
     "Research use only; not a medical device. Figures describe this data set, not another hospital's."
 )

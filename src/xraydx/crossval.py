@@ -219,10 +219,12 @@ class CrossVal:
                 p.extra.update(label=r.label, source=r.source, group=r.group, fold=f.name)
                 yield p
 
+        from xraydx.checkpoint import read_metadata
+        from xraydx.schema import model_id
+
         write_predictions(
-            rows(), out, CLASSES, overwrite=True,
-            extra_columns=("label", "source", "group", "fold", "flag"),
-        )  # fmt: skip
+            rows(), out, CLASSES, overwrite=True, kind="crossval", model_id=model_id(ckpt, read_metadata(ckpt))
+        )
         return out
 
     def _cached_predictions(self, ckpt: Path, held: list[Any]) -> Any:

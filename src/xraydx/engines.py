@@ -322,6 +322,9 @@ def read_onnx_metadata(source: str | Path | bytes) -> dict[str, Any]:
     for key in ("classes", "preprocessing", "architecture"):
         if key not in meta:
             raise ExportError(f"{name}: the xraydx metadata has no {key!r}")
+    from xraydx.checkpoint import validate_classifier_meta
+
+    validate_classifier_meta(meta, name)  # the same rule as for a .safetensors checkpoint
     return meta
 
 

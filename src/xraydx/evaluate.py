@@ -35,7 +35,9 @@ from xraydx.render import gray_png, heat_overlay_png
 from xraydx.report import render_report, write_html
 from xraydx.transforms import Preprocessing
 
-__all__ = ["error_thumbnails", "evaluate_and_report", "evaluate_checkpoint", "evaluate_split"]
+__all__ = [
+    "error_thumbnails", "evaluate_and_report", "evaluate_checkpoint", "evaluate_split", "write_split_predictions",
+]  # fmt: skip
 
 
 def error_thumbnails(
@@ -98,9 +100,12 @@ def evaluate_split(
     failures: Sequence[tuple[Record, str]] = (),
     audit: dict[str, Any] | None = None,
     predictions: bool = True,
+    model_id: str = "",
+    order: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """Evaluate ``model`` on one split's images (``records`` in the same order; ``failures``: records that
-    could not be read); write ``out/report.html`` and, with ``predictions``, ``out/predictions.csv``.
+    could not be read); write ``out/report.html`` and, with ``predictions``, ``out/predictions.csv``
+    (:func:`write_split_predictions`: ``model_id`` of the checkpoint, rows in ``order``).
     Returns the metrics (the caller writes metrics.json)."""
     if logits is None:
         logits = batch_logits(model, images, spec, device).numpy()
@@ -112,21 +117,35 @@ def evaluate_split(
     )  # fmt: skip
     out.mkdir(parents=True, exist_ok=True)
     if predictions:
-        probs = softmax(logits, temperature)
-        flags = abstention_flags(
-            probs, (abstention or {}).get("threshold"), (abstention or {}).get("flag_all") is True
-        )
-        rows = [
-            Prediction(str(r.path), [float(v) for v in p], "ok",
-                       {"label": r.label, "source": r.source, "flag": UNCERTAIN_FLAG if f else ""})
-            for r, p, f in zip(records, probs, flags, strict=True)
-        ] + [Prediction(str(r.path), None, f"error: {why}", {"label": r.label, "source": r.source})
-             for r, why in failures]  # fmt: skip
-        write_predictions(
-            rows, out / "predictions.csv", classes, overwrite=True, extra_columns=("label", "source", "flag")
-        )
+        if not model_id:
+            raise ValueError("evaluate_split: predictions.csv needs the model_id of the checkpoint")
+        write_split_predictions(
+            out / "predictions.csv", records, logits, classes=classes, temperature=temperature,
+            abstention=abstention, model_id=model_id, failures=failures, order=order,
+        )  # fmt: skip
     write_html(out / "report.html", html, overwrite=True)
     return m
+
+
+def write_split_predictions(
+    path: Path, records: Sequence[Record], logits: np.ndarray, *, classes: Sequence[str], temperature: float,
+    abstention: dict[str, Any] | None, model_id: str, failures: Sequence[tuple[Record, str]] = (),
+    order: Sequence[str] | None = None,
+) -> None:  # fmt: skip
+    """``predictions.csv`` of an evaluated split: one :mod:`xraydx.schema` row per record (label and source
+    added), unreadable ones as error rows, in ``order`` (the split's paths) where given."""
+    probs = softmax(logits, temperature)
+    flags = abstention_flags(probs, (abstention or {}).get("threshold"), (abstention or {}).get("flag_all") is True)
+    rows = [
+        Prediction(str(r.path), [float(v) for v in p], "ok",
+                   {"label": r.label, "source": r.source, "flag": UNCERTAIN_FLAG if f else ""})
+        for r, p, f in zip(records, probs, flags, strict=True)
+    ] + [Prediction(str(r.path), None, f"error: {why}", {"label": r.label, "source": r.source})
+         for r, why in failures]  # fmt: skip
+    if order is not None:
+        pos = {p: i for i, p in enumerate(order)}
+        rows.sort(key=lambda r: pos.get(r.path, len(pos)))
+    write_predictions(rows, path, classes, overwrite=True, kind="evaluate", model_id=model_id)
 
 
 def evaluate_checkpoint(
@@ -170,7 +189,7 @@ def evaluate_checkpoint(
         title=f"xraydx evaluation: {Path(str(data)).name} [{split}]",
         meta={"checkpoint": str(checkpoint), "data": str(data), "split": split, "split check": split_check,
               "lung masks": _masks_text(uses_masks, masks)},  # fmt: skip
-        failures=[(recs[i], r) for i, r in failures],
+        failures=[(recs[i], r) for i, r in failures], model_id=pred.model_id, order=[str(r.path) for r in recs],
     )  # fmt: skip
     if audit_result is not None:
         metrics["audit"] = {k: v for k, v in audit_result.items() if k != "examples"}

@@ -267,8 +267,9 @@ def explain_files(
     """Grad-CAM overlays for files / folders / list files; returns counts {"ok", "error"}."""
     from tqdm.auto import tqdm
 
+    from xraydx import schema
     from xraydx.fsutil import atomic_open, refuse_overwrite
-    from xraydx.predict import Predictor, decode_ahead, expand_inputs
+    from xraydx.predict import NONFINITE, Predictor, decode_ahead, expand_inputs, finite
 
     out_dir = Path(out_dir)
     index = out_dir / "explain.csv"
@@ -279,62 +280,54 @@ def explain_files(
     pred = Predictor(checkpoint, device)
     cam = GradCAM(pred.model, pred.spec, temperature=pred.temperature)
     classes = pred.classes
-    cols = [
-        "path",
-        "prediction",
-        *[f"prob_{c}" for c in classes],
-        "flag",
-        "overlay",
-        "status",
-        "ood_score",
-        "shift_score",
-    ]
+    cols = schema.columns(classes, "explain")
     names = _Names()
     counts = {"ok": 0, "error": 0}
     out_dir.mkdir(parents=True, exist_ok=True)
+
+    def error(path: Any, reason: str) -> list[str]:
+        counts["error"] += 1
+        print(f"xraydx: {printable(path)}: {printable(reason)}", file=sys.stderr)
+        return schema.csv_cells(schema.error_row(str(path), classes, reason, model=pred.model_id, kind="explain"), cols)
+
     with atomic_open(index, "w", encoding="utf-8", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=cols)
-        w.writeheader()
+        w = csv.writer(fh)
+        w.writerow(cols)
         for p, reason in missing:
-            counts["error"] += 1
-            print(f"xraydx: {printable(p)}: {printable(reason)}", file=sys.stderr)
-            w.writerow({"path": str(p), "status": f"error: {reason}"})
+            w.writerow(error(p, reason))
         decoded = decode_ahead(paths, colour=pred.ood_guard() is not None)
         for d in tqdm(
             decoded, total=len(paths), desc="explain", unit="img", disable=not progress, leave=False
         ):
-            # the same per-image check (OOD guard, lung mask, preprocessing) as predict and serve
-            checked = pred.check([d.image], [d.colour], [d.window])[0] if d.image is not None else d.error
+            # the same per-image check (view rule, OOD guard, lung mask, preprocessing) as predict and serve
+            checked = pred.check([d.image], [d.colour], [d.window], [d.view])[0] if d.image is not None else d.error
             if isinstance(checked, str):
-                counts["error"] += 1
-                print(f"xraydx: {printable(d.path)}: {printable(checked)}", file=sys.stderr)
-                w.writerow({"path": str(d.path), "status": f"error: {checked}"})
+                w.writerow(error(d.path, checked))
                 continue
             img = checked.prepared
             stem = names(d.path)
+            heats, probs = cam.all_classes(img) if all_classes else cam(img)
+            if not finite(probs):
+                w.writerow(error(d.path, NONFINITE))
+                continue
+            k = int(np.argmax(probs))
             if all_classes:
-                heats, probs = cam.all_classes(img)
-                k = int(np.argmax(probs))
                 for j, c in enumerate(classes):
                     _write_png(out_dir / f"{stem}__{c}.png", overlay_png(img, heats[j], alpha), overwrite)
             else:
-                heat, probs = cam(img)
-                k = int(np.argmax(probs))
-                _write_png(out_dir / f"{stem}__{classes[k]}.png", overlay_png(img, heat, alpha), overwrite)
+                _write_png(out_dir / f"{stem}__{classes[k]}.png", overlay_png(img, heats, alpha), overwrite)
             counts["ok"] += 1
             if checked.status == "not_cxr":
                 print(
-                    f"xraydx: {printable(d.path)}: does not look like a frontal chest X-ray; heatmap not trustworthy",
+                    f"xraydx: {printable(d.path)}: does not look like a frontal chest X-ray"
+                    f" ({printable(checked.reason or '')}); flagged, heatmap not trustworthy",
                     file=sys.stderr,
                 )
-            row = {
-                "path": str(d.path),
-                "prediction": classes[k],
-                "flag": pred.flag(probs, checked.shift),
-                "status": checked.status,
-            }
-            row.update({k2: v for k2, v in checked.extra().items() if k2 in cols})
-            row.update({f"prob_{c}": f"{v:.6f}" for c, v in zip(classes, probs, strict=True)})
-            row["overlay"] = f"{stem}__{classes[k]}.png"
-            w.writerow(row)
+            ex = checked.extra()
+            row = schema.make_row(
+                str(d.path), classes, [float(v) for v in probs], checked.status, model=pred.model_id,
+                flag=pred.flag(probs, checked.shift), ood_score=ex["ood_score"], ood_reason=ex["ood_reason"],
+                shift_score=ex["shift_score"], kind="explain", extra={"overlay": f"{stem}__{classes[k]}.png"},
+            )  # fmt: skip
+            w.writerow(schema.csv_cells(row, cols))
     return counts

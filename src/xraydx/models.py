@@ -20,6 +20,7 @@ from xraydx.checkpoint import FORMAT_VERSION as FORMAT_VERSION
 from xraydx.checkpoint import load_weights as load_weights
 from xraydx.checkpoint import read_metadata as read_metadata
 from xraydx.checkpoint import save as save_checkpoint  # noqa: F401  (the name callers use)
+from xraydx.checkpoint import validate_classifier_meta
 from xraydx.errors import CheckpointError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -185,6 +186,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tup
     """Rebuild the model described by the checkpoint's metadata and load its weights."""
 
     meta = read_metadata(path)
+    validate_classifier_meta(meta, path)
     arch = meta["architecture"]
     model = create_model(
         arch["name"], len(meta["classes"]), in_chans=int(arch.get("in_chans", 1)), pretrained="none"

@@ -24,17 +24,21 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from xraydx.constants import UNCERTAIN_FLAG
+from xraydx import schema
+from xraydx.constants import NOT_FRONTAL_FLAG, UNCERTAIN_FLAG
 from xraydx.data.inputs import expand_inputs
 from xraydx.device import resolve_device
 from xraydx.engines import Classifier, batch_logits, lung_segmenter
 from xraydx.errors import ExportError
+from xraydx.frontal import view_reason_of_file
 from xraydx.fsutil import printable_path
 from xraydx.io import ImageReadError, read_image
 from xraydx.ood import OODGuard, OODResult, colourfulness_of_file
 from xraydx.transforms import Preprocessing, preprocess
 
 __all__ = [
+    "NONFINITE",
+    "NOT_FRONTAL_FLAG",
     "UNCERTAIN_FLAG",
     "Checked",
     "Prediction",
@@ -48,6 +52,8 @@ __all__ = [
     "write_predictions",
 ]
 
+#: the reason of a row whose probabilities are not finite (a damaged model): never a class
+NONFINITE = "model produced non-finite output"
 @dataclass
 class Prediction:
     path: str
@@ -59,36 +65,52 @@ class Prediction:
 @dataclass
 class Checked:
     """One image after the pipeline's per-image checks: what the classifier sees (``prepared``, uint8
-    (S, S)) and the OOD guard's verdict (None where the check is off or missing)."""
+    (S, S)), the OOD guard's verdict (None where the check is off or missing) and the view rule's
+    reason (:mod:`xraydx.frontal`: a DICOM header saying lateral, unknown or one-sided; None otherwise)."""
 
     prepared: np.ndarray
     ood: OODResult | None = None
     shift: float | None = None  # the source-shift score (xraydx.shift), where the checkpoint has one
+    view: str | None = None
 
     @property
     def status(self) -> str:
-        """``ok``, or ``not_cxr`` where the guard says this is not a frontal chest X-ray (its probabilities
-        are still reported; the status says not to trust them)."""
+        """``ok``, or ``not_cxr`` where the header's view or the guard says this is not a frontal chest
+        X-ray (its probabilities are still reported, for reference only; the flag says not to act on them)."""
+        if self.view:
+            return "not_cxr"
         return "ok" if self.ood is None or self.ood.is_cxr else "not_cxr"
 
+    @property
+    def reason(self) -> str | None:
+        """Why the status is ``not_cxr`` (the view first, then the guard's reasons); None where it is ok."""
+        if self.status == "ok":
+            return None
+        why = [self.view] if self.view else []
+        if self.ood is not None and not self.ood.is_cxr:
+            why += list(self.ood.reasons) or [f"OOD score {self.ood.score:.3g}"]
+        return "; ".join(why) or "does not look like a frontal chest X-ray"
+
     def extra(self) -> dict[str, Any]:
-        """The guard's columns of a predictions row (``ood_score``, and ``ood`` for JSON)."""
-        out: dict[str, Any] = {}
+        """The check's columns of a predictions row (``ood_score``, ``ood_reason``, ``shift_score``;
+        ``ood``: the guard's whole verdict, for messages)."""
+        out: dict[str, Any] = {"ood_score": None if self.ood is None else float(self.ood.score),
+                               "ood_reason": self.reason, "shift_score": self.shift}  # fmt: skip
         if self.ood is not None:
-            out.update(ood_score=f"{self.ood.score:.3f}", ood=self.ood.to_dict())
-        if self.shift is not None:
-            out["shift_score"] = f"{self.shift:.3f}"
+            out["ood"] = self.ood.to_dict()
         return out
 
     def ood_info(self) -> dict[str, Any] | None:
         """The guard's verdict as one JSON-able dict (``status``, ``flagged``, ``score``, ``reasons``,
         ``reason``, ``details``), or None without a check: what an API reports."""
-        if self.ood is None:
+        if self.ood is None and not self.view:
             return None
-        info = self.ood.to_dict()
+        info = self.ood.to_dict() if self.ood is not None else {"score": None, "reasons": []}
+        if self.view:
+            info["reasons"] = [self.view, *info.get("reasons", [])]
         info.update(status=self.status, flagged=self.status != "ok")
-        if self.ood.reasons:
-            info["reason"] = "; ".join(self.ood.reasons)
+        if self.reason:
+            info["reason"] = self.reason
         return info
 
 
@@ -147,6 +169,8 @@ class Predictor:
         self.meta = self.classifier.meta
         self.model = self.classifier.model  # the torch classifier (Grad-CAM); None for a .onnx file
         self.checkpoint = Path(checkpoint)
+        #: the ``model_id`` column of every row: ``<architecture>-<sha256[:12]>`` of the checkpoint file
+        self.model_id = schema.model_id(self.checkpoint, self.meta)
         self.classes: list[str] = list(self.classifier.classes)
         self.spec: Preprocessing = self.classifier.spec
         self.temperature = self.classifier.temperature
@@ -253,14 +277,17 @@ class Predictor:
         imgs: Sequence[np.ndarray],
         colours: Sequence[float | None] | None = None,
         windows: Sequence[str | None] | None = None,
+        views: Sequence[str | None] | None = None,
     ) -> list[Checked | str]:
-        """The one per-image check, batched: the OOD guard (whose lung masks are the segmenter's, i.e. what
-        :meth:`lung_mask` returns) and the preprocessing. One entry per image: a :class:`Checked`, or the
-        reason it cannot be predicted. ``colours``: each file's colourfulness where known; ``windows``: how
-        the reader windowed each (``read_image``'s ``info["window"]``), so that a rejection can say when the
-        default window is the likely cause."""
+        """The one per-image check, batched: the view rule (``views``: each file's
+        :func:`xraydx.frontal.view_reason_of_file`, where known), the OOD guard (whose lung masks are the
+        segmenter's, i.e. what :meth:`lung_mask` returns) and the preprocessing. One entry per image: a
+        :class:`Checked`, or the reason it cannot be predicted. ``colours``: each file's colourfulness where
+        known; ``windows``: how the reader windowed each (``read_image``'s ``info["window"]``), so that a
+        rejection can say when the default window is the likely cause."""
         cols = list(colours) if colours is not None else [None] * len(imgs)
         wins = list(windows) if windows is not None else [None] * len(imgs)
+        vws = list(views) if views is not None else [None] * len(imgs)
         guard = self.ood_guard()
         needs_mask = self.spec.lung_mask != "none"
         try:
@@ -282,14 +309,14 @@ class Predictor:
             if len(imgs) > 1:  # one bad image: the others are still predicted
                 return [
                     c
-                    for img, col, win in zip(imgs, cols, wins, strict=True)
-                    for c in self.check([img], [col], [win])
+                    for img, col, win, v in zip(imgs, cols, wins, vws, strict=True)
+                    for c in self.check([img], [col], [win], [v])
                 ]
             return [_reason(exc)]
         out: list[Checked | str] = []
-        for img, mask, oc in zip(imgs, masks, oods, strict=True):
+        for img, mask, oc, v in zip(imgs, masks, oods, vws, strict=True):
             try:
-                out.append(Checked(self.prepare(img, mask), oc))
+                out.append(Checked(self.prepare(img, mask), oc, view=v))
             except (ImageReadError, ValueError) as exc:
                 out.append(_reason(exc))
         self._score_shift([c for c in out if isinstance(c, Checked)])
@@ -316,15 +343,25 @@ class Predictor:
         imgs: Sequence[np.ndarray],
         colours: Sequence[float | None] | None = None,
         windows: Sequence[str | None] | None = None,
+        views: Sequence[str | None] | None = None,
     ) -> list[tuple[np.ndarray, Checked] | str]:
-        """The whole pipeline on decoded gray images: (probabilities, :class:`Checked`) or an error reason."""
-        checked = self.check(imgs, colours, windows)
+        """The whole pipeline on decoded gray images: (probabilities, :class:`Checked`) or an error reason
+        (:data:`NONFINITE` where the model's output is not finite: never a class)."""
+        checked = self.check(imgs, colours, windows, views)
         ok = [c for c in checked if isinstance(c, Checked)]
         probs = iter(self.probs(np.stack([c.prepared for c in ok])) if ok else [])
-        return [(next(probs), c) if isinstance(c, Checked) else c for c in checked]
+        out: list[tuple[np.ndarray, Checked] | str] = []
+        for c in checked:
+            if isinstance(c, Checked):
+                p = next(probs)
+                out.append((p, c) if finite(p) else NONFINITE)
+            else:
+                out.append(c)
+        return out
 
     def prediction(self, path: str, probs: np.ndarray, checked: Checked) -> Prediction:
-        """A predictions row: probabilities, status, the abstention flag and the guard's columns."""
+        """A predictions row: probabilities, status, the flags (abstention, source shift) and the check's
+        columns."""
         extra = {"flag": self.flag(probs, checked.shift), **checked.extra()}
         return Prediction(path, [float(v) for v in probs], checked.status, extra)
 
@@ -341,7 +378,11 @@ class Predictor:
             good = [d for d in pending if d.image is not None]
             imgs = [d.image for d in good if d.image is not None]
             results = iter(
-                self.predict_images(imgs, [d.colour for d in good], [d.window for d in good]) if good else []
+                self.predict_images(
+                    imgs, [d.colour for d in good], [d.window for d in good], [d.view for d in good]
+                )
+                if good
+                else []
             )
             for d in pending:
                 r = next(results) if d.image is not None else d.error
@@ -363,6 +404,11 @@ class Predictor:
         bar.close()
 
 
+def finite(probs: Sequence[float] | np.ndarray) -> bool:
+    """Whether every probability is a finite number (a damaged model gives NaN: refused, never a class)."""
+    return bool(np.all(np.isfinite(np.asarray(probs, dtype=np.float64))))
+
+
 def _reason(exc: Exception) -> str:
     return exc.reason if isinstance(exc, ImageReadError) else str(exc)
 
@@ -374,6 +420,7 @@ class Decoded:
     colour: float | None = None  # the file's colourfulness (OOD guard), where asked for and readable
     error: str = ""
     window: str | None = None  # how the reader windowed it (read_image's info["window"])
+    view: str | None = None  # xraydx.frontal's reason where the file's DICOM header says not frontal
 
 
 _END = object()
@@ -402,6 +449,7 @@ def decode_ahead(paths: Iterable[Path], depth: int = 64, colour: bool = False) -
                     img = read_image(p, info=info)
                     d = Decoded(Path(p), img, colourfulness_of_file(p) if colour else None)
                     d.window = info.get("window")
+                    d.view = view_reason_of_file(p)
                 except (ImageReadError, ValueError) as exc:
                     d = Decoded(Path(p), None, error=_reason(exc))
                 if not put(d):
@@ -425,29 +473,22 @@ def decode_ahead(paths: Iterable[Path], depth: int = 64, colour: bool = False) -
         t.join(timeout=5)
 
 
-def prediction_row(pred: Prediction, classes: Sequence[str]) -> dict[str, Any]:
-    row: dict[str, Any] = {"path": pred.path}
-    if pred.probs is None:
-        row["prediction"] = ""
-        row.update({f"prob_{c}": "" for c in classes})
-    else:
-        row["prediction"] = classes[int(np.argmax(pred.probs))]
-        row.update({f"prob_{c}": f"{v:.6f}" for c, v in zip(classes, pred.probs, strict=True)})
-    row["status"] = pred.status
-    row.update(pred.extra)
-    return row
+def prediction_row(
+    pred: Prediction, classes: Sequence[str], model_id: str = "", kind: str = "predict"
+) -> dict[str, Any]:
+    """``pred`` as one row of the prediction schema (:mod:`xraydx.schema`; JSON types, every column)."""
+    own = ("flag", "ood_score", "ood_reason", "shift_score", "ood")
+    extra = {k: v for k, v in pred.extra.items() if k not in own}
+    return schema.make_row(
+        pred.path, classes, pred.probs, pred.status, model=model_id, flag=pred.extra.get("flag"),
+        ood_score=pred.extra.get("ood_score"), ood_reason=pred.extra.get("ood_reason"),
+        shift_score=pred.extra.get("shift_score"), kind=kind, extra=extra,
+    )  # fmt: skip
 
 
-def csv_columns(classes: Sequence[str], extra: Sequence[str] = ()) -> list[str]:
-    return [
-        "path",
-        "prediction",
-        *[f"prob_{c}" for c in classes],
-        "status",
-        "ood_score",
-        "shift_score",
-        *extra,
-    ]
+def csv_columns(classes: Sequence[str], kind: str = "predict") -> list[str]:
+    """The CSV header of output ``kind``: :func:`xraydx.schema.columns`."""
+    return schema.columns(classes, kind)
 
 
 def write_predictions(
@@ -455,21 +496,23 @@ def write_predictions(
     out: Path,
     classes: Sequence[str],
     *,
+    model_id: str,
     fmt: str = "csv",
     overwrite: bool = False,
     resume: bool = False,
-    extra_columns: Sequence[str] = (),
+    kind: str = "predict",
     meta: dict[str, Any] | None = None,
 ) -> dict[str, int]:
-    """Write predictions atomically; return counts {"ok": n, "error": n}.
+    """Write predictions atomically, one row of :mod:`xraydx.schema` each (columns of ``kind``), in the
+    order given; return counts {"ok": n, "error": n, "not_cxr": n}.
 
     resume (CSV only): rows already in ``out`` are kept, their paths skipped by the caller."""
     from xraydx.fsutil import atomic_open, refuse_overwrite
 
     counts = {"ok": 0, "error": 0}
-    cols = csv_columns(classes, extra_columns)
+    cols = csv_columns(classes, kind)
 
-    def tally(p: Prediction) -> None:
+    def tally(p: Prediction) -> dict[str, Any]:
         if p.probs is None:
             counts["error"] += 1
             print(f"xraydx: {printable_path(p.path)}: {p.status.removeprefix('error: ')}", file=sys.stderr)
@@ -477,24 +520,22 @@ def write_predictions(
             counts["ok"] += 1
             if p.status == "not_cxr":
                 counts["not_cxr"] = counts.get("not_cxr", 0) + 1
-                why = "; ".join((p.extra.get("ood") or {}).get("reasons", []))
+                score = p.extra.get("ood_score")
+                s = f"ood score {score:.3f}: " if isinstance(score, float) else ""
                 print(f"xraydx: warning: {printable_path(p.path)}: does not look like a frontal chest X-ray"
-                      f" (ood score {p.extra.get('ood_score', '?')}: {why}); its probabilities are not trustworthy",
+                      f" ({s}{p.extra.get('ood_reason') or ''}); flagged, its probabilities are for reference only",
                       file=sys.stderr)  # fmt: skip
+        return prediction_row(p, classes, model_id, kind)
 
     if fmt == "json":
         if resume:
             raise ValueError("--resume works with CSV output only")
         refuse_overwrite(out, overwrite)
-        rows = []
-        for p in preds:
-            tally(p)
-            rows.append(prediction_row(p, classes))
-        for r in rows:
-            for c in classes:
-                r[f"prob_{c}"] = float(r[f"prob_{c}"]) if r[f"prob_{c}"] != "" else None
+        rows = [tally(p) for p in preds]
+        doc = {"model": meta or {}, "model_id": model_id, "classes": list(classes),
+               "schema": schema.SCHEMA_FILE.name, "columns": cols, "predictions": rows}  # fmt: skip
         with atomic_open(out, "w", encoding="utf-8") as fh:
-            json.dump({"model": meta or {}, "classes": list(classes), "predictions": rows}, fh, indent=1)
+            json.dump(doc, fh, indent=1)
         return counts
     if fmt != "csv":
         raise ValueError(f"format must be csv or json; got {fmt!r}")
@@ -517,21 +558,19 @@ def write_predictions(
             cw.writerow(cols)
             cw.writerows(kept)
         with open(partial, "a", encoding="utf-8", errors="surrogateescape", newline="") as fh:
-            w = csv.DictWriter(fh, fieldnames=cols, extrasaction="ignore")
+            w = csv.writer(fh)
             for p in preds:
-                tally(p)
-                w.writerow(prediction_row(p, classes))
+                w.writerow(schema.csv_cells(tally(p), cols))
                 fh.flush()
                 os.fsync(fh.fileno())
         os.replace(partial, out)
         return counts
     refuse_overwrite(out, overwrite)
     with atomic_open(out, "w", encoding="utf-8", errors="surrogateescape", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=cols, extrasaction="ignore")
-        w.writeheader()
+        w = csv.writer(fh)
+        w.writerow(cols)
         for p in preds:
-            tally(p)
-            w.writerow(prediction_row(p, classes))
+            w.writerow(schema.csv_cells(tally(p), cols))
     return counts
 
 

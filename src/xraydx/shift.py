@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from xraydx import constants
 from xraydx.engines import normalise
 from xraydx.errors import ShiftError
 from xraydx.fsutil import printable_path
@@ -93,7 +94,7 @@ class ShiftScore:
 
 # ---- the shipped form: a sidecar next to the checkpoint --------------------------------------------
 
-SHIFT_FLAG = "unlike the training sources"
+SHIFT_FLAG = constants.SHIFT_FLAG  # the flag text's one home is xraydx.constants (xraydx.schema uses it)
 
 
 def sidecar_path(checkpoint: str | Path) -> Path:

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from xraydx import __version__
+from xraydx import __version__, schema
 from xraydx.acqaug import AcquisitionAugment
 from xraydx.cache import BatchBuffers, iter_batches, load_many
 from xraydx.calibration import calibrate
@@ -38,7 +38,7 @@ from xraydx.device import Dist, available_cpus, broadcast_obj, init_distributed
 from xraydx.device import gather_concat as gather_concat  # moved to device; importable here as before
 from xraydx.device import resolve_device as resolve_device  # moved to device; importable here as before
 from xraydx.errors import TrainError
-from xraydx.evaluate import evaluate_split
+from xraydx.evaluate import evaluate_split, write_split_predictions
 from xraydx.fsutil import atomic_write_bytes, atomic_write_json, printable_path
 from xraydx.groupdro import GroupDRO, group_ids
 from xraydx.metrics import compute_metrics, confidence_intervals, format_metrics
@@ -612,10 +612,11 @@ def finish_run(
     # report.html describes the test split (or val, calibrated on itself, when there is no test split)
     has_test = "test" in splits and len(splits["test"].labels) > 0
     rep_name, rep = ("test", splits["test"]) if has_test else ("val", va)
+    rep_logits = val_logits.numpy() if rep_name == "val" else batch_logits(model, rep.images, spec, device).numpy()
     tm = evaluate_split(
         model, spec, rep.images, rep.records, run, device=device, temperature=temperature,
-        abstention=meta["abstention"], logits=val_logits.numpy() if rep_name == "val" else None,
-        title=f"xraydx run {run.name}: {rep_name} split", predictions=rep_name == "test",
+        abstention=meta["abstention"], logits=rep_logits, predictions=False,
+        title=f"xraydx run {run.name}: {rep_name} split",
         meta={"run": str(run), "data": cfg.data.path, "split": rep_name, "best epoch": best_epoch},
     )  # fmt: skip
     if rep_name == "test":
@@ -642,5 +643,10 @@ def finish_run(
         results["external"] = meta["external_metrics"] = xm
         log(format_metrics(xm, title=f"held-out source {cfg.data.holdout_source!r} (never seen in training)"))
     save_checkpoint(best_path, model, meta)
+    if rep_name == "test":  # after the save: its rows name the final checkpoint's model_id
+        write_split_predictions(
+            run / "predictions.csv", rep.records, rep_logits, classes=CLASSES, temperature=temperature,
+            abstention=meta["abstention"], model_id=schema.model_id(best_path, meta),
+        )  # fmt: skip
     atomic_write_json(run / "metrics.json", results)
     log(f"run folder: {run}")

@@ -120,7 +120,7 @@ def _pipeline(args: argparse.Namespace) -> tuple[Any, Any]:
         pipeline = Pipeline(pred, Path(args.out), heatmap=args.heatmap, keep=args.keep)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
-    return pipeline, ResultsLog(Path(args.out), pred.classes)
+    return pipeline, ResultsLog(Path(args.out), pred.classes, pred.model_id)
 
 
 def _check_listen(args: argparse.Namespace) -> list[str]:

@@ -67,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
     counts = write_predictions(
         all_rows(), out, pred.classes, fmt=args.format, overwrite=args.overwrite, resume=args.resume,
         meta={"checkpoint": str(pred.checkpoint), "architecture": pred.meta["architecture"]},
-        extra_columns=("flag", "heatmap") if args.heatmaps else ("flag",),
+        model_id=pred.model_id, kind="predict-heatmaps" if args.heatmaps else "predict",
     )  # fmt: skip
     done = f" ({len(skip)} already done)" if skip else ""
     print(f"wrote {out}: {counts['ok']} predicted, {counts['error']} unreadable{done}", file=sys.stderr)

@@ -38,6 +38,7 @@ from pydicom.dataset import Dataset
 
 from xraydx.dicom.results import Record, clean_code, clean_uid
 from xraydx.dicom.sr import Classification, ModelInfo, build_heatmap_sc, build_sr
+from xraydx.frontal import view_reason
 from xraydx.fsutil import atomic_write_bytes
 from xraydx.io import MAX_FILE_BYTES, MAX_PIXELS, ImageReadError
 
@@ -48,8 +49,6 @@ DX_PRESENTATION = "1.2.840.10008.5.1.4.1.1.1.1"
 DX_PROCESSING = "1.2.840.10008.5.1.4.1.1.1.1.1"
 SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
 ACCEPTED_SOP_CLASSES = {CR: "CR", DX_PRESENTATION: "DX", DX_PROCESSING: "DX", SECONDARY_CAPTURE: "SC"}
-FRONTAL_VIEWS = {"AP", "PA"}
-LATERAL_VIEWS = {"LL", "RL", "LAT", "LATERAL", "LLO", "RLO", "LLAT", "RLAT"}
 CHEST_PARTS = {"CHEST", "THORAX", "LUNG"}
 DEFLATED = "1.2.840.10008.1.2.1.99"
 
@@ -111,7 +110,7 @@ def screen(ds: Dataset, size: int, decodable: set[str]) -> tuple[str, int] | Non
         return f"Secondary Capture of body part {part or 'unknown'}, not the chest", SUCCESS
     if part and part not in CHEST_PARTS:
         return f"body part {part} is not the chest", SUCCESS
-    view = _view_reason(ds)
+    view = view_reason(ds)  # the one view rule (xraydx.frontal), as predict, explain and serve apply it
     if view:
         return view, SUCCESS
     if not any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
@@ -126,21 +125,6 @@ def screen(ds: Dataset, size: int, decodable: set[str]) -> tuple[str, int] | Non
         pixels = int(ds.get("Rows", 0) or 0) * int(ds.get("Columns", 0) or 0)
         if pixels > MAX_PIXELS:
             return f"over the size limit ({pixels} pixels; limit {MAX_PIXELS})", OUT_OF_RESOURCES
-    return None
-
-
-def _view_reason(ds: Dataset) -> str | None:
-    view = clean_code(ds.get("ViewPosition")).upper()
-    if view in LATERAL_VIEWS:
-        return f"lateral view (ViewPosition {view})"
-    if view and view not in FRONTAL_VIEWS:
-        return f"unknown view (ViewPosition {view})"
-    for item in ds.get("ViewCodeSequence", None) or []:
-        if "lateral" in str(item.get("CodeMeaning", "")).lower():
-            return "lateral view (ViewCodeSequence)"
-    laterality = clean_code(ds.get("ImageLaterality")).upper()
-    if laterality in ("L", "R"):
-        return f"one-sided image (ImageLaterality {laterality}), not a frontal chest X-ray"
     return None
 
 
@@ -198,6 +182,7 @@ class Pipeline:
             Exception
         ) as exc:  # the node must not die on one instance: record it, answer "processing failure"
             rec.status = f"error: internal failure ({type(exc).__name__})"
+            rec.probs, rec.flag, rec.ood_reason = None, "", ""  # an error row holds no prediction
             out = Outcome(rec, PROCESSING_FAILURE)
         rec.dimse_status = f"0x{out.dimse_status:04X}"
         rec.elapsed_ms = f"{(time.perf_counter() - t0) * 1000:.0f}"
@@ -211,6 +196,7 @@ class Pipeline:
         if skip is not None:
             reason, status = skip
             rec.status = f"skipped: {reason}"
+            rec.ood_reason = view_reason(ds) or ""  # flagged "not a frontal chest X-ray" (xraydx.schema)
             return Outcome(rec, status)
         path = self.out / "incoming" / f"{rec.sop_instance_uid}.dcm"
         atomic_write_bytes(path, raw)
@@ -224,12 +210,14 @@ class Pipeline:
             rec.status = pred.status  # "error: <reason>" from io's reader
             return Outcome(rec, CANNOT_UNDERSTAND)
         ood_score = pred.extra.get("ood_score")
-        rec.ood_score = str(ood_score or "")
+        rec.ood_score = ood_score
         if pred.status == "not_cxr":
-            why = "; ".join((pred.extra.get("ood") or {}).get("reasons", []))[:200]
-            rec.status = f"skipped: not a frontal chest X-ray (OOD guard: {why or 'score ' + rec.ood_score})"
+            why = str(pred.extra.get("ood_reason") or f"score {ood_score}")[:200]
+            rec.status = f"skipped: not a frontal chest X-ray (OOD guard: {why})"
+            rec.ood_reason = why
             return Outcome(rec, SUCCESS)
-        rec.probs, rec.flag = list(pred.probs), str(pred.extra.get("flag", ""))
+        rec.probs, rec.flag = list(pred.probs), str(pred.extra.get("flag") or "")
+        rec.shift_score = pred.extra.get("shift_score")
         return Outcome(rec, SUCCESS, self._results(ds, rec, ood_score, overlay))
 
     def _overlay(self, path: Path, pred: Any) -> np.ndarray | None:

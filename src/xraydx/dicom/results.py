@@ -10,8 +10,10 @@ Rules:
 * **Atomic records.** Each record is one line, written with a single ``write`` on a file opened with
   ``O_APPEND`` and fsynced, to ``results.jsonl`` and ``results.csv``. A reader ignores a last line
   without its line end (a kill mid-write), so a log is always a list of complete records.
-* **Stable columns.** The CSV header is fixed by the model's classes; appending to a log written with
-  other columns is refused (:class:`ResultsLogError`) rather than mixing two layouts.
+* **Stable columns.** A record is a row of the one prediction schema (:mod:`xraydx.schema`, kind
+  ``dicom``: the prediction columns first, ``path`` being the SOP Instance UID, then the log's own);
+  the CSV header is fixed by the model's classes; appending to a log written with other columns is
+  refused (:class:`ResultsLogError`) rather than mixing two layouts.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from xraydx import schema
 from xraydx.errors import XraydxError
 
 __all__ = ["Record", "ResultsLog", "ResultsLogError", "clean_code", "clean_uid", "read_records"]
@@ -73,9 +76,11 @@ class Record:
     status: str = "ok"  # ok | skipped: <reason> | error: <reason>
     dimse_status: str = ""  # the C-STORE response status sent back (listen), as 0xNNNN
     probs: Sequence[float] | None = None
-    flag: str = ""
-    ood_score: str = ""
+    flag: str = ""  # the predictor's flags (uncertain, source shift); the schema adds "not frontal"
+    ood_score: float | None = None
     model_id: str = ""
+    ood_reason: str = ""  # why the instance is not a frontal chest X-ray (view rule or OOD guard)
+    shift_score: float | None = None  # the source-shift score (xraydx.shift), where the model has one
     results: list[str] = field(default_factory=list)  # SOP Instance UIDs of the SR (and Secondary Capture)
     send: str = ""  # sent to <dest> | failed: <reason> (pending) | "" (no destination)
     elapsed_ms: str = ""
@@ -89,15 +94,19 @@ class Record:
 
 
 def _columns(classes: Sequence[str]) -> list[str]:
-    return [
-        "time", "event", "sop_instance_uid", "study_instance_uid", "series_instance_uid", "sop_class_uid",
-        "modality", "calling_ae", "status", "dimse_status", "prediction", *[f"prob_{c}" for c in classes],
-        "flag", "ood_score", "model_id", "results", "send", "elapsed_ms",
-    ]  # fmt: skip
+    return schema.columns(classes, "dicom")
 
 
-def _row(rec: Record, classes: Sequence[str]) -> dict[str, Any]:
-    row: dict[str, Any] = {
+def _elapsed(v: str) -> float | None:
+    try:
+        return float(v) if v != "" else None
+    except ValueError:
+        return None
+
+
+def _row(rec: Record, classes: Sequence[str], default_model: str = "") -> dict[str, Any]:
+    """The record as one row of the prediction schema (JSON types)."""
+    extra = {
         "time": rec.time,
         "event": rec.event,
         "sop_instance_uid": clean_uid(rec.sop_instance_uid),
@@ -106,29 +115,24 @@ def _row(rec: Record, classes: Sequence[str]) -> dict[str, Any]:
         "sop_class_uid": clean_uid(rec.sop_class_uid),
         "modality": clean_code(rec.modality),
         "calling_ae": clean_code(rec.calling_ae),
-        "status": rec.status,
         "dimse_status": rec.dimse_status,
-        "prediction": "",
-        "flag": rec.flag,
-        "ood_score": rec.ood_score,
-        "model_id": rec.model_id,
         "results": " ".join(clean_uid(u) for u in rec.results),
         "send": rec.send,
-        "elapsed_ms": rec.elapsed_ms,
+        "elapsed_ms": _elapsed(rec.elapsed_ms),
     }
-    for i, c in enumerate(classes):
-        row[f"prob_{c}"] = "" if rec.probs is None else f"{float(rec.probs[i]):.6f}"
-    k = rec.prediction_index
-    if k is not None:
-        row["prediction"] = classes[k]
-    return row
+    return schema.make_row(
+        clean_uid(rec.sop_instance_uid), classes, rec.probs, rec.status, model=rec.model_id or default_model,
+        flag=rec.flag, ood_score=rec.ood_score, ood_reason=rec.ood_reason or None,
+        shift_score=rec.shift_score, kind="dicom", extra=extra,
+    )  # fmt: skip
 
 
 class ResultsLog:
     """``results.jsonl`` + ``results.csv`` in ``folder``; thread-safe appends (see the module rules)."""
 
-    def __init__(self, folder: Path, classes: Sequence[str]) -> None:
+    def __init__(self, folder: Path, classes: Sequence[str], model_id: str = "") -> None:
         self.folder = Path(folder)
+        self.model_id = model_id  # for records that carry none (resend)
         self.folder.mkdir(parents=True, exist_ok=True)
         self.classes = list(classes)
         self.columns = _columns(self.classes)
@@ -152,13 +156,14 @@ class ResultsLog:
             raise ResultsLogError(
                 f"{folder}: no results log here (not an output folder of xraydx dicom listen/pull)"
             )
-        return cls(folder, [c.removeprefix("prob_") for c in header if c.startswith("prob_")])
+        last = next((r.get("model_id") for r in reversed(read_records(folder)) if r.get("model_id")), "")
+        return cls(folder, [c.removeprefix("prob_") for c in header if c.startswith("prob_")], str(last or ""))
 
     def write(self, rec: Record) -> dict[str, Any]:
-        row = _row(rec, self.classes)
+        row = _row(rec, self.classes, self.model_id)
         with self._lock:
             _append_line(self.jsonl, json.dumps(row, ensure_ascii=True) + "\n")
-            _append_line(self.csv, _csv_line([row[c] for c in self.columns]))
+            _append_line(self.csv, _csv_line(schema.csv_cells(row, self.columns)))
         return row
 
     def rows(self) -> list[dict[str, Any]]:

@@ -73,8 +73,8 @@ class ModelInfo:
 
     @classmethod
     def from_predictor(cls, predictor: Any) -> ModelInfo:
-        """From an xraydx.predict.Predictor; the id is serve's: ``<architecture>-<sha256[:12]>``."""
-        from xraydx.fsutil import file_sha256
+        """From an xraydx.predict.Predictor; the id is every output's (:func:`xraydx.schema.model_id`)."""
+        from xraydx.schema import model_id
 
         meta = predictor.meta
         arch = str((meta.get("architecture") or {}).get("name", "unknown"))
@@ -82,7 +82,8 @@ class ModelInfo:
         threshold = (predictor.abstention or {}).get("threshold")
         return cls(
             name=f"xraydx {arch}", version=version[:64],
-            model_id=f"{arch}-{file_sha256(predictor.checkpoint)[:12]}", engine=str(predictor.engine),
+            model_id=getattr(predictor, "model_id", None) or model_id(predictor.checkpoint, meta),
+            engine=str(predictor.engine),
             classes=tuple(predictor.classes), threshold=None if threshold is None else float(threshold),
         )  # fmt: skip
 

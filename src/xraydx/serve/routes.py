@@ -15,6 +15,7 @@ import anyio
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import FileResponse, JSONResponse
 
+from xraydx import schema
 from xraydx.constants import STATIC_DIR
 from xraydx.serve.errors import ApiError
 from xraydx.serve.service import Service
@@ -162,13 +163,13 @@ async def predict_batch(
                 "ok": True,
                 **await svc.predict_one(bytes(up.data), up.filename, heatmap=heatmap, image=image),
             }
-        except ApiError as exc:
-            return {"ok": False, "file": up.filename, **exc.payload()}
+        except ApiError as exc:  # with the error row of the one prediction schema (every key present)
+            return {"ok": False, "file": up.filename, **exc.payload(), "row": _error_row(svc, up.filename, exc)}
         except Exception as exc:  # a server bug on one file: logged, that file's error; the others are kept
             log.error("unexpected error on %s in a batch", up.filename, exc_info=exc)
             err = ApiError(500, "internal_error", f"{up.filename}: internal server error ({type(exc).__name__})",
                            up.filename)  # fmt: skip
-            return {"ok": False, "file": up.filename, **err.payload()}
+            return {"ok": False, "file": up.filename, **err.payload(), "row": _error_row(svc, up.filename, err)}
 
     async def all_of_them() -> list[dict[str, Any]]:
         return list(await asyncio.gather(*(one(p) for p in parts)))
@@ -193,3 +194,9 @@ page = APIRouter(include_in_schema=False)
 async def index() -> FileResponse:
     """The web page (static files in ``xraydx/static``; no CDN, no build step)."""
     return FileResponse(STATIC_DIR / "index.html", media_type="text/html; charset=utf-8")
+
+
+def _error_row(svc: Service, name: str, exc: ApiError) -> dict[str, Any]:
+    """A batch error's row of the one prediction schema (xraydx.schema): every key, status ``error: ...``."""
+    reason = exc.message.removeprefix(f"{name}: ")
+    return schema.error_row(name, svc.classes, reason, model=svc.model_id, kind="serve")

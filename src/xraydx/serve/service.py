@@ -16,15 +16,16 @@ from typing import Any
 
 import numpy as np
 
-from xraydx import explain
+from xraydx import explain, schema
 from xraydx.config import ServeConfig
 from xraydx.constants import WEIGHTS_DIR
 from xraydx.engines import PROBE_GLOB
 from xraydx.errors import CheckpointError
+from xraydx.frontal import view_reason_of_bytes
 from xraydx.fsutil import file_sha256, json_safe
 from xraydx.io import sniff_format
 from xraydx.ood import colourfulness_of_bytes
-from xraydx.predict import Checked, Predictor
+from xraydx.predict import NONFINITE, Checked, Predictor, finite
 from xraydx.render import gray_png
 from xraydx.serve.decoding import MemoryBudget, decode_cost
 from xraydx.serve.errors import ApiError
@@ -46,6 +47,7 @@ class Decoded:
     warnings: list[str]
     colour: float | None = None  # the file's colourfulness, for the out-of-distribution guard
     window: str | None = None  # how the reader windowed it (io's info["window"]): the guard's windowing hint
+    view: str | None = None  # xraydx.frontal's reason where a DICOM header says not frontal
 
 
 @dataclass
@@ -121,7 +123,7 @@ class Service:
         self.refused_busy = 0
         self.warm_up_result: dict[str, Any] = {"ok": None, "message": "not run yet"}
         self.sha256 = file_sha256(checkpoint)
-        self.model_id = f"{self.meta['architecture']['name']}-{self.sha256[:12]}"
+        self.model_id = self.predictor.model_id  # the model_id column of every output (xraydx.schema)
         self.explain: Any = explain  # Grad-CAM; None (tests) where the response should say it is missing
         self._cam: Any = None
         self.ood_check = self.predictor.ood_guard() is not None  # loaded now, not on the first request
@@ -267,7 +269,8 @@ class Service:
         img, fmt = read_upload_image(data, name, info)
         colour = colourfulness_of_bytes(bytes(data)) if self.ood_check else None
         notes = content_notes(img, data, fmt, self.spec.size)
-        return Decoded(img, fmt or "unknown", notes, colour, info.get("window"))
+        view = view_reason_of_bytes(bytes(data)) if fmt == "dicom" else None
+        return Decoded(img, fmt or "unknown", notes, colour, info.get("window"), view)
 
     def check(self, dec: Decoded, name: str) -> Inspected:
         """Predictor.check, the pipeline's one per-image check (the lung mask, the OOD guard, the one
@@ -275,7 +278,7 @@ class Service:
         be used."""
         if self.unavailable is not None:
             raise ApiError(503, "model_unavailable", f"{name}: {self.unavailable}", name)
-        checked = self.predictor.check([dec.image], [dec.colour], [dec.window])[0]
+        checked = self.predictor.check([dec.image], [dec.colour], [dec.window], [dec.view])[0]
         if isinstance(checked, str):
             raise ApiError(422, "cannot_preprocess", f"{name}: {checked}", name)
         box = None
@@ -393,6 +396,8 @@ class Service:
         checked, prepared = seen.checked, seen.checked.prepared
         t1 = time.perf_counter()
         probs = await asyncio.wrap_future(self.worker.submit_probs(prepared))
+        if not finite(probs):  # a damaged model: an error, never a class (the rule predict applies)
+            raise ApiError(500, "non_finite_output", f"{name}: {NONFINITE}", name)
         t2 = time.perf_counter()
         idx = int(np.argmax(probs))
         warns = list(dec.warnings) + list(self.static_warnings)
@@ -408,6 +413,12 @@ class Service:
         rendered = await anyio.to_thread.run_sync(render_png, dec.image) if show else None
         model_input = await anyio.to_thread.run_sync(render_png, prepared) if show else None
         uncertain, uncertainty = self.uncertainty(float(probs[idx]))
+        ex = checked.extra()
+        row = schema.make_row(
+            name, self.classes, [float(p) for p in probs], checked.status, model=self.model_id,
+            flag=self.predictor.flag(probs, checked.shift), ood_score=ex["ood_score"], ood_reason=ex["ood_reason"],
+            shift_score=ex["shift_score"], kind="serve",
+        )  # fmt: skip
         t5 = time.perf_counter()
         return json_safe(
             {
@@ -419,6 +430,9 @@ class Service:
                 "probabilities": {c: float(p) for c, p in zip(self.classes, probs, strict=True)},
                 "predicted_class": self.classes[idx],
                 "confidence": float(probs[idx]),
+                "status": row["status"],
+                "flag": row["flag"],  # "not a frontal chest X-ray": the page shows no headline class
+                "row": row,  # the one prediction schema (xraydx.schema), as predict writes it
                 "calibrated": self.calibrated,
                 "uncertain": uncertain,
                 "uncertainty": uncertainty,

@@ -227,17 +227,14 @@ def content_notes(img: np.ndarray, data: bytes, fmt: str | None, model_size: int
 
 
 def dicom_notes(data: bytes) -> list[str]:
-    """Warnings from a DICOM header (view position, modality); never raises."""
+    """Warnings from a DICOM header (modality); never raises."""
     try:
         import pydicom
 
         ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True, force=False)
     except Exception:  # the pixel reader has already accepted the file; notes are best effort
         return []
-    notes = []
-    view = str(ds.get("ViewPosition", "") or "").strip().upper()
-    if view and view not in ("PA", "AP"):
-        notes.append(f"DICOM ViewPosition is {view}: the model was trained on frontal (PA/AP) chest X-rays")
+    notes = []  # the view is xraydx.frontal's rule (status not_cxr, flag), not a note here
     modality = str(ds.get("Modality", "") or "").strip().upper()
     if modality and modality not in ("CR", "DX", "DR", "OT", "SC"):
         notes.append(f"DICOM Modality is {modality}: the model was trained on radiographs (CR/DX)")
