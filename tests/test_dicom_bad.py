@@ -70,7 +70,8 @@ def test_bad_instances_are_skipped_or_rejected_and_node_stays_up(tmp_path: Path,
     for uid, (dimse, status) in expected.items():
         assert rows[uid]["status"] == status
         assert rows[uid]["dimse_status"] == f"0x{dimse:04X}"
-        assert rows[uid]["results"] == "" and rows[uid]["prob_covid"] == ""
+        assert rows[uid]["results"] is None and rows[uid]["prob_covid"] is None  # JSON nulls (xraydx.schema)
+        assert (rows[uid]["flag"] == "not a frontal chest X-ray") == ("view" in status)
     assert rows[truncated_uid]["status"].startswith("error: ")
     assert rows[truncated_uid]["dimse_status"].startswith("0xC")
     assert rows[good.SOPInstanceUID]["status"] == "ok"
