@@ -244,7 +244,7 @@ def test_non_finite_output_is_an_error_never_a_class(tmp_path: Path) -> None:
 
     from xraydx import serve
 
-    with TestClient(serve.create_app(p), raise_server_exceptions=False) as c:
+    with TestClient(serve.create_app(p), raise_server_exceptions=False, base_url="http://127.0.0.1") as c:
         img = sample_images("test")[0]
         r = c.post("/api/predict", files={"file": (img.name, img.read_bytes(), "image/png")})
     assert r.status_code == 500 and NONFINITE in r.json()["detail"] and "predicted_class" not in r.json()

@@ -263,7 +263,7 @@ def test_serve_rows_follow_the_schema(tiny_ckpt: Path, inputs: Path) -> None:
 
     from xraydx import serve
 
-    with TestClient(serve.create_app(tiny_ckpt), raise_server_exceptions=False) as c:
+    with TestClient(serve.create_app(tiny_ckpt), raise_server_exceptions=False, base_url="http://127.0.0.1") as c:
         good = next(inputs.glob("a0_*"))
         d = c.post("/api/predict", files={"file": (good.name, good.read_bytes(), "image/png")}).json()
         lat = (inputs / "b_lateral.dcm").read_bytes()
