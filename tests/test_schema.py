@@ -203,7 +203,8 @@ def test_predict_csv_and_json_follow_the_schema(tiny_ckpt: Path, inputs: Path, t
     missing = tmp_path / "gone.png"
     for fmt in ("csv", "json"):
         out = tmp_path / f"pred.{fmt}"
-        args = ["predict", str(inputs), str(missing), "--checkpoint", str(tiny_ckpt), "--out", str(out)]
+        first = tmp_path / "before.png"
+        args = ["predict", str(first), str(inputs), str(missing), "--checkpoint", str(tiny_ckpt), "--out", str(out)]
         main([*args, "--format", fmt, "-q"])
         if fmt == "csv":
             rows = csv_rows(out, "predict")
@@ -220,9 +221,9 @@ def test_predict_csv_and_json_follow_the_schema(tiny_ckpt: Path, inputs: Path, t
         assert "ViewPosition LL" in lat["ood_reason"] and lat["prediction"] in CLASSES
         assert by["c_noise.png"]["flag"] == NOT_FRONTAL_FLAG  # the OOD guard
         assert by["d_notes.png"]["status"].startswith("error: ") and by["gone.png"]["status"].startswith("error: ")
-        # rows of the folder in the folder's order
-        want = [str(p) for p in expand_inputs([inputs])[0]]
-        assert [r["path"] for r in rows if r["path"] in want] == want
+        # rows in input order: a missing input's row where it was given, the folder in its walk order
+        want = [str(first), *(str(p) for p in expand_inputs([inputs])[0]), str(missing)]
+        assert [r["path"] for r in rows] == want
         # no row that a script filtering on flag/status accepts is a non-frontal input
         accepted = [r for r in rows if r["flag"] is None and r["status"] == "ok"]
         assert {Path(r["path"]).name for r in accepted} <= {p.name for p in inputs.glob("a*")}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -56,13 +57,14 @@ def run(args: argparse.Namespace) -> int:
         from xraydx.explain import with_heatmaps
 
         stream = with_heatmaps(pred, stream, Path(args.heatmaps), overwrite=args.overwrite or args.resume)
-    missing_rows = [
-        Prediction(str(p), None, f"error: {reason}") for p, reason in missing if str(p) not in skip
-    ]
-
-    def all_rows() -> Any:
-        yield from missing_rows
-        yield from stream
+    def all_rows() -> Any:  # in input order: an input that cannot be read has its row where it was given
+        rows = iter(stream)
+        for item in input_order(args.inputs, paths, missing):
+            if isinstance(item, tuple):
+                if str(item[0]) not in skip:
+                    yield Prediction(str(item[0]), None, f"error: {item[1]}")
+            elif str(item) not in skip:
+                yield next(rows)
 
     counts = write_predictions(
         all_rows(), out, pred.classes, fmt=args.format, overwrite=args.overwrite, resume=args.resume,
@@ -72,3 +74,28 @@ def run(args: argparse.Namespace) -> int:
     done = f" ({len(skip)} already done)" if skip else ""
     print(f"wrote {out}: {counts['ok']} predicted, {counts['error']} unreadable{done}", file=sys.stderr)
     return EXIT_PARTIAL if counts["error"] else EXIT_OK
+
+
+def input_order(
+    inputs: Sequence[str], paths: Sequence[Path], problems: Sequence[tuple[Path, str]]
+) -> list[Path | tuple[Path, str]]:
+    """``paths`` (already in input order) with each problem put where it was met: after the paths of the
+    inputs before its own, and inside a folder at its place in the folder's sorted walk."""
+
+    def arg_of(p: Path) -> int:
+        for i, raw in enumerate(inputs):
+            r = Path(raw)
+            if p == r or r in p.parents:
+                return i
+        return len(inputs)
+
+    pos = [arg_of(p) for p in paths]
+    keyed: list[tuple[float, int, Path | tuple[Path, str]]] = [(k, 0, q) for k, q in enumerate(paths)]
+    for j, prob in enumerate(problems):
+        a, name = arg_of(prob[0]), str(prob[0])
+        at = next(
+            (k for k, (q, qa) in enumerate(zip(paths, pos, strict=True)) if qa > a or (qa == a and str(q) > name)),
+            len(paths),
+        )
+        keyed.append((at - 0.5, j, prob))
+    return [item for _, _, item in sorted(keyed, key=lambda t: (t[0], t[1]))]
