@@ -283,3 +283,29 @@ def test_api_docs_render_offline(page: Page, server: tuple[str, Any]) -> None:
     page.wait_for_selector(".swagger-ui .opblock-summary-path")
     paths = page.locator(".opblock-summary-path").all_inner_texts()
     assert {"/api/predict", "/api/predict/batch", "/api/health", "/api/model"} <= {p.strip() for p in paths}
+
+
+def test_non_frontal_input_gets_no_headline_class(page: Page, tmp_path: Path) -> None:
+    """Issue 17 item 3: a lateral DICOM (the one view rule) shows no predicted class; its probabilities are
+    folded, closed, under "shown for reference only", and the flag says why."""
+    from test_serve import dicom_bytes
+
+    lat = tmp_path / "lateral.dcm"
+    lat.write_bytes(dicom_bytes(read_image(sample_images("test", "normal")[0]), ViewPosition="LL"))
+    page.set_input_files("#file", str(lat))
+    page.wait_for_selector('#result[data-ready="true"]')
+    assert page.locator("#predicted-line").is_hidden()
+    ref = page.locator("#reference")
+    assert ref.is_visible() and "shown for reference only" in ref.inner_text()
+    assert page.eval_on_selector("#reference", "e => e.open") is False
+    assert page.locator("#reference #bars .bar-row").count() == len(CLASSES)
+    assert page.locator(".bar-row.top").count() == 0
+    flag = page.locator("#flag")
+    assert "Not a frontal chest X-ray" in flag.inner_text() and "ViewPosition LL" in flag.inner_text()
+    # a frontal image afterwards: the headline and the bars are back
+    frontal = sample_images("test", "covid")[0]
+    page.set_input_files("#file", str(frontal))
+    page.locator("#file-name", has_text=frontal.name).wait_for()
+    page.wait_for_selector('#result[data-ready="true"]')
+    assert page.locator("#predicted-line").is_visible() and page.locator("#reference").is_hidden()
+    assert page.locator("#bars").is_visible()
