@@ -257,3 +257,76 @@ def write_walk_cases(folder: Path) -> dict[str, Path]:
     out["png_named_txt"].write_bytes(png)
     out["binary_txt"].write_bytes(b"\x00\x01\x02\x03" * 64)
     return out
+
+
+# ---- bad command lines: refused up front, one line on stderr -------------------------------------------
+
+
+@dataclass(frozen=True)
+class CliCase:
+    """A command line that must stop before any work with one ``xraydx: error: ...`` line.
+
+    ``argv`` may use {data} (the bundled sample), {runs} (an empty runs folder), {ckpt} (a tiny
+    checkpoint), {image} (one sample X-ray), {tmp} (the test's temp folder), {file} (a regular file there),
+    {folder} (an existing folder there), {bad_yaml} (a config that is not UTF-8). ``env``: variables set."""
+
+    key: str
+    argv: tuple[str, ...]
+    exit_code: int
+    message: str  # a fragment of the one error line
+    env: tuple[tuple[str, str], ...] = ()
+    needs_no_cuda: bool = False  # only meaningful where there is no GPU
+
+
+TRAIN = ("train", "--data", "{data}", "--model", "test_resnet", "--pretrained", "none", "--image-size", "64",
+         "--epochs", "1", "--runs-dir", "{runs}", "--name", "bad", "-q")  # fmt: skip
+PREDICT = ("predict", "{image}", "--checkpoint", "{ckpt}", "-q")
+USAGE, FATAL = 2, 1
+
+CLI_CASES = [
+    # exit 2: validated before any image is decoded and before a run folder is made
+    CliCase("train_device_cuda_without_gpu", (*TRAIN, "--device", "cuda"), USAGE, "CUDA is not available",
+            needs_no_cuda=True),  # fmt: skip
+    CliCase("train_device_bogus", (*TRAIN, "--device", "bogus"), USAGE, "unknown device 'bogus'"),
+    CliCase("lr_nan", (*TRAIN, "--set", "train.lr=nan"), USAGE, "train.lr must be a finite number; got nan"),
+    CliCase("label_smoothing_5", (*TRAIN, "--set", "train.label_smoothing=5"), USAGE,
+            "train.label_smoothing must be in [0, 1); got 5.0"),  # fmt: skip
+    CliCase("drop_rate_5", (*TRAIN, "--set", "model.drop_rate=5"), USAGE, "model.drop_rate must be in [0, 1)"),
+    CliCase("in_chans_0", (*TRAIN, "--set", "model.in_chans=0"), USAGE, "model.in_chans must be 1"),
+    CliCase("weight_decay_negative", (*TRAIN, "--set", "train.weight_decay=-0.1"), USAGE,
+            "train.weight_decay must be >= 0; got -0.1"),  # fmt: skip
+    CliCase("warmup_inf", (*TRAIN, "--set", "train.warmup_epochs=inf"), USAGE,
+            "train.warmup_epochs must be a finite number"),  # fmt: skip
+    CliCase("config_not_utf8", ("train", "--config", "{bad_yaml}", "-q"), USAGE,
+            "not a UTF-8 text file (byte 0xe9 at offset 18)"),  # fmt: skip
+    CliCase("memmap_bytes_abc", TRAIN, USAGE, "XRAYDX_MEMMAP_BYTES must be a whole number of bytes",
+            env=(("XRAYDX_MEMMAP_BYTES", "abc"),)),  # fmt: skip
+    CliCase("holdout_source_unknown", (*TRAIN, "--holdout-source", "nosuch"), USAGE,
+            "--holdout-source 'nosuch' matches no source of this data; sources: kermany"),  # fmt: skip
+    CliCase("model_unknown", (*TRAIN, "--model", "resnet5"), USAGE,
+            "unknown model 'resnet5': not a timm architecture; did you mean resnet50"),  # fmt: skip
+    CliCase("model_without_offline_weights", (*TRAIN, "--model", "resnet50", "--pretrained", "offline"), USAGE,
+            "no offline ImageNet weights for 'resnet50'"),  # fmt: skip
+    CliCase("train_without_data", ("train", "--model", "test_resnet", "--runs-dir", "{runs}", "-q"), USAGE,
+            "no data given: pass --data PATH"),  # fmt: skip
+    CliCase("predict_json_resume", (*PREDICT, "--out", "{tmp}/p.json", "--format", "json", "--resume"), USAGE,
+            "--resume works with CSV output only"),  # fmt: skip
+    CliCase("predict_device_bogus", (*PREDICT, "--out", "{tmp}/p.csv", "--device", "bogus"), USAGE,
+            "unknown device 'bogus'"),  # fmt: skip
+    CliCase("predict_device_cuda_without_gpu", (*PREDICT, "--out", "{tmp}/p.csv", "--device", "cuda"), USAGE,
+            "CUDA is not available", needs_no_cuda=True),  # fmt: skip
+    CliCase("predict_out_exists", (*PREDICT, "--out", "{file}"), USAGE, "already exists; refusing to overwrite"),
+    CliCase("serve_max_upload_inf", ("serve", "--checkpoint", "{ckpt}", "--max-upload-mb", "inf"), USAGE,
+            "--max-upload-mb must be a finite number > 0; got inf"),  # fmt: skip
+    CliCase("serve_batch_window_negative", ("serve", "--checkpoint", "{ckpt}", "--batch-window-ms", "-1"), USAGE,
+            "--batch-window-ms must be a finite number >= 0"),  # fmt: skip
+    # exit 1: an output that cannot be written, named with the cause
+    CliCase("predict_out_missing_folder", (*PREDICT, "--out", "{tmp}/nowhere/p.csv"), FATAL,
+            "nowhere/p.csv: the folder"),  # fmt: skip
+    CliCase("predict_out_is_a_folder", (*PREDICT, "--out", "{folder}", "--overwrite"), FATAL,
+            "is a folder; --out names the file to write"),  # fmt: skip
+    CliCase("export_out_under_a_file", ("export", "--checkpoint", "{ckpt}", "--out", "{file}/model.onnx"), FATAL,
+            "is a file, not a folder"),  # fmt: skip
+    CliCase("explain_out_is_a_file", ("explain", "{image}", "--checkpoint", "{ckpt}", "--out", "{file}", "-q"),
+            FATAL, "is a file; --out names an output folder"),  # fmt: skip
+]

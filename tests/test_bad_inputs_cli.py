@@ -17,9 +17,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from badfiles import build_cases, printable, real_xray, write_cases
+from badfiles import CLI_CASES, CliCase, build_cases, printable, real_xray, write_cases
 
-from conftest import ROOT, TINY_MODEL, sample_images
+from conftest import ROOT, SAMPLE, TINY_MODEL, sample_images
 from xraydx.cli import EXIT_FATAL, EXIT_PARTIAL, EXIT_USAGE, main
 from xraydx.io import read_image
 
@@ -343,3 +343,160 @@ def test_usage_and_fatal_exit_codes(
     )
     err = capsys.readouterr().err
     assert err.startswith("xraydx: error: ") and "checkpoint not found" in err and not out.exists()
+
+
+# ---- bad command lines: refused up front with one line (badfiles.CLI_CASES) --------------------------------
+
+
+def _no_decoding(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make decoding an image (or starting a server) fail the test: the checks must come first."""
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("work started before the command line was checked")
+
+    import xraydx.cache
+    import xraydx.io
+    import xraydx.predict
+    import xraydx.train
+
+    for mod in (xraydx.io, xraydx.predict, xraydx.cache):
+        monkeypatch.setattr(mod, "read_image", refuse)
+    monkeypatch.setattr(xraydx.train, "load_many", refuse)
+    uvicorn = pytest.importorskip("uvicorn")
+    monkeypatch.setattr(uvicorn, "run", refuse)
+
+
+def _fill(case: CliCase, tmp_path: Path, checkpoint: Path) -> tuple[list[str], Path]:
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    (tmp_path / "existing.txt").write_text("keep me\n")
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "bad.yaml").write_bytes(b'data:\n  path: "caf\xe9 \xff"\n')  # Latin-1, not UTF-8
+    fill = {
+        "data": str(SAMPLE), "runs": str(runs), "ckpt": str(checkpoint), "image": str(sample_images("test")[0]),
+        "tmp": str(tmp_path), "file": str(tmp_path / "existing.txt"), "folder": str(tmp_path / "folder"),
+        "bad_yaml": str(tmp_path / "bad.yaml"),
+    }  # fmt: skip
+    return [a.format(**fill) for a in case.argv], runs
+
+
+@pytest.mark.parametrize("case", CLI_CASES, ids=lambda c: c.key)
+def test_bad_command_lines_stop_up_front_with_one_line(case: CliCase, checkpoint: Path, tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+    """Each bad flag, config value, environment variable or output path: the documented exit code (2 bad
+    usage, 1 an output that cannot be written) and exactly one line on stderr naming the value or the file,
+    before any image is decoded, any server started or any run folder made; nothing written."""
+    import torch
+
+    if case.needs_no_cuda and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    argv, runs = _fill(case, tmp_path, checkpoint)
+    for key, value in case.env:
+        monkeypatch.setenv(key, value)
+    _no_decoding(monkeypatch)
+    before = sorted(p.name for p in tmp_path.rglob("*"))
+    code = main(argv)
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert code == case.exit_code, err
+    assert len(lines) == 1 and lines[0].startswith("xraydx: error: ") and case.message in lines[0], err
+    if case.key != "holdout_source_unknown":  # the data must be listed to know its sources: after the run folder
+        assert sorted(p.name for p in tmp_path.rglob("*")) == before  # nothing written, no run folder
+    assert (tmp_path / "existing.txt").read_text() == "keep me\n"
+
+
+def test_pretrained_timm_offline_is_one_line_at_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+    """Offline, ``--pretrained timm`` stops at once (no hub retries) with what to do, when the weights are not
+    in the local Hugging Face cache; the network is never used (the reachability probe is replaced)."""
+    import time
+
+    import huggingface_hub
+
+    import xraydx.models as models
+
+    probes: list[tuple[str, int]] = []
+    monkeypatch.setattr(models, "hub_reachable", lambda where, timeout=3.0: probes.append(where) or False)
+    monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache", lambda repo, filename, **kw: None)
+    _no_decoding(monkeypatch)
+    runs = tmp_path / "runs"
+    t0 = time.perf_counter()
+    code = main(["train", "--data", str(SAMPLE), "--model", "resnet18", "--pretrained", "timm",
+                 "--runs-dir", str(runs), "-q"])  # fmt: skip
+    seconds = time.perf_counter() - t0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == EXIT_USAGE and len(err) == 1, err
+    assert "--pretrained timm: the weights of 'resnet18' are not in the local Hugging Face cache" in err[0]
+    assert "pass --pretrained none" in err[0] and probes and seconds < 10
+    assert not runs.exists()
+
+
+def test_pretrained_timm_uses_the_local_cache_and_rewraps_a_failed_download(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Weights in the local cache are loaded from there (no network); a download that fails is one line."""
+    import huggingface_hub
+    import timm
+    import torch
+
+    import xraydx.models as models
+    from xraydx.errors import CheckpointError
+
+    net = timm.create_model("test_resnet", pretrained=False)
+    cached = tmp_path / "model.safetensors"
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(cached))
+    monkeypatch.setattr(models, "hub_reachable", lambda where, timeout=3.0: pytest.fail("network probed"))
+    monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache", lambda repo, filename, **kw: str(cached))
+    m = models.create_model("test_resnet", 3, in_chans=1, pretrained="timm")
+    stem = next(k for k, v in net.state_dict().items() if v.ndim == 4)
+    torch.testing.assert_close(m.state_dict()[stem], net.state_dict()[stem].sum(dim=1, keepdim=True))
+
+    monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache", lambda repo, filename, **kw: None)
+    monkeypatch.setattr(models, "hub_reachable", lambda where, timeout=3.0: True)
+
+    def failing_download(*args: object, **kwargs: object) -> None:
+        raise OSError("We couldn't connect to 'https://huggingface.co' to load the files\nmore lines\nand more")
+
+    monkeypatch.setattr(timm.models._builder, "load_state_dict_from_hf", failing_download)
+    with pytest.raises(CheckpointError) as exc:
+        models.create_model("test_resnet", 3, in_chans=1, pretrained="timm")
+    assert "\n" not in str(exc.value) and "could not get the weights of 'test_resnet'" in str(exc.value)
+    assert "We couldn't connect" in str(exc.value)
+
+
+def test_a_full_disk_is_one_line_naming_the_output(checkpoint: Path, tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+    """ENOSPC while writing predictions (simulated in-process: the final fsync fails as on a full disk):
+    exit 1, one line naming the output and the cause, no output and no temp file left; the same for the
+    --resume stream (its rows so far are kept in the partial file)."""
+    import errno
+
+    real_fsync = os.fsync
+
+    def full(fd: int) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    images = [str(p) for p in sample_images("test")[:2]]
+    out = tmp_path / "p.csv"
+    monkeypatch.setattr(os, "fsync", full)
+    code = main(["predict", *images, "--checkpoint", str(checkpoint), "--out", str(out), "-q"])
+    monkeypatch.setattr(os, "fsync", real_fsync)
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert code == EXIT_FATAL and err == [f"xraydx: error: {out}: cannot write (No space left on device)"]
+    assert list(tmp_path.iterdir()) == []
+    calls = {"n": 0}
+
+    def full_after_header(fd: int) -> None:
+        calls["n"] += 1
+        if calls["n"] > 1:  # the partial file's header is written; the first row hits the full disk
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", full_after_header)
+    code = main(["predict", *images, "--checkpoint", str(checkpoint), "--out", str(out), "--resume", "-q"])
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert code == EXIT_FATAL and err == [f"xraydx: error: {out}.partial: cannot write (No space left on device)"]

@@ -79,7 +79,7 @@ def test_export_refuses_to_overwrite(
     out = onnx_file[0]
     before = out.read_bytes()
     rc = main(["export", "--checkpoint", str(checkpoint), "--out", str(out)])
-    assert rc == 1 and "--overwrite" in capsys.readouterr().err
+    assert rc == 2 and "--overwrite" in capsys.readouterr().err  # an existing output is bad usage
     assert out.read_bytes() == before
 
 

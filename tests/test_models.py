@@ -10,6 +10,8 @@ import torch
 from xraydx.models import (
     OFFLINE_WEIGHTS,
     CheckpointError,
+    ConfigError,
+    check_model,
     create_model,
     load_checkpoint,
     offline_weights_path,
@@ -58,8 +60,13 @@ def test_pretrained_weights_recognise_a_natural_image() -> None:
 def test_unknown_model_and_missing_offline_weights() -> None:
     with pytest.raises(CheckpointError, match="unknown model"):
         create_model("no_such_net", 3)
-    with pytest.raises(CheckpointError, match="no offline ImageNet weights"):
+    with pytest.raises(ConfigError, match="no offline ImageNet weights") as exc:  # bad usage: exit 2
         create_model("resnet18", 3, pretrained="offline")
+    assert exc.value.exit_code == 2 and "pass --pretrained none" in str(exc.value)
+    with pytest.raises(ConfigError, match="unknown model 'no_such_net'"):  # the check before training
+        check_model("no_such_net", "none")
+    check_model("test_resnet", "none")
+    check_model("mobilenetv2_100", "offline")
 
 
 def test_checkpoint_roundtrip(tmp_path: Path) -> None:

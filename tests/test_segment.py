@@ -149,7 +149,7 @@ def test_segmenter_checkpoint_format(tmp_path: Path) -> None:
 
 
 def test_cli_segment_writes_masks_and_overlays(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from xraydx.cli import EXIT_FATAL, EXIT_OK, EXIT_PARTIAL, EXIT_USAGE, main
+    from xraydx.cli import EXIT_OK, EXIT_PARTIAL, EXIT_USAGE, main
 
     src = tmp_path / "in"
     src.mkdir()
@@ -164,7 +164,7 @@ def test_cli_segment_writes_masks_and_overlays(tmp_path: Path, capsys: pytest.Ca
             assert im.size == orig.size and im.mode == "L"
     with Image.open(out / "overlays" / masks[0].name) as ov:
         assert ov.mode == "RGB"
-    assert main(["segment", str(src), "--out", str(out), "-q"]) == EXIT_FATAL  # refuses to overwrite
+    assert main(["segment", str(src), "--out", str(out), "-q"]) == EXIT_USAGE  # refuses to overwrite
     (src / "broken.png").write_bytes(b"not an image at all" * 10)
     assert main(["segment", str(src), "--out", str(out), "-q", "--overwrite"]) == EXIT_PARTIAL
     with open(out / "segment.csv", encoding="utf-8", newline="") as fh:

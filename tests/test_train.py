@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 
 from conftest import tiny_config
+from xraydx.errors import EXIT_USAGE, OutputExistsError
 from xraydx.models import read_metadata
-from xraydx.train import TrainError, run_training
+from xraydx.train import run_training
 
 
 def _log(run: Path) -> list[dict[str, str]]:
@@ -83,8 +84,9 @@ def test_resume_after_an_interrupted_run_matches_an_uninterrupted_one(
 def test_existing_run_folder_is_never_overwritten(tmp_path: Path, sample_dir: Path) -> None:
     (tmp_path / "tiny").mkdir()
     (tmp_path / "tiny" / "precious.txt").write_text("keep")
-    with pytest.raises(TrainError, match="already exists"):
+    with pytest.raises(OutputExistsError, match="already exists") as exc:
         run_training(tiny_config(sample_dir, tmp_path), progress=False)
+    assert exc.value.exit_code == EXIT_USAGE  # an existing output is bad usage (README: exit 2)
     assert (tmp_path / "tiny" / "precious.txt").read_text() == "keep"
 
 

@@ -53,6 +53,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from xraydx.config import DEFAULT_MEMMAP_BYTES as DEFAULT_MEMMAP_BYTES
+from xraydx.config import memmap_bytes_from_env
 from xraydx.device import available_cpus
 from xraydx.io import ImageReadError, read_image
 from xraydx.transforms import Preprocessing, preprocess
@@ -62,17 +64,13 @@ ENTRY_MAGIC = b"XDXC"
 ENTRY_HEADER = struct.Struct("<4sIIII")  # magic, version, height, width, crc32 of the pixels
 ENTRY_SUFFIX = ".xc"
 INDEX_NAME = "stat-index.jsonl"
-DEFAULT_MEMMAP_BYTES = 512 * 2**20
 RACY_STAT_NS = 2_000_000_000  # stats this recent are not trusted (coarse mtime clocks)
 _CHUNK = 1 << 20
 
 
 def memmap_threshold_default() -> int:
-    raw = os.environ.get("XRAYDX_MEMMAP_BYTES", "")
-    try:
-        return int(raw) if raw else DEFAULT_MEMMAP_BYTES
-    except ValueError as exc:
-        raise ValueError(f"XRAYDX_MEMMAP_BYTES must be an integer number of bytes; got {raw!r}") from exc
+    """``XRAYDX_MEMMAP_BYTES`` (default 512 MiB); a ConfigError (exit 2) when it is not a byte count."""
+    return memmap_bytes_from_env()
 
 
 def file_digest(path: Path, extra: Path | None = None) -> str:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +31,7 @@ from xraydx.errors import ConfigError, ServeError
 
 @dataclass
 class DataConfig:
-    path: str = "data/sample"  # dataset root, CSV manifest, or folder (any supported layout)
+    path: str = ""  # dataset root, CSV manifest, or folder (any supported layout); required (--data)
     val_fraction: float = 0.15  # used only where the dataset has no val split (grouped by patient)
     test_fraction: float = 0.15  # used only where the dataset has no test split
     split_seed: int = 0
@@ -103,6 +104,11 @@ class Config:
             raw = yaml.safe_load(p.read_text(encoding="utf-8"))
         except OSError as exc:
             raise ConfigError(f"{p}: cannot read config ({exc.strerror or exc})") from exc
+        except UnicodeDecodeError as exc:
+            raise ConfigError(
+                f"{p}: not a UTF-8 text file (byte 0x{exc.object[exc.start]:02x} at offset {exc.start});"
+                " a config must be YAML saved as UTF-8"
+            ) from exc
         except yaml.YAMLError as exc:
             raise ConfigError(f"{p}: not valid YAML ({exc})") from exc
         if raw is None:
@@ -184,32 +190,86 @@ CHOICES: dict[str, tuple[str, ...]] = {
 }
 
 
+#: numeric fields and the values they may take (every float must also be finite): (low, low included,
+#: high, high included); None = unbounded. Checked by :func:`validate` before anything is read or written.
+RANGES: dict[str, tuple[float | None, bool, float | None, bool]] = {
+    "data.val_fraction": (0.0, False, 0.5, False),
+    "data.test_fraction": (0.0, True, 0.5, False),
+    "data.image_size": (32, True, None, False),
+    "model.drop_rate": (0.0, True, 1.0, False),
+    "train.epochs": (1, True, None, False),
+    "train.batch_size": (1, True, None, False),
+    "train.lr": (0.0, True, None, False),
+    "train.weight_decay": (0.0, True, None, False),
+    "train.warmup_epochs": (0.0, True, None, False),
+    "train.label_smoothing": (0.0, True, 1.0, False),
+    "train.epoch_size": (0, True, None, False),
+    "train.acquisition": (0.0, True, 1.0, True),
+    "train.patience": (1, True, None, False),
+    "train.threads": (0, True, None, False),
+    "train.abstention_threshold": (0.0, True, 1.0, True),
+    "train.dro_eta": (0.0, False, None, False),
+}
+
+
+def _range_text(low: float | None, low_in: bool, high: float | None, high_in: bool) -> str:
+    if high is None:
+        return f"{'>=' if low_in else '>'} {low:g}"
+    return f"in {'[' if low_in else '('}{low:g}, {high:g}{']' if high_in else ')'}"
+
+
 def validate(cfg: Config) -> None:
+    """Every value of ``cfg`` that the run would trip over later, checked now (a ConfigError, exit 2):
+    the mode vocabularies, finite numbers in their ranges, and ``XRAYDX_MEMMAP_BYTES``."""
     for dotted, allowed in CHOICES.items():
         section, name = dotted.split(".")
         value = getattr(getattr(cfg, section), name)
         if value not in allowed:
             raise ConfigError(f"{dotted} must be one of {', '.join(allowed)}; got {value!r}")
+    for section in ("data", "model", "train"):
+        for f in dataclasses.fields(getattr(cfg, section)):
+            value = getattr(getattr(cfg, section), f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"{section}.{f.name} must be a finite number; got {value}")
+    for dotted, (low, low_in, high, high_in) in RANGES.items():
+        section, name = dotted.split(".")
+        value = getattr(getattr(cfg, section), name)
+        ok = (low is None or (value >= low if low_in else value > low)) and (
+            high is None or (value <= high if high_in else value < high)
+        )
+        if not ok:
+            raise ConfigError(f"{dotted} must be {_range_text(low, low_in, high, high_in)}; got {value}")
     if cfg.data.base_size and cfg.data.base_size < 32:
         raise ConfigError(f"data.base_size must be 0 (off) or at least 32; got {cfg.data.base_size}")
-    if cfg.data.image_size < 32:
-        raise ConfigError(f"data.image_size must be at least 32; got {cfg.data.image_size}")
-    if not 0.0 <= cfg.train.abstention_threshold <= 1.0:
+    if cfg.model.in_chans != 1:
         raise ConfigError(
-            f"train.abstention_threshold must be in [0, 1]; got {cfg.train.abstention_threshold}"
+            f"model.in_chans must be 1 (images are read as one gray channel; the pretrained RGB stem is"
+            f" summed into it); got {cfg.model.in_chans}"
         )
-    if not 0.0 <= cfg.train.acquisition <= 1.0:
-        raise ConfigError(f"train.acquisition must be in [0, 1]; got {cfg.train.acquisition}")
-    if not (math.isfinite(cfg.train.dro_eta) and cfg.train.dro_eta > 0):
-        raise ConfigError(f"train.dro_eta must be a finite number > 0; got {cfg.train.dro_eta}")
-    if cfg.train.epoch_size < 0:
-        raise ConfigError(
-            f"train.epoch_size must be 0 (the whole train split) or positive; got {cfg.train.epoch_size}"
-        )
-    if cfg.train.epochs < 1 or cfg.train.batch_size < 1:
-        raise ConfigError("train.epochs and train.batch_size must be positive")
-    if not (0.0 < cfg.data.val_fraction < 0.5 and 0.0 <= cfg.data.test_fraction < 0.5):
-        raise ConfigError("data.val_fraction must be in (0, 0.5) and data.test_fraction in [0, 0.5)")
+    if not cfg.model.name.strip():
+        raise ConfigError("model.name must name a timm architecture (e.g. mobilenetv2_100); got ''")
+    if not cfg.data.path.strip():
+        raise ConfigError("no data given: pass --data PATH (or set data.path in the --config file)")
+    memmap_bytes_from_env()
+
+
+MEMMAP_ENV = "XRAYDX_MEMMAP_BYTES"
+DEFAULT_MEMMAP_BYTES = 512 * 2**20
+
+
+def memmap_bytes_from_env() -> int:
+    """``XRAYDX_MEMMAP_BYTES``: above this many bytes of decoded images the cache fills an on-disk memmap
+    instead of RAM (default 512 MiB); a ConfigError when it is not a whole number of bytes >= 0."""
+    raw = os.environ.get(MEMMAP_ENV, "").strip()
+    if not raw:
+        return DEFAULT_MEMMAP_BYTES
+    try:
+        value = int(raw)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise ConfigError(f"{MEMMAP_ENV} must be a whole number of bytes >= 0 (e.g. 536870912); got {raw!r}")
+    return value
 
 
 def parse_overrides(pairs: list[str]) -> dict[str, str]:

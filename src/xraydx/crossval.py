@@ -117,7 +117,10 @@ class CrossVal:
     def create(
         cls, cfg: Config, folds_spec: str | None, progress: bool = True, pipeline: str = "cached"
     ) -> CrossVal:
+        from xraydx.models import check_model
+
         validate(cfg)
+        check_model(cfg.model.name, cfg.model.pretrained)  # exit 2 before any image is read
         manifest = _discover(cfg)
         folds = parse_folds(folds_spec, manifest)
         for f in folds:

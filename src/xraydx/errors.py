@@ -4,8 +4,10 @@ One base class, :class:`XraydxError`, carries ``exit_code``; ``xraydx.cli.main``
 and returns that code (one ``except``, no ladder). The kinds keep the built-in base they always had
 (``ValueError``, ``RuntimeError``, ``FileExistsError``), so code that catches those still works.
 
-Exit codes: 0 success; 1 a fatal error (message on stderr); 2 bad usage or config; 3 finished, but
-some input files could not be read (they are listed in the output and on stderr); 130 interrupted.
+Exit codes: 0 success; 1 a fatal error (message on stderr); 2 bad usage or config (a flag or config
+value that cannot work, an unknown model or one without offline weights, an output that exists without
+``--overwrite``), found before any work starts; 3 finished, but some input files could not be read (they
+are listed in the output and on stderr); 130 interrupted.
 
 ``xraydx.io.ImageReadError`` (one unreadable file, exit 1 when it ends a command) and the
 stage-specific ``OODError`` (a checkpoint error) subclasses these.
@@ -72,7 +74,14 @@ class ExportError(XraydxError, ValueError):
 
 
 class OutputExistsError(XraydxError, FileExistsError):
-    """An output exists and ``--overwrite`` was not given."""
+    """An output exists and ``--overwrite`` was not given (bad usage: the command asks to overwrite it)."""
+
+    exit_code = EXIT_USAGE
+
+
+class OutputError(XraydxError, OSError):
+    """An output cannot be written: its folder is missing or not a folder, it is a folder, no permission,
+    the disk is full (names the file and the cause)."""
 
 
 class TrainError(XraydxError, RuntimeError):
@@ -117,6 +126,7 @@ __all__ = [
     "DatasetError",
     "DeviceError",
     "ExportError",
+    "OutputError",
     "OutputExistsError",
     "SegmenterError",
     "ServeError",

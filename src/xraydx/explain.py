@@ -264,7 +264,8 @@ def explain_files(
     alpha: float = 0.45,
     progress: bool = True,
 ) -> dict[str, int]:
-    """Grad-CAM overlays for files / folders / list files; returns counts {"ok", "error"}."""
+    """Grad-CAM overlays for files / folders / list files; returns counts {"ok": images explained, "error":
+    unreadable, "overlays": PNG files written (one per image, or one per class with ``all_classes``)}."""
     from tqdm.auto import tqdm
 
     from xraydx import schema
@@ -282,7 +283,7 @@ def explain_files(
     classes = pred.classes
     cols = schema.columns(classes, "explain")
     names = _Names()
-    counts = {"ok": 0, "error": 0}
+    counts = {"ok": 0, "error": 0, "overlays": 0}
     out_dir.mkdir(parents=True, exist_ok=True)
 
     def error(path: Any, reason: str) -> list[str]:
@@ -314,8 +315,10 @@ def explain_files(
             if all_classes:
                 for j, c in enumerate(classes):
                     _write_png(out_dir / f"{stem}__{c}.png", overlay_png(img, heats[j], alpha), overwrite)
+                    counts["overlays"] += 1
             else:
                 _write_png(out_dir / f"{stem}__{classes[k]}.png", overlay_png(img, heats, alpha), overwrite)
+                counts["overlays"] += 1
             counts["ok"] += 1
             if checked.status == "not_cxr":
                 print(

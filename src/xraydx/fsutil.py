@@ -4,6 +4,7 @@ JSON sanitiser (:func:`json_safe`) and :func:`printable_path` for messages."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import math
 import os
@@ -13,24 +14,63 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
-from xraydx.errors import OutputExistsError, printable
+from xraydx.errors import OutputError, OutputExistsError, printable
+
+#: errors of writing (not of reading an input): raised inside an ``atomic_open`` block they name the output
+WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS})
+
+
+def output_error(path: Path | str, exc: OSError) -> OutputError:
+    """One line naming the output and the cause (``No space left on device``, ``Is a directory``, ...)."""
+    where = exc.filename if isinstance(exc.filename, str) and exc.filename else str(path)
+    if os.path.basename(where).startswith(".") and where.endswith(".tmp"):
+        where = str(path)  # our temp file: name the output it stands for
+    reason = exc.strerror or str(exc) or type(exc).__name__
+    return OutputError(f"{printable_path(where)}: cannot write ({reason})")
+
+
+def _temp_beside(path: Path) -> tuple[int, str]:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        check_output_file(path, overwrite=True)  # a clearer cause where there is one (missing folder, ...)
+        raise output_error(path, exc) from exc
+    _default_mode(fd)
+    return fd, tmp
+
+
+def _finish(tmp: str, path: Path) -> None:
+    try:
+        if os.path.isdir(path):
+            raise IsADirectoryError(errno.EISDIR, "is a folder", str(path))
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise output_error(path, exc) from exc
 
 
 @contextmanager
 def atomic_open(path: Path, mode: str = "w", **kwargs: Any) -> Iterator[IO[Any]]:
-    """Open a temp file beside ``path``; on success it is fsynced and renamed over ``path``."""
+    """Open a temp file beside ``path``; on success it is fsynced and renamed over ``path``. A write that
+    fails (disk full, read-only, ...) is an :class:`OutputError` naming ``path``; the old file stays whole."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    _default_mode(fd)
+    fd, tmp = _temp_beside(path)
     try:
         with os.fdopen(fd, mode, **kwargs) as fh:
-            yield fh
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
+            try:
+                yield fh
+            except OSError as exc:
+                if exc.errno in WRITE_ERRNOS:  # e.g. a write into fh on a full disk
+                    raise output_error(path, exc) from exc
+                raise
+            try:
+                fh.flush()
+                os.fsync(fh.fileno())
+            except OSError as exc:
+                raise output_error(path, exc) from exc
+        _finish(tmp, path)
     except BaseException:
-        with contextlib.suppress(FileNotFoundError):
+        with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
 
@@ -70,15 +110,18 @@ def atomic_write_json(path: Path, obj: Any) -> None:
 def atomic_write_with(path: Path, writer: Callable[[Path], None]) -> None:
     """For libraries that insist on writing to a path themselves: they write a temp path, we rename."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    _default_mode(fd)
+    fd, tmp = _temp_beside(path)
     os.close(fd)
     try:
-        writer(Path(tmp))
-        os.replace(tmp, path)
+        try:
+            writer(Path(tmp))
+        except OSError as exc:
+            if exc.errno in WRITE_ERRNOS:
+                raise output_error(path, exc) from exc
+            raise
+        _finish(tmp, path)
     except BaseException:
-        with contextlib.suppress(FileNotFoundError):
+        with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
 
@@ -100,8 +143,49 @@ def _json_default(obj: Any) -> Any:
 def refuse_overwrite(path: Path, overwrite: bool, flag: str = "--overwrite") -> None:
     if Path(path).exists() and not overwrite:
         raise OutputExistsError(
-            f"{path}: already exists; refusing to overwrite it (pass {flag} to replace it)"
+            f"{printable_path(str(path))}: already exists; refusing to overwrite it (pass {flag} to replace it)"
         )
+
+
+def _nearest_existing(path: Path) -> Path:
+    p = path
+    while not os.path.lexists(p) and p != p.parent:
+        p = p.parent
+    return p
+
+
+def check_output_file(path: Path | str, overwrite: bool, flag: str = "--out") -> Path:
+    """Before any work: ``path`` can be written as a file. An :class:`OutputError` (exit 1) when it is a
+    folder, its folder does not exist or is a file, or the folder cannot be written; an
+    :class:`OutputExistsError` (exit 2) when it exists and ``overwrite`` is false."""
+    path = Path(path)
+    shown = printable_path(str(path))
+    if path.is_dir():
+        raise OutputError(f"{shown}: is a folder; {flag} names the file to write")
+    refuse_overwrite(path, overwrite)
+    parent = path.parent
+    if not parent.is_dir():
+        found = _nearest_existing(parent)
+        if os.path.lexists(found) and not found.is_dir():
+            raise OutputError(f"{shown}: cannot write there: {printable_path(str(found))} is a file, not a folder")
+        raise OutputError(f"{shown}: the folder {printable_path(str(parent))} does not exist (create it first)")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise OutputError(f"{shown}: cannot write (no permission to write in {printable_path(str(parent))})")
+    return path
+
+
+def check_output_folder(path: Path | str, flag: str = "--out") -> Path:
+    """Before any work: ``path`` is a folder, or one that can be made (missing parents are made too). An
+    :class:`OutputError` (exit 1) when it, or the nearest existing folder above it, is a file or not writable."""
+    path = Path(path)
+    shown = printable_path(str(path))
+    found = _nearest_existing(path)
+    if os.path.lexists(found) and not found.is_dir():
+        what = "is a file" if found == path else f"cannot be made: {printable_path(str(found))} is a file"
+        raise OutputError(f"{shown}: {what}; {flag} names an output folder")
+    if not os.access(found, os.W_OK | os.X_OK):
+        raise OutputError(f"{shown}: cannot write (no permission to write in {printable_path(str(found))})")
+    return path
 
 
 def json_safe(obj: Any) -> Any:

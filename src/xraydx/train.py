@@ -42,7 +42,7 @@ from xraydx.evaluate import evaluate_split, write_split_predictions
 from xraydx.fsutil import atomic_write_bytes, atomic_write_json, printable_path
 from xraydx.groupdro import GroupDRO, group_ids
 from xraydx.metrics import compute_metrics, confidence_intervals, format_metrics
-from xraydx.models import count_parameters, create_model, normalization_for
+from xraydx.models import check_model, count_parameters, create_model, normalization_for
 from xraydx.optim import make_optimizer, save_train_state, write_log
 from xraydx.predict import batch_logits
 from xraydx.resume import resume_where_it_stopped
@@ -190,6 +190,7 @@ def run_training(cfg: Config | None, *, resume: Path | None = None, progress: bo
     if cfg is None:
         raise TrainError("no config given")
     validate_config(cfg)
+    check_model(cfg.model.name, cfg.model.pretrained)  # exit 2 before any image is read or folder made
     d, device = init_distributed(cfg.train.device)
     try:
         return _run(cfg, d, device, resume, progress and d.main)

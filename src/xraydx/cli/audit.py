@@ -41,10 +41,10 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from xraydx.audit import VARIANTS, run_audit
-    from xraydx.fsutil import refuse_overwrite
+    from xraydx.fsutil import check_output_folder, refuse_overwrite
     from xraydx.report import audit_name, write_audit
 
-    out = Path(args.out)
+    out = check_output_folder(Path(args.out))
     for name in ("audit.json", "audit.html"):
         refuse_overwrite(out / name, args.overwrite)  # before the work, not after
     if not 0 <= args.border < 0.5 or not 0 <= args.corner < 0.5:

@@ -30,8 +30,11 @@ def add_parser(sub: SubParsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from xraydx.data import discover, format_report, inspect
-    from xraydx.fsutil import atomic_write_json
+    from xraydx.fsutil import atomic_write_json, check_output_file
 
+    for flag in ("json", "manifest_out"):
+        if getattr(args, flag):  # written after reading every image: checked before
+            check_output_file(getattr(args, flag), overwrite=True, flag=f"--{flag.replace('_', '-')}")
     manifest = discover(
         args.path, val_fraction=args.val_fraction, test_fraction=args.test_fraction, seed=args.seed
     )

@@ -36,7 +36,7 @@ def run(args: argparse.Namespace) -> int:
     te = metrics.get("test")
     secs = time.perf_counter() - t0
     print()
-    print(f"demo finished in {secs / 60:.1f} min; run folder {run_dir}")
+    print(f"demo finished in {secs / 60:.1f} min")  # the training log has printed the run folder
     if te:
         recall = ", ".join(f"{c} {v['sensitivity']:.2f}" for c, v in te["per_class"].items())
         print(

@@ -37,10 +37,11 @@ def add_parser(sub: SubParsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from xraydx.evaluate import evaluate_checkpoint
+    from xraydx.fsutil import check_output_folder
     from xraydx.metrics import format_metrics
 
     ckpt = checkpoint(args)
-    out = Path(args.out) if args.out else _default_eval_dir(ckpt, args.split)
+    out = check_output_folder(Path(args.out) if args.out else _default_eval_dir(ckpt, args.split))
     m = evaluate_checkpoint(
         ckpt, args.data, args.split, out, device=args.device, overwrite=args.overwrite, progress=not args.quiet,
         audit=args.audit, allow_changed_data=args.allow_changed_data, masks=args.masks,

@@ -32,7 +32,9 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from xraydx.explain import explain_files
+    from xraydx.fsutil import check_output_folder
 
+    check_output_folder(args.out)
     if not 0.0 <= args.alpha <= 1.0:
         raise UsageError(f"--alpha must be in [0, 1]; got {args.alpha}")
     try:
@@ -45,6 +47,7 @@ def run(args: argparse.Namespace) -> int:
             raise UsageError(str(exc)) from exc
         raise
     print(
-        f"wrote {counts['ok']} Grad-CAM overlays to {args.out} (index: explain.csv); {counts['error']} unreadable"
+        f"wrote {counts['overlays']} Grad-CAM overlays of {counts['ok']} images to {args.out} (index: explain.csv);"
+        f" {counts['error']} unreadable"
     )
     return EXIT_PARTIAL if counts["error"] else EXIT_OK

@@ -60,8 +60,10 @@ def _default_check_dir() -> Path | None:
 
 def run(args: argparse.Namespace) -> int:
     from xraydx.export import export_checkpoint
+    from xraydx.fsutil import check_output_file
     from xraydx.predict import expand_inputs
 
+    check_output_file(Path(args.out), overwrite=args.overwrite)  # before the export and the parity check
     ckpt = checkpoint(args)
     check_dir = Path(args.check_images) if args.check_images else _default_check_dir()
     if check_dir is None:

@@ -28,7 +28,8 @@ from xraydx.cli import (
     shift,
     train,
 )
-from xraydx.errors import EXIT_INTERRUPTED, XraydxError, printable
+from xraydx.errors import EXIT_FATAL, EXIT_INTERRUPTED, XraydxError, printable
+from xraydx.fsutil import WRITE_ERRNOS
 
 #: in the order ``xraydx --help`` lists them
 COMMANDS = (
@@ -72,3 +73,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("xraydx: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except OSError as exc:  # a write that no atomic_open saw fail (disk full, read-only): one line, exit 1
+        if exc.errno not in WRITE_ERRNOS:
+            raise
+        where = f"{printable(exc.filename)}: " if isinstance(exc.filename, str) else ""
+        print(f"xraydx: error: {where}cannot write ({exc.strerror or exc})", file=sys.stderr)
+        return EXIT_FATAL

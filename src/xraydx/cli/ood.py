@@ -34,8 +34,10 @@ def add_parser(sub: SubParsers) -> None:
 
 
 def run_fit(args: argparse.Namespace) -> int:
+    from xraydx.fsutil import check_output_file
     from xraydx.ood import fit_guard_files
 
+    check_output_file(args.out, overwrite=args.overwrite)  # before the descriptors are computed
     meta = fit_guard_files(
         args.out, args.cxr3, lungseg=args.lungseg, segmenter=args.segmenter, k=args.k, percentile=args.percentile,
         rotation_percentile=args.rotation_percentile, inversion_percentile=args.inversion_percentile,

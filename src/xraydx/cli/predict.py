@@ -35,12 +35,17 @@ def add_parser(sub: SubParsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from xraydx.fsutil import refuse_overwrite
+    from xraydx.fsutil import check_output_file, check_output_folder
     from xraydx.predict import Prediction, Predictor, done_paths, expand_inputs, write_predictions
 
     out = Path(args.out)
-    if not args.resume:
-        refuse_overwrite(out, args.overwrite)
+    if args.resume and args.format != "csv":
+        raise UsageError("--resume works with CSV output only (--format csv)")
+    if args.batch_size < 1:
+        raise UsageError(f"--batch-size must be at least 1; got {args.batch_size}")
+    check_output_file(out, overwrite=args.overwrite or args.resume)  # before any image is read
+    if args.heatmaps:
+        check_output_folder(args.heatmaps, flag="--heatmaps")
     notes: list[str] = []
     paths, missing = expand_inputs(args.inputs, notes)
     for note in notes:

@@ -117,11 +117,13 @@ def _given(args: argparse.Namespace, names: Sequence[str]) -> list[str]:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from xraydx.fsutil import check_output_folder
     from xraydx.segment import LungSegmenter
     from xraydx.segment_train import segment_files
 
     if not args.out:
         raise UsageError("segment: --out DIR is required")
+    check_output_folder(args.out)
     given = _given(args, _TRAIN_ONLY)
     if given:
         raise UsageError(
@@ -143,10 +145,12 @@ def run(args: argparse.Namespace) -> int:
 def run_train(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from xraydx.fsutil import check_output_folder
     from xraydx.segment_train import train_segmenter
 
     if not args.out:
         raise UsageError("segment: --out DIR is required")
+    check_output_folder(args.out)
     if not getattr(args, "data", None):
         raise UsageError("segment train: --data PATH is required")
     opts = {k: getattr(args, k) for k in _given(args, _TRAIN_ONLY) if k != "data"}

@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import argparse
+import math
 
 from xraydx.cli._common import SubParsers
 from xraydx.config import MIB, ServeConfig
 from xraydx.constants import ENGINES, TOKEN_ENV
+from xraydx.errors import ConfigError
 
 
 def _positive_float(text: str) -> float:
     v = float(text)
-    if not v > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    if not (math.isfinite(v) and v > 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
     return v
 
 
@@ -45,8 +47,8 @@ def add_parser(sub: SubParsers) -> None:
     sp.add_argument(
         "--token", help=f"API token required on /api/* (except /api/health); default: ${TOKEN_ENV} if set"
     )
-    sp.add_argument("--max-upload-mb", type=_positive_float, default=ServeConfig.max_upload_bytes / MIB,
-                    help="largest accepted file (MB)")  # fmt: skip
+    sp.add_argument("--max-upload-mb", type=float, default=ServeConfig.max_upload_bytes / MIB,
+                    help="largest accepted file (MB; a finite number > 0)")  # fmt: skip
     sp.add_argument("--engine", choices=list(ENGINES), default=ServeConfig.engine, help="inference engine")
     sp.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (torch engine; Grad-CAM)")
     sp.add_argument(
@@ -55,7 +57,7 @@ def add_parser(sub: SubParsers) -> None:
     sp.add_argument("--max-batch", type=_positive_int, default=ServeConfig.max_batch,
                     help="most images per inference batch")  # fmt: skip
     sp.add_argument("--batch-window-ms", type=float, default=ServeConfig.batch_window_ms,
-                    help="wait this long to group concurrent requests (0: greedy)")  # fmt: skip
+                    help="wait this long to group concurrent requests (0: greedy; finite, >= 0)")  # fmt: skip
     sp.add_argument("--limit-concurrency", type=_positive_int, default=64,
                     help="connections beyond this get 503 (memory bound)")  # fmt: skip
     sp.add_argument("--allowed-hosts", metavar="NAMES",
@@ -72,7 +74,18 @@ def add_parser(sub: SubParsers) -> None:
     sp.set_defaults(func=run)
 
 
+def check_flags(args: argparse.Namespace) -> None:
+    """The numeric flags argparse cannot range-check, before anything loads (a ConfigError: one line, exit 2)."""
+    mb = args.max_upload_mb
+    if not (math.isfinite(mb) and mb > 0 and mb * MIB >= 1):
+        raise ConfigError(f"--max-upload-mb must be a finite number > 0; got {mb:g}")
+    window = args.batch_window_ms
+    if not (math.isfinite(window) and window >= 0):
+        raise ConfigError(f"--batch-window-ms must be a finite number >= 0 (0: greedy); got {window:g}")
+
+
 def run(args: argparse.Namespace) -> int:
     from xraydx.serve import cmd_serve
 
+    check_flags(args)
     return cmd_serve(args)

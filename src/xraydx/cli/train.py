@@ -12,9 +12,19 @@ from xraydx.errors import EXIT_OK, EXIT_PARTIAL
 
 TRAIN_FLAGS = {
     # flag: (config key, type, help)
-    "data": ("data.path", str, "dataset: folder in any supported layout, or a CSV manifest"),
+    "data": (
+        "data.path",
+        str,
+        "dataset: folder in any supported layout, or a CSV manifest (required, unless --config sets"
+        " data.path; there is no default: `xraydx demo` trains on the bundled sample)",
+    ),
     "model": ("model.name", str, "timm architecture (default mobilenetv2_100)"),
-    "pretrained": ("model.pretrained", str, "offline | timm | none"),
+    "pretrained": (
+        "model.pretrained",
+        str,
+        "offline (default: ImageNet weights shipped for mobilenetv2_100 and tf_efficientnet_lite0-2) |"
+        " timm (downloads; needs internet) | none (random start: any other architecture)",
+    ),
     "epochs": ("train.epochs", int, "maximum epochs"),
     "batch_size": ("train.batch_size", int, "batch size (per process)"),
     "lr": ("train.lr", float, "peak learning rate"),
@@ -78,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
         run_dir = run_training(None, resume=Path(args.resume), progress=not args.quiet)
     else:
         run_dir = run_training(build_config(args), progress=not args.quiet)
-    print(f"run folder: {run_dir}")
+    # the run's log has already said "run folder: ..." (rank 0 only under torchrun): not repeated here
     skipped = run_dir / "skipped.csv"
     if skipped.is_file():  # written by train when images could not be read (training went on without them)
         import csv

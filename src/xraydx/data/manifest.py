@@ -23,7 +23,7 @@ import numpy as np
 from xraydx.constants import CLASSES, SPLITS
 from xraydx.data.layouts import Collector, CsvManifest, Plan, collect, find_plan
 from xraydx.data.records import Manifest, Record, _show, _sort_key
-from xraydx.errors import DatasetError
+from xraydx.errors import ConfigError, DatasetError
 
 __all__ = ["checkpoint_split", "discover", "hold_out_source", "read_csv_manifest"]
 
@@ -224,8 +224,9 @@ def hold_out_source(manifest: Manifest, source: str) -> Manifest:
     generalisation to a source the model never saw, which a random split cannot give."""
     known = sorted({r.source for r in manifest.records if r.source})
     if source not in known:
-        raise DatasetError(
-            f"holdout_source {source!r} not in the data; sources: {', '.join(known) or 'none recorded'}"
+        raise ConfigError(
+            f"{_show(manifest.root)}: --holdout-source {source!r} matches no source of this data;"
+            f" sources: {', '.join(known) or 'none recorded'}"
         )
     recs = [replace(r, split="external") if r.source == source else r for r in manifest.records]
     note = (
