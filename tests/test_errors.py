@@ -15,7 +15,7 @@ from xraydx.config import CHOICES, ConfigError, parse_overrides
 def test_every_kind_is_an_xraydx_error_with_its_exit_code() -> None:
     usage = {errors.UsageError, errors.ConfigError, errors.DeviceError, errors.OutputExistsError}
     kinds = [v for v in vars(errors).values() if isinstance(v, type) and issubclass(v, Exception)]
-    assert len(kinds) == 13  # the base and its twelve kinds
+    assert len(kinds) == 14  # the base and its thirteen kinds
     for kind in kinds:
         assert issubclass(kind, errors.XraydxError)
         assert kind.exit_code == (errors.EXIT_USAGE if kind in usage else errors.EXIT_FATAL), kind

@@ -157,13 +157,13 @@ def test_early_failure_does_not_block_the_name_and_divergence_keeps_the_last_goo
 
 
 def test_a_folder_with_other_files_is_still_never_reused(tmp_path: Path, sample_dir: Path) -> None:
-    from xraydx.errors import TrainError
+    from xraydx.errors import OutputExistsError
 
     run = tmp_path / "tiny"
     (run / "checkpoints").mkdir(parents=True)
     (run / "config.yaml").write_text("x: 1\n")
     (run / "notes.txt").write_text("mine")
-    with pytest.raises(TrainError, match="already exists"):
+    with pytest.raises(OutputExistsError, match="already exists"):  # exit 2: an existing output
         run_training(tiny_config(sample_dir, tmp_path), progress=False)
     assert (run / "notes.txt").read_text() == "mine"
 
