@@ -4,8 +4,8 @@
 Usage (from the repository root)::
 
     OMP_NUM_THREADS=2 PYTHONPATH=src python benchmarks/bench_ood.py \\
-        --cxr3 /work/shared/data/cxr3 --adult /work/shared/data/cxr3_adult_pneumonia \\
-        --lungseg /work/shared/data/lungseg --json benchmarks/results/bench_ood.json
+        --cxr3 DATA_DIR/cxr3 --adult DATA_DIR/cxr3_adult_pneumonia \\
+        --lungseg DATA_DIR/lungseg --json benchmarks/results/bench_ood.json
 
 Real CXRs: every cxr3 image (reported per part of the guard's own patient split: ``fit`` = the guard
 saw it, ``calib`` = its threshold was set on it, ``test`` = held out), the bundled sample

@@ -18,7 +18,7 @@ with scikit-learn's StratifiedGroupKFold.  The ieee8023 masks are deliberately n
 ``--lung-mask crop`` every image then gets its lung box from the same shipped segmenter, so the
 crop's style cannot tell the new source apart.
 
-    python scripts/make_default_manifest.py --shared ../shared/data --out runs/default-data.csv
+    python scripts/make_default_manifest.py --shared DATA_DIR --out runs/default-data.csv
 """
 
 from __future__ import annotations
@@ -84,7 +84,7 @@ def split_ieee(rows: list[dict[str, str]], seed: int) -> None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument(
-        "--shared", type=Path, default=Path("../shared/data"), help="folder holding cxr3, lungseg, ..."
+        "--shared", type=Path, required=True, help="DATA_DIR: the folder holding cxr3, lungseg, ..."
     )
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--seed", type=int, default=0)

@@ -3,7 +3,7 @@
 
 Usage (from the repository root)::
 
-    python scripts/make_sample.py --src /work/shared/data/cxr3 --out data/sample --seed 0
+    python scripts/make_sample.py --src DATA_DIR/cxr3 --out data/sample --seed 0
 
 What it does:
 
@@ -320,7 +320,7 @@ def build(src: Path, out: Path, seed: int, quota: dict[str, int], command: str) 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--src", type=Path, default=Path("/work/shared/data/cxr3"), help="cxr3 folder")
+    ap.add_argument("--src", type=Path, required=True, help="the cxr3 folder (DATA_DIR/cxr3)")
     ap.add_argument("--out", type=Path, default=Path("data/sample"), help="output folder")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)

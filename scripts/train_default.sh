@@ -9,7 +9,7 @@
 # Copy the result into the package to ship it:
 #   cp RUNS_DIR/default-model/checkpoints/best.safetensors src/xraydx/weights/default.safetensors
 set -euo pipefail
-SHARED=${1:-../shared/data}
+SHARED=${1:?usage: scripts/train_default.sh DATA_DIR [RUNS]  (DATA_DIR: the folder holding cxr3, lungseg, ...)}
 RUNS=${2:-runs}
 XRAYDX=${XRAYDX:-xraydx}
 FOLDS='radiographydb;kermany;nihcxr8;ieee8023;shenzhen+montgomery+openist'

@@ -8,9 +8,10 @@
 # copy the two .safetensors into src/xraydx/weights/ to ship them. Changing the segmenter invalidates the
 # OOD statistics (OODGuard checks the segmenter's sha256), so always rerun both steps.
 set -euo pipefail
-LUNGSEG=${1:-/work/shared/data/lungseg}
-CXR3=${2:-/work/shared/data/cxr3}
-ADULT=${3:-/work/shared/data/cxr3_adult_pneumonia}
+USAGE="usage: scripts/train_segmenter.sh DATA_DIR/lungseg DATA_DIR/cxr3 DATA_DIR/cxr3_adult_pneumonia [OUT]"
+LUNGSEG=${1:?$USAGE}
+CXR3=${2:?$USAGE}
+ADULT=${3:?$USAGE}
 OUT=${4:-runs/lungseg}
 PY=${PYTHON:-python}
 export PYTHONPATH=${PYTHONPATH:-src}

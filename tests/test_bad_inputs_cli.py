@@ -280,6 +280,7 @@ def test_train_skips_bad_files_and_lists_them(tmp_path: Path, capsys: pytest.Cap
         assert skipped[p][0] == split and fragment in skipped[p][1], (p, skipped[p])
     captured = capsys.readouterr()
     assert f"{len(expected)} unreadable" in captured.err and "skipped.csv" in captured.err
+    assert captured.out.count("run folder:") == 1, captured.out  # said once (the log's line), not repeated
     log = (run / "train.log").read_text(encoding="utf-8")
     for c in BAD:
         assert f"skipped unreadable {printable(paths[c.key])}: " in log, c.key

@@ -134,7 +134,7 @@ def _rows(p: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(fh))
 
 
-def test_explain_cli(checkpoint: Path, tmp_path: Path) -> None:
+def test_explain_cli(checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     src = tmp_path / "in"
     src.mkdir()
     imgs = sample_images("test")[:2]
@@ -155,11 +155,14 @@ def test_explain_cli(checkpoint: Path, tmp_path: Path) -> None:
     assert len(list(out.glob("*.png"))) == 2
     # refuses to overwrite; --all-classes writes one overlay per class
     assert main(["explain", str(src), "--checkpoint", str(checkpoint), "--out", str(out), "-q"]) != EXIT_OK
+    capsys.readouterr()
     assert main(["explain", str(imgs[0]), "--checkpoint", str(checkpoint), "--out", str(out), "-q",
                  "--all-classes", "--overwrite"]) == EXIT_OK  # fmt: skip
     assert {p.name for p in out.glob(f"{imgs[0].stem}__*.png")} == {
         f"{imgs[0].stem}__{c}.png" for c in ("covid", "non_covid", "normal")
     }
+    # the summary counts the overlays written (3 for one image with --all-classes), not the images
+    assert "wrote 3 Grad-CAM overlays of 1 images" in capsys.readouterr().out
 
 
 def test_predict_heatmaps_and_flag(checkpoint: Path, tmp_path: Path) -> None:
