@@ -116,12 +116,12 @@ def test_evaluate_cli(
         assert set(m["per_class"][c]) >= {"sensitivity", "specificity", "ppv", "f1", "roc_auc"}
     assert "confusion matrix" in capsys.readouterr().out
     assert len(_rows(out / "predictions.csv")) == 30
-    # refuses to overwrite
+    # refuses to overwrite: an existing output is bad usage, exit 2
     assert (
         main(
             ["evaluate", "--checkpoint", str(checkpoint), "--data", str(sample_dir), "--out", str(out), "-q"]
         )
-        == 1
+        == 2
     )
 
 
