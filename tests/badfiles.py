@@ -307,6 +307,8 @@ CLI_CASES = [
             "unknown model 'resnet5': not a timm architecture; did you mean resnet50"),  # fmt: skip
     CliCase("model_without_offline_weights", (*TRAIN, "--model", "resnet50", "--pretrained", "offline"), USAGE,
             "no offline ImageNet weights for 'resnet50'"),  # fmt: skip
+    CliCase("train_resume_with_other_flags", ("train", "--resume", "{runs}", "--epochs", "3", "--set",
+            "train.lr=0.1", "-q"), USAGE, "--resume continues a run with its saved config.yaml; --epochs, --set"),  # fmt: skip
     CliCase("train_without_data", ("train", "--model", "test_resnet", "--runs-dir", "{runs}", "-q"), USAGE,
             "no data given: pass --data PATH"),  # fmt: skip
     CliCase("predict_json_resume", (*PREDICT, "--out", "{tmp}/p.json", "--format", "json", "--resume"), USAGE,

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from xraydx.cli._common import SubParsers, add_quiet
-from xraydx.errors import EXIT_OK, EXIT_PARTIAL
+from xraydx.errors import EXIT_OK, EXIT_PARTIAL, UsageError
 
 TRAIN_FLAGS = {
     # flag: (config key, type, help)
@@ -85,6 +85,13 @@ def run(args: argparse.Namespace) -> int:
     from xraydx.train import run_training
 
     if args.resume:
+        given = [f"--{f.replace('_', '-')}" for f in TRAIN_FLAGS if getattr(args, f) is not None]
+        given += [flag for flag, value in (("--config", args.config), ("--set", args.set)) if value]
+        if given:  # they would be silently ignored: the run goes on with its saved config.yaml
+            raise UsageError(
+                f"--resume continues a run with its saved config.yaml; {', '.join(given)} cannot be"
+                f" combined with it (edit {Path(args.resume) / 'config.yaml'} to change a value)"
+            )
         run_dir = run_training(None, resume=Path(args.resume), progress=not args.quiet)
     else:
         run_dir = run_training(build_config(args), progress=not args.quiet)
