@@ -180,7 +180,7 @@ def test_evaluate_checks_the_checkpoints_recorded_split(
     same = json.loads((tmp_path / "same" / "metrics.json").read_text())
     assert same["split_check"] == "the data gives exactly the checkpoint's recorded split"
     # two training images copied into the test split of a copy of the data: the split is not the run's
-    data = tmp_path / "data"
+    data = tmp_path / "copy" / sample_dir.name  # the same dataset, moved (a folder of the same name)
     shutil.copytree(sample_dir, data)
     with open(data / "manifest.csv", "a", newline="") as fh:
         for i, src in enumerate(sorted((data / "train" / "covid").glob("*.png"))[:2]):
@@ -201,3 +201,10 @@ def test_evaluate_checks_the_checkpoints_recorded_split(
     own = tmp_path / "own"
     assert main([*base, "--data", str(trained_run / "manifest.csv"), "--out", str(own)]) == EXIT_OK
     assert json.loads((own / "metrics.json").read_text())["split_check"].startswith("the data gives exactly")
+    # another dataset (an external test set) is evaluated: its split was never the run's
+    other = tmp_path / "external"
+    shutil.copytree(data, other)
+    assert main([*base, "--data", str(other), "--out", str(tmp_path / "ext")]) == EXIT_OK
+    assert json.loads((tmp_path / "ext" / "metrics.json").read_text())["split_check"].startswith(
+        "another dataset"
+    )

@@ -166,8 +166,8 @@ def evaluate_checkpoint(
     refuse_overwrite(out / "metrics.json", overwrite)
     refuse_overwrite(out / "report.html", overwrite)
     pred = Predictor(checkpoint, device)
-    recs, change, recorded = checked_split(pred.meta, data, split)
-    split_check = _split_check(checkpoint, data, split, change, recorded, allow_changed_data)
+    recs, change, kind = checked_split(pred.meta, data, split)
+    split_check = _split_check(checkpoint, data, split, change, kind, allow_changed_data)
     if not recs:
         raise UsageError(f"{data}: no images in split {split!r} (as the checkpoint's training run split it)")
     uses_masks = pred.spec.lung_mask != "none"
@@ -215,11 +215,12 @@ def _masks_text(uses_masks: bool, masks: str) -> str:
     return "the dataset's own where it has them (--masks dataset; predict and serve use the segmenter's)"
 
 
-def _split_check(
-    checkpoint: Path, data: str, split: str, change: str | None, recorded: bool, allow: bool
-) -> str:
-    """The split check in words (metrics.json, report.html); refuses a changed test split unless ``allow``."""
-    if not recorded:
+def _split_check(checkpoint: Path, data: str, split: str, change: str | None, kind: str, allow: bool) -> str:
+    """The split check in words (metrics.json, report.html); refuses a changed test split of the training
+    dataset unless ``allow``."""
+    if kind == "other":
+        return "another dataset than the checkpoint was trained on: its split is not the training run's"
+    if kind == "none":
         text = "not checked: the checkpoint records no split membership (made before xraydx recorded it)"
         print(f"xraydx: warning: {text}; the {split} split is re-made from the run's fractions and seed",
               file=sys.stderr)  # fmt: skip

@@ -120,14 +120,14 @@ def resume_manifest(saved_csv: Path, data_path: str, *, holdout: str = "") -> tu
     return replace(saved, root=root, layout=layout, notes=notes), notes
 
 
-def checked_split(
-    meta: dict[str, Any], path: str | Path, split: str
-) -> tuple[list[Record], str | None, bool]:
+def checked_split(meta: dict[str, Any], path: str | Path, split: str) -> tuple[list[Record], str | None, str]:
     """The images of ``split`` of the data at ``path``, split as the checkpoint's training run split it
     (its ``data`` config: fractions, seed, held-out source), and the check against the membership the
-    checkpoint recorded: ``(records, problem, recorded)``. ``problem`` says how the data no longer
-    gives the recorded split (None where it does); ``recorded`` is False for a checkpoint that records
-    none (made before membership was recorded: nothing to check against)."""
+    checkpoint recorded: ``(records, problem, kind)``. ``problem`` says how the data does not give the
+    recorded split (None where it does). ``kind``: ``"none"`` for a checkpoint that records no membership
+    (made before it was recorded), ``"same"`` where the data is the training dataset (the same root
+    folder, or one of the same name: a moved copy), ``"other"`` for another dataset (an external test
+    set; its split cannot hold the run's training images, and a mismatch is expected)"""
     data_cfg = (meta.get("config") or {}).get("data") or {}
     manifest = discover(
         path,
@@ -142,12 +142,16 @@ def checked_split(
     recs = manifest.split(split)
     membership = meta.get("split_membership")
     if not isinstance(membership, dict):
-        return recs, None, False
-    trained_root = (meta.get("training_data") or {}).get("root")
+        return recs, None, "none"
+    root = (meta.get("training_data") or {}).get("root")
+    trained_root = root if isinstance(root, str) and root else None
+    same = trained_root is None or (
+        os.path.abspath(trained_root) == os.path.abspath(manifest.root)
+        or Path(trained_root).name == manifest.root.name
+    )
     recorded = membership.get(split)
     if recorded is None:
-        return recs, (f"the checkpoint's training run had no {split} split" if recs else None), True
-    change = membership_change(
-        recorded, recs, manifest.root, trained_root if isinstance(trained_root, str) else None
-    )
-    return recs, change, True
+        change = f"the checkpoint's training run had no {split} split" if recs else None
+    else:
+        change = membership_change(recorded, recs, manifest.root, trained_root)
+    return recs, change, "same" if same or change is None else "other"
