@@ -39,7 +39,7 @@ from xraydx.config import Config, validate
 from xraydx.crossval_metrics import summarize
 from xraydx.data import CLASSES, Manifest, discover
 from xraydx.errors import DatasetError, OutputExistsError, UsageError
-from xraydx.fsutil import atomic_write_json, printable_path
+from xraydx.fsutil import atomic_write_json, csv_unescape, printable_path
 
 PIPELINES = ("cached", "deployed")
 FOLD_SEP = ";"
@@ -289,16 +289,16 @@ class CrossVal:
         rows: list[dict[str, str]] = []
         for f in self.folds:
             with open(self.fold_dir / f.name / "oos_predictions.csv", encoding="utf-8", newline="") as fh:
-                rows += list(csv.DictReader(fh))
+                rows += [{k: csv_unescape(v) for k, v in r.items()} for r in csv.DictReader(fh)]
         return rows
 
     def finish(self) -> dict[str, Any]:
-        from xraydx.fsutil import atomic_open
+        from xraydx.fsutil import CsvDictWriter, atomic_open
         from xraydx.report import crossval_page, write_html
 
         rows = self.pooled_rows()
         with atomic_open(self.run / "predictions.csv", "w", encoding="utf-8", newline="") as fh:
-            w = csv.DictWriter(fh, fieldnames=list(rows[0]) if rows else ["path"])
+            w = CsvDictWriter(fh, fieldnames=list(rows[0]) if rows else ["path"])
             w.writeheader()
             w.writerows(rows)
         in_source = {f.name: _in_source_test(self.fold_dir / f.name) for f in self.folds}

@@ -16,7 +16,6 @@ predicted class of each image (``--all-classes``: one per class) and an index ``
 
 from __future__ import annotations
 
-import csv
 import re
 import sys
 from collections.abc import Iterable, Iterator, Sequence
@@ -29,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from xraydx.errors import printable
+from xraydx.fsutil import csv_writer
 from xraydx.render import COLORMAP as COLORMAP
 from xraydx.render import heat_overlay as overlay
 from xraydx.render import heat_overlay_png as overlay_png
@@ -292,7 +292,7 @@ def explain_files(
         return schema.csv_cells(schema.error_row(str(path), classes, reason, model=pred.model_id, kind="explain"), cols)
 
     with atomic_open(index, "w", encoding="utf-8", newline="") as fh:
-        w = csv.writer(fh)
+        w = csv_writer(fh)
         w.writerow(cols)
         for p, reason in missing:
             w.writerow(error(p, reason))

@@ -1,13 +1,23 @@
 """Atomic file writes (every output is written to a temp file in the same folder, then renamed), the one
-JSON sanitiser (:func:`json_safe`) and :func:`printable_path` for messages."""
+JSON sanitiser (:func:`json_safe`), :func:`printable_path` for messages, and CSV cells that a spreadsheet
+will not run as formulas (:func:`csv_cell`, :func:`csv_writer`, :class:`CsvDictWriter`, :func:`csv_unescape`).
+
+CSV formula injection (OWASP): a cell that starts with ``=``, ``+``, ``-``, ``@``, TAB or CR is written
+with a leading ``'`` (``=HYPERLINK(...)`` becomes ``'=HYPERLINK(...)``), so Excel, LibreOffice and Sheets
+show it as text. Numbers (``-0.5``, ``1e-3``, ``-inf``) are kept as they are. A cell that already starts
+with ``'`` before such a character gets one more ``'``, so :func:`csv_unescape` (used wherever xraydx reads
+its own CSVs back: manifests, ``--resume``, crossval) gives back exactly what was written. JSON is never
+escaped."""
 
 from __future__ import annotations
 
 import contextlib
+import csv
 import errno
 import json
 import math
 import os
+import re
 import tempfile
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -212,3 +222,52 @@ def printable_path(path: str) -> str:
     """A path (or a message holding one) for a terminal or log: :func:`xraydx.errors.printable` (bytes that
     are not UTF-8 and control characters as \\xNN; never a crash on print)."""
     return printable(path)
+
+
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?|[-+]?(inf|infinity|nan)", re.IGNORECASE)
+
+
+def csv_cell(value: Any) -> Any:
+    """A CSV cell that no spreadsheet runs as a formula: text starting with = + - @ TAB or CR (also after
+    leading ``'``) gets a leading ``'``; numbers and non-text values are returned unchanged."""
+    if not isinstance(value, str) or not value.lstrip("'").startswith(_FORMULA_START):
+        return value
+    if value[0] != "'" and _NUMBER.fullmatch(value):
+        return value
+    return "'" + value
+
+
+def csv_unescape(cell: str) -> str:
+    """The value :func:`csv_cell` escaped (the leading ``'`` removed where it added one)."""
+    if cell.startswith("'") and cell.lstrip("'").startswith(_FORMULA_START):
+        return cell[1:]
+    return cell
+
+
+class _SafeWriter:
+    """A ``csv.writer`` whose cells go through :func:`csv_cell`."""
+
+    def __init__(self, writer: Any) -> None:
+        self._writer = writer
+        self.dialect = writer.dialect
+
+    def writerow(self, row: Any) -> Any:
+        return self._writer.writerow([csv_cell(v) for v in row])
+
+    def writerows(self, rows: Any) -> None:
+        for row in rows:
+            self.writerow(row)
+
+
+def csv_writer(fh: Any, **kwargs: Any) -> Any:
+    """``csv.writer(fh, **kwargs)`` with every cell escaped by :func:`csv_cell`: the one way xraydx writes CSV."""
+    return _SafeWriter(csv.writer(fh, **kwargs))
+
+
+class CsvDictWriter(csv.DictWriter):  # type: ignore[type-arg]
+    """``csv.DictWriter`` with every cell escaped by :func:`csv_cell`."""
+
+    def __init__(self, fh: Any, fieldnames: Any, *args: Any, **kwargs: Any) -> None:
+        super().__init__(fh, fieldnames, *args, **kwargs)
+        self.writer = _SafeWriter(self.writer)

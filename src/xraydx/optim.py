@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import csv
 import io
 import json
 import math
@@ -24,7 +23,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from xraydx.fsutil import atomic_write_text, atomic_write_with
+from xraydx.fsutil import CsvDictWriter, atomic_write_text, atomic_write_with
 
 __all__ = [
     "load_train_state",
@@ -75,7 +74,7 @@ def make_optimizer(
 def write_log(path: Path, rows: Sequence[dict[str, Any]], columns: Sequence[str] | None = None) -> None:
     """The per-epoch log as CSV, written whole and atomically (``columns``: default the first row's keys)."""
     buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=list(columns if columns is not None else rows[0]))
+    w = CsvDictWriter(buf, fieldnames=list(columns if columns is not None else rows[0]))
     w.writeheader()
     w.writerows(rows)
     atomic_write_text(path, buf.getvalue())

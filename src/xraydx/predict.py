@@ -31,7 +31,7 @@ from xraydx.device import resolve_device
 from xraydx.engines import Classifier, batch_logits, lung_segmenter
 from xraydx.errors import ExportError, UsageError
 from xraydx.frontal import view_reason_of_file
-from xraydx.fsutil import printable_path
+from xraydx.fsutil import csv_unescape, csv_writer, printable_path
 from xraydx.io import ImageReadError, read_image
 from xraydx.ood import OODGuard, OODResult, colourfulness_of_file
 from xraydx.transforms import Preprocessing, preprocess
@@ -554,12 +554,12 @@ def write_predictions(
                 " (choose another --out)"
             )
         with atomic_open(partial, "w", encoding="utf-8", errors="surrogateescape", newline="") as fh:
-            cw = csv.writer(fh)
+            cw = csv.writer(fh)  # the kept rows, as they are in the file (escaped already)
             cw.writerow(cols)
             cw.writerows(kept)
         try:
             with open(partial, "a", encoding="utf-8", errors="surrogateescape", newline="") as fh:
-                w = csv.writer(fh)
+                w = csv_writer(fh)
                 for p in preds:
                     w.writerow(schema.csv_cells(tally(p), cols))
                     fh.flush()
@@ -572,7 +572,7 @@ def write_predictions(
         return counts
     refuse_overwrite(out, overwrite)
     with atomic_open(out, "w", encoding="utf-8", errors="surrogateescape", newline="") as fh:
-        w = csv.writer(fh)
+        w = csv_writer(fh)
         w.writerow(cols)
         for p in preds:
             w.writerow(schema.csv_cells(tally(p), cols))
@@ -590,7 +590,7 @@ def done_paths(out: Path) -> set[str]:
     if header is None or "path" not in header:
         return set()
     i = header.index("path")
-    return {r[i] for r in rows if r[i]}
+    return {csv_unescape(r[i]) for r in rows if r[i]}
 
 
 def _complete_rows(path: Path) -> tuple[list[str] | None, list[list[str]]]:

@@ -17,7 +17,6 @@ CLI::
 
 from __future__ import annotations
 
-import csv
 import io as _io
 import math
 import os
@@ -35,7 +34,7 @@ import torch.nn.functional as F
 from xraydx.checkpoint import save as save_checkpoint
 from xraydx.data import SegSample, collect_samples
 from xraydx.errors import SegmenterError, printable
-from xraydx.fsutil import atomic_write_json, atomic_write_text, refuse_overwrite
+from xraydx.fsutil import atomic_write_json, atomic_write_text, csv_writer, refuse_overwrite
 from xraydx.io import ImageReadError, read_image
 from xraydx.models import normalization_for
 from xraydx.optim import make_optimizer, write_log
@@ -242,7 +241,7 @@ def train_segmenter(
     split_kind = describe_split(samples)
     log(f"data: split: {split_kind}")
     buf = _io.StringIO()
-    w = csv.writer(buf)
+    w = csv_writer(buf)
     w.writerow(["image", "mask", "group", "split", "source"])
     w.writerows([[s.image, s.mask, s.group, s.split, s.source] for s in samples])
     atomic_write_text(out / "split.csv", buf.getvalue())
@@ -453,7 +452,7 @@ def segment_files(
         rows.append([str(p), str(mpath), opath, f"{float((mask > 0).mean()):.4f}", "ok"])
         counts["ok"] += 1
     buf = _io.StringIO()
-    w = csv.writer(buf)
+    w = csv_writer(buf)
     w.writerow(["path", "mask", "overlay", "lung_fraction", "status"])
     w.writerows(rows)
     atomic_write_text(out / "segment.csv", buf.getvalue())

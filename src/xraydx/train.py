@@ -7,7 +7,6 @@ Only rank 0 writes files. Each epoch's data order, augmentation and dropout are 
 
 from __future__ import annotations
 
-import csv
 import io as _io
 import math
 import time
@@ -39,7 +38,7 @@ from xraydx.device import gather_concat as gather_concat  # moved to device; imp
 from xraydx.device import resolve_device as resolve_device  # moved to device; importable here as before
 from xraydx.errors import TrainError
 from xraydx.evaluate import evaluate_split, write_split_predictions
-from xraydx.fsutil import atomic_write_bytes, atomic_write_json, printable_path
+from xraydx.fsutil import atomic_write_bytes, atomic_write_json, csv_writer, printable_path
 from xraydx.groupdro import GroupDRO, group_ids
 from xraydx.metrics import compute_metrics, confidence_intervals, format_metrics
 from xraydx.models import check_model, count_parameters, create_model, normalization_for
@@ -298,7 +297,7 @@ def load_data(
         log(f"skipped unreadable {rec.path}: {reason}")
     if d.main and skipped:
         buf = _io.StringIO()
-        w = csv.writer(buf)
+        w = csv_writer(buf)
         w.writerow(["path", "split", "reason"])
         w.writerows([[str(r.path), r.split, reason] for r, reason in skipped])
         atomic_write_bytes(run / "skipped.csv", buf.getvalue().encode("utf-8", "surrogateescape"))

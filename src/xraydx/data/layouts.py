@@ -45,7 +45,7 @@ from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import ClassVar
 
 from xraydx.constants import CLASSES
 from xraydx.data.records import (
@@ -58,6 +58,7 @@ from xraydx.data.records import (
 )
 from xraydx.data.walk import _child_dir, _subdirs, _top_files, _Walker, extensionless
 from xraydx.errors import DatasetError
+from xraydx.fsutil import csv_unescape
 from xraydx.io import is_image_path, sniff_file
 
 __all__ = [
@@ -536,8 +537,11 @@ def _read_csv_rows(path: Path) -> list[list[str]]:
             text = fh.read()
     except OSError as exc:
         raise DatasetError(f"{_show(path)}: cannot read CSV ({exc.strerror or exc})") from None
+    # The delimiter from the header line alone, the quote always '"': cells that xraydx escaped with a
+    # leading ' (see xraydx.fsutil.csv_cell), or a TAB inside a name, would mislead a sniffer of the rows.
     try:
-        dialect: Any = csv.Sniffer().sniff(text[:8192], delimiters=",;\t")
+        delimiter = csv.Sniffer().sniff(text.split("\n", 1)[0][:8192], delimiters=",;\t").delimiter
     except csv.Error:
-        dialect = csv.excel
-    return [row for row in csv.reader(io.StringIO(text), dialect) if any(c.strip() for c in row)]
+        delimiter = ","
+    rows = csv.reader(io.StringIO(text), delimiter=delimiter, quotechar='"', doublequote=True)
+    return [[csv_unescape(c) for c in row] for row in rows if any(c.strip() for c in row)]  # our own escapes

@@ -8,7 +8,6 @@ through :data:`CLASS_ALIASES` and :data:`SPLIT_ALIASES`. :meth:`Manifest.to_csv`
 
 from __future__ import annotations
 
-import csv
 import io
 import os
 import re
@@ -16,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from xraydx.constants import ALL_SPLITS, CLASSES, SPLITS
-from xraydx.fsutil import atomic_open
+from xraydx.fsutil import atomic_open, csv_writer
 
 __all__ = [
     "CLASS_ALIASES",
@@ -133,7 +132,7 @@ class Manifest:
         path = Path(path)
         base = Path(os.path.abspath(path.parent))
         buf = io.StringIO()
-        writer = csv.writer(buf, lineterminator="\n")
+        writer = csv_writer(buf, lineterminator="\n")
         writer.writerow(["path", "label", "split", "group", "source", "mask"])
         for r in self.records:
             mask = "" if r.mask is None else _rel_or_abs(r.mask, base)

@@ -32,6 +32,7 @@ from typing import Any
 
 from xraydx import schema
 from xraydx.errors import XraydxError
+from xraydx.fsutil import csv_writer
 
 __all__ = ["Record", "ResultsLog", "ResultsLogError", "clean_code", "clean_uid", "read_records"]
 
@@ -180,7 +181,7 @@ class ResultsLog:
 
 def _csv_line(values: Sequence[Any]) -> str:
     buf = io.StringIO()
-    csv.writer(buf, lineterminator="\n").writerow(values)
+    csv_writer(buf, lineterminator="\n").writerow(values)
     return buf.getvalue()
 
 
