@@ -94,3 +94,20 @@ def test_predictions_csv_is_escaped_json_raw_and_resume_matches(
     capsys.readouterr()
     assert main([*base, "--out", str(out), "--resume"]) == 0  # every escaped path matches its file
     assert f"({len(paths)} already done)" in capsys.readouterr().err
+
+
+def test_checkpoints_get_the_same_permissions_as_every_other_output(tmp_path: Path) -> None:
+    """One rule (issue 16 item 16): safetensors made checkpoints 0600 while other outputs were 0644."""
+    import os
+
+    import torch
+
+    from xraydx.checkpoint import save
+    from xraydx.fsutil import atomic_write_text
+
+    atomic_write_text(tmp_path / "p.csv", "path\n")
+    save(tmp_path / "c.safetensors", {"w": torch.zeros(2)}, {"kind": "test"})
+    umask = os.umask(0)
+    os.umask(umask)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in tmp_path.iterdir()}
+    assert modes == {"p.csv": 0o666 & ~umask, "c.safetensors": 0o666 & ~umask}, modes

@@ -96,11 +96,17 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _default_mode(fd: int) -> None:
-    """mkstemp makes 0600 files; outputs get the permissions a plain open() would give (0666 & ~umask)."""
+def _output_mode() -> int:
+    """The one permission rule for every output (predictions, manifests, reports, checkpoints): what a plain
+    open() gives, 0666 & ~umask (0644 under the usual umask 022)."""
     umask = os.umask(0)
     os.umask(umask)
-    os.fchmod(fd, 0o666 & ~umask)
+    return 0o666 & ~umask
+
+
+def _default_mode(fd: int) -> None:
+    """mkstemp makes 0600 files; outputs get :func:`_output_mode`."""
+    os.fchmod(fd, _output_mode())
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -129,6 +135,7 @@ def atomic_write_with(path: Path, writer: Callable[[Path], None]) -> None:
             if exc.errno in WRITE_ERRNOS:
                 raise output_error(path, exc) from exc
             raise
+        os.chmod(tmp, _output_mode())  # the library may have made its own file (safetensors: 0600)
         _finish(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
