@@ -346,7 +346,7 @@ def _recipe(cfg: Config) -> dict[str, Any]:
         "model": cfg.model.name, "image_size": cfg.data.image_size, "lung_mask": cfg.data.lung_mask,
         "intensity": cfg.data.intensity, "base_size": cfg.data.base_size, "epochs": cfg.train.epochs,
         "augment": cfg.train.augment, "balance": cfg.train.balance, "acquisition": cfg.train.acquisition,
-        "epoch_size": cfg.train.epoch_size,
+        "epoch_size": cfg.train.epoch_size, "objective": cfg.train.objective,
     }  # fmt: skip
 
 
