@@ -14,7 +14,7 @@ import pytest
 from badfiles import WALK_CASES, printable, write_walk_cases
 
 from conftest import sample_images
-from xraydx.cli import EXIT_OK, EXIT_PARTIAL, main
+from xraydx.cli import EXIT_OK, EXIT_PARTIAL, EXIT_USAGE, main
 from xraydx.io import is_image_path
 from xraydx.predict import expand_inputs
 
@@ -144,3 +144,23 @@ def test_data_inspect_reads_extensionless_dicom_by_content(tmp_path: Path) -> No
     names = {r.path.name for r in m.records}
     assert {"IM000001", "IM000002", "a.png"} <= names and "README" not in names
     assert any(Path(p).name == "README" for p, _ in m.skipped)
+
+
+def test_out_equal_to_an_input_and_heatmaps_in_the_input_folder_are_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Issue 16 item 16: refused before any model is loaded (the checkpoint here does not even exist)."""
+    folder = tmp_path / "scans"
+    folder.mkdir()
+    img = folder / "a.png"
+    shutil.copy(sample_images("test")[0], img)
+    before = img.read_bytes()
+    ck = str(tmp_path / "none.safetensors")
+    assert main(["predict", str(img), "--checkpoint", ck, "--out", str(img), "--overwrite", "-q"]) == EXIT_USAGE
+    assert "--out is one of the inputs" in capsys.readouterr().err and img.read_bytes() == before
+    for heat in (folder, folder / "cams"):
+        args = ["predict", str(folder), "--checkpoint", ck, "--out", str(tmp_path / "p.csv"), "--heatmaps", str(heat)]
+        assert main([*args, "-q"]) == EXIT_USAGE
+        assert "--heatmaps is inside the input folder" in capsys.readouterr().err
+    assert main(["predict", str(img), "--checkpoint", ck, "--out", str(tmp_path / "p.csv"),
+                 "--heatmaps", str(folder / "sub" / "cams"), "-q"]) == EXIT_USAGE  # fmt: skip

@@ -35,6 +35,7 @@ def add_parser(sub: SubParsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from xraydx.data.inputs import refuse_inputs_as_outputs
     from xraydx.fsutil import check_output_file, check_output_folder
     from xraydx.predict import Prediction, Predictor, done_paths, expand_inputs, write_predictions
 
@@ -52,6 +53,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"xraydx: note: {note}", file=sys.stderr)
     if not paths and not missing:
         raise UsageError("no image files found in the inputs given")
+    refuse_inputs_as_outputs(args.inputs, paths, out, args.heatmaps)
     skip = done_paths(out) if args.resume else set()
     todo = [p for p in paths if str(p) not in skip]
     pred = Predictor(checkpoint(args), args.device, engine=args.engine)

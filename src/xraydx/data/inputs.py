@@ -32,9 +32,10 @@ from pathlib import Path
 
 from xraydx.data.layouts import is_mask_folder
 from xraydx.data.walk import _ignored, _special_kind, extensionless, os_reason
+from xraydx.errors import UsageError, printable
 from xraydx.io import TEXT_REASON, is_image_path, sniff_file
 
-__all__ = ["LIST_SUFFIXES", "expand_inputs"]
+__all__ = ["LIST_SUFFIXES", "expand_inputs", "refuse_inputs_as_outputs"]
 
 LIST_SUFFIXES = (".txt", ".lst", ".list")
 
@@ -65,6 +66,27 @@ def expand_inputs(
     if notes is not None:
         notes.extend(walker.notes())
     return paths, problems
+
+
+def refuse_inputs_as_outputs(
+    inputs: Sequence[str | os.PathLike[str]], paths: Sequence[Path], out: Path, heatmaps: str | None = None
+) -> None:
+    """A UsageError where ``--out`` is one of the inputs (``--overwrite`` would replace an X-ray), or where
+    ``--heatmaps`` is, or is inside, an input folder or the folder of an input file (the next run over
+    that folder would predict the overlays as X-rays)."""
+    given = {os.path.realpath(p) for p in [*inputs, *paths]}
+    if os.path.realpath(out) in given:
+        raise UsageError(f"{printable(out)}: --out is one of the inputs; write the predictions elsewhere")
+    if heatmaps:
+        h = os.path.realpath(heatmaps)
+        folders = {os.path.realpath(p) for p in inputs if os.path.isdir(p)}
+        folders |= {os.path.dirname(os.path.realpath(p)) for p in paths}
+        inside = next((f for f in sorted(folders) if h == f or h.startswith(f.rstrip(os.sep) + os.sep)), None)
+        if inside is not None:
+            raise UsageError(
+                f"{printable(heatmaps)}: --heatmaps is inside the input folder {printable(inside)}; the overlays"
+                " would be read as X-rays next time: choose a folder outside the inputs"
+            )
 
 
 def _list_file(p: Path, paths: list[Path], problems: Problems) -> None:
