@@ -239,6 +239,12 @@ def checkpoint_split(data_cfg: dict[str, Any], path: str | Path, split: str) -> 
     """The images of ``split`` of the data at ``path``, split exactly as the training run whose resolved
     ``data`` config section is ``data_cfg`` split it (fractions, seed, held-out source). For evaluation:
     classes may be missing; a held-out source that is absent from this data is simply not held out."""
+    return checkpoint_manifest(data_cfg, path).split(split)
+
+
+def checkpoint_manifest(data_cfg: dict[str, Any], path: str | Path) -> Manifest:
+    """The data at ``path`` split as the run with this resolved ``data`` config split it (see
+    :func:`checkpoint_split`)."""
     manifest = discover(
         path,
         val_fraction=float(data_cfg.get("val_fraction", 0.15)),
@@ -249,4 +255,4 @@ def checkpoint_split(data_cfg: dict[str, Any], path: str | Path, split: str) -> 
     held_out = str(data_cfg.get("holdout_source") or "")
     if held_out and any(r.source == held_out for r in manifest.records):
         manifest = hold_out_source(manifest, held_out)
-    return manifest.split(split)
+    return manifest

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from xraydx.constants import ALL_SPLITS
-from xraydx.data.manifest import discover, hold_out_source, read_csv_manifest
+from xraydx.data.manifest import checkpoint_manifest, discover, read_csv_manifest
 from xraydx.data.records import Manifest, Record, _show
 from xraydx.errors import DatasetError
 
@@ -129,16 +129,7 @@ def checked_split(meta: dict[str, Any], path: str | Path, split: str) -> tuple[l
     folder, or one of the same name: a moved copy), ``"other"`` for another dataset (an external test
     set; its split cannot hold the run's training images, and a mismatch is expected)"""
     data_cfg = (meta.get("config") or {}).get("data") or {}
-    manifest = discover(
-        path,
-        val_fraction=float(data_cfg.get("val_fraction", 0.15)),
-        test_fraction=float(data_cfg.get("test_fraction", 0.15)),
-        seed=int(data_cfg.get("split_seed", 0)),
-        require_all_classes=False,
-    )
-    held_out = str(data_cfg.get("holdout_source") or "")
-    if held_out and any(r.source == held_out for r in manifest.records):
-        manifest = hold_out_source(manifest, held_out)
+    manifest = checkpoint_manifest(data_cfg, path)
     recs = manifest.split(split)
     membership = meta.get("split_membership")
     if not isinstance(membership, dict):
