@@ -150,3 +150,35 @@ def test_usage_errors(tmp_path: Path) -> None:
     assert (
         main(["predict", str(tmp_path), "--checkpoint", "x", "--out", str(tmp_path / "o.csv")]) == EXIT_USAGE
     )
+
+
+def test_resume_never_mixes_models_inputs_or_a_stale_partial(
+    checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Issue 16 item 7: --resume refuses rows of another model or another input list, and a partial file
+    older than the finished output; a run that is not resuming removes a leftover partial, saying so."""
+    import os
+
+    from xraydx.cli import DEFAULT_CHECKPOINT
+
+    imgs = [str(p) for p in sample_images("test", "normal")[:2]]
+    out = tmp_path / "p.csv"
+    base = ["predict", "--out", str(out), "-q"]
+    assert main([*base, imgs[0], "--checkpoint", str(checkpoint)]) == 0
+    before = out.read_bytes()
+    # another model
+    assert main([*base, *imgs, "--checkpoint", str(DEFAULT_CHECKPOINT), "--resume"]) == 2
+    assert "another model" in capsys.readouterr().err and out.read_bytes() == before
+    # another input list: a row of the file is not among the inputs now
+    assert main([*base, imgs[1], "--checkpoint", str(checkpoint), "--resume"]) == 2
+    assert "not among the inputs given" in capsys.readouterr().err and out.read_bytes() == before
+    # a partial older than the finished output is refused, not used
+    partial = out.with_name(out.name + ".partial")
+    partial.write_text("path\nx\n")
+    os.utime(partial, ns=(1, 1))
+    assert main([*base, *imgs, "--checkpoint", str(checkpoint), "--resume"]) == 2
+    assert "older than the finished" in capsys.readouterr().err and out.read_bytes() == before
+    # a run that is not resuming removes it and says so
+    assert main([*base, *imgs, "--checkpoint", str(checkpoint), "--overwrite"]) == 0
+    assert not partial.exists() and "removed" in capsys.readouterr().err
+    assert len(_rows(out)) == 2

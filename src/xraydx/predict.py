@@ -54,6 +54,8 @@ __all__ = [
 
 #: the reason of a row whose probabilities are not finite (a damaged model): never a class
 NONFINITE = "model produced non-finite output"
+
+
 @dataclass
 class Prediction:
     path: str
@@ -543,16 +545,25 @@ def write_predictions(
         # stream into <out>.partial, fsynced row by row; a rerun carries it on; renamed to <out> at the end.
         # The rows kept (of the partial file, else of <out>) are rewritten atomically first, without a last
         # row torn by a kill mid-write: that file is then predicted again (done_paths skips it too).
+        from xraydx.fsutil import OutputExistsError
+
+        source = resume_source(out)
         partial = out.with_name(out.name + ".partial")
-        source = partial if partial.exists() else out
         header, kept = _complete_rows(source) if source.exists() else (None, [])
         if header is not None and header != cols:
-            from xraydx.fsutil import OutputExistsError
-
             raise OutputExistsError(
-                f"{source}: has the columns {','.join(header)}, not {','.join(cols)}; cannot --resume into it"
-                " (choose another --out)"
+                f"{printable_path(str(source))}: has the columns {','.join(header)}, not {','.join(cols)}; "
+                "cannot --resume into it (choose another --out)"
             )
+        if header is not None and "model_id" in header:
+            i = header.index("model_id")
+            others = sorted({csv_unescape(r[i]) for r in kept if r[i] and csv_unescape(r[i]) != model_id})
+            if others:
+                raise OutputExistsError(
+                    f"{printable_path(str(source))}: holds rows of another model ({others[0]}), not of "
+                    f"{model_id}; --resume would mix two models in one file (use the same --checkpoint, or "
+                    "another --out)"
+                )
         with atomic_open(partial, "w", encoding="utf-8", errors="surrogateescape", newline="") as fh:
             cw = csv.writer(fh)  # the kept rows, as they are in the file (escaped already)
             cw.writerow(cols)
@@ -571,6 +582,11 @@ def write_predictions(
         os.replace(partial, out)
         return counts
     refuse_overwrite(out, overwrite)
+    stale = out.with_name(out.name + ".partial")
+    if stale.exists():  # a killed --resume run's rows: this run is not resuming, so they would never be used
+        stale.unlink()
+        print(f"xraydx: note: removed {printable_path(str(stale))}, left by an earlier killed run "
+              "(this run predicts everything again; --resume would have carried it on)", file=sys.stderr)  # fmt: skip
     with atomic_open(out, "w", encoding="utf-8", errors="surrogateescape", newline="") as fh:
         w = csv_writer(fh)
         w.writerow(cols)
@@ -579,11 +595,27 @@ def write_predictions(
     return counts
 
 
+def resume_source(out: Path) -> Path:
+    """``<out>.partial`` (a killed --resume run's rows) where it exists, refused when it is older than a
+    complete ``out`` (a stale partial must never beat a newer finished output); else ``out``."""
+    from xraydx.fsutil import OutputExistsError
+
+    partial = out.with_name(out.name + ".partial")
+    if not partial.exists():
+        return out
+    if out.exists() and out.stat().st_mtime_ns > partial.stat().st_mtime_ns:
+        raise OutputExistsError(
+            f"{printable_path(str(partial))}: older than the finished {printable_path(str(out))}; it is left "
+            "from an earlier killed run and --resume would replace the newer file with it: delete it to "
+            "resume from the finished file"
+        )
+    return partial
+
+
 def done_paths(out: Path) -> set[str]:
     """Paths already predicted for --resume: the complete rows of ``<out>.partial`` (a killed run's), else of
     ``out``; the same rows that write_predictions(resume=True) keeps."""
-    partial = out.with_name(out.name + ".partial")
-    source = partial if partial.exists() else out
+    source = resume_source(out)
     if not source.exists():
         return set()
     header, rows = _complete_rows(source)

@@ -55,6 +55,13 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("no image files found in the inputs given")
     refuse_inputs_as_outputs(args.inputs, paths, out, args.heatmaps)
     skip = done_paths(out) if args.resume else set()
+    given = {str(p) for p in paths} | {str(p) for p, _ in missing}
+    foreign = sorted(skip - given)
+    if foreign:
+        raise UsageError(
+            f"{out}: --resume: {len(foreign)} of its rows are not among the inputs given (e.g. "
+            f"{foreign[0]}); it was made from another input list (give the same inputs, or another --out)"
+        )
     todo = [p for p in paths if str(p) not in skip]
     pred = Predictor(checkpoint(args), args.device, engine=args.engine)
     if args.heatmaps and pred.model is None:
@@ -64,6 +71,7 @@ def run(args: argparse.Namespace) -> int:
         from xraydx.explain import with_heatmaps
 
         stream = with_heatmaps(pred, stream, Path(args.heatmaps), overwrite=args.overwrite or args.resume)
+
     def all_rows() -> Any:  # in input order: an input that cannot be read has its row where it was given
         rows = iter(stream)
         for item in input_order(args.inputs, paths, missing):
@@ -101,7 +109,11 @@ def input_order(
     for j, prob in enumerate(problems):
         a, name = arg_of(prob[0]), str(prob[0])
         at = next(
-            (k for k, (q, qa) in enumerate(zip(paths, pos, strict=True)) if qa > a or (qa == a and str(q) > name)),
+            (
+                k
+                for k, (q, qa) in enumerate(zip(paths, pos, strict=True))
+                if qa > a or (qa == a and str(q) > name)
+            ),
             len(paths),
         )
         keyed.append((at - 0.5, j, prob))
