@@ -90,7 +90,7 @@ def test_predictor_and_server_never_say_within_the_rule_when_it_flags_everything
         "every prediction is flagged uncertain" in pred.abstention_note() and "0.95" in pred.abstention_note()
     )
     p = sample_images("test")[0]
-    with TestClient(serve.create_app(ckpt)) as c:
+    with TestClient(serve.create_app(ckpt), base_url="http://127.0.0.1") as c:
         d = c.post("/api/predict", files={"file": (p.name, p.read_bytes(), "image/png")}).json()
     assert d["uncertain"] is True
     assert "within" not in (d["uncertainty"]["message"] or "")

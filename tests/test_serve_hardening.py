@@ -100,7 +100,7 @@ def test_health_is_503_when_the_warm_up_prediction_fails(checkpoint: Path) -> No
     assert r.status_code == 503
     d = r.json()
     assert d["status"] == "error" and d["warm_up"]["ok"] is False
-    assert "invalid probabilities" in d["warm_up"]["message"]
+    assert "non-finite output" in d["warm_up"]["message"]
 
 
 def test_a_500_carries_the_security_headers_and_one_traceback(

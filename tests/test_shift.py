@@ -52,7 +52,7 @@ def test_fit_then_predict_reports_the_score_and_flags_at_the_threshold(
     assert len(scores) == len(images) and (scores >= 0).all()
     assert not any(SHIFT_FLAG in r["flag"] for r in rows)
 
-    assert main(base) == 1  # the sidecar exists: never silently replaced
+    assert main(base) == 2  # the sidecar exists: never silently replaced (an existing output is bad usage)
     t = float(np.median(scores))
     assert main([*base, "--threshold", f"{t}", "--overwrite"]) == 0
     rows = _predict(model_copy, tmp_path / "b.csv", images)
