@@ -79,11 +79,15 @@ def make(kind: str, side: int) -> bytes:
 
     buf = io.BytesIO()
     if kind in ("png8", "jpeg8"):
-        Image.fromarray(_gradient(side, 8).astype(np.uint8)).save(buf, format="PNG" if kind == "png8" else "JPEG")
+        Image.fromarray(_gradient(side, 8).astype(np.uint8)).save(
+            buf, format="PNG" if kind == "png8" else "JPEG"
+        )
     elif kind == "png16":
         Image.fromarray(_gradient(side, 16).astype(np.uint16)).save(buf, format="PNG")
     elif kind == "tiff_float":
-        Image.fromarray(_gradient(side, 16).astype(np.float32)).save(buf, format="TIFF", compression="tiff_adobe_deflate")
+        Image.fromarray(_gradient(side, 16).astype(np.float32)).save(
+            buf, format="TIFF", compression="tiff_adobe_deflate"
+        )
     elif kind in ("png_rgb", "jpeg_rgb", "png_rgba"):
         g = _gradient(side, 8).astype(np.uint8)
         chans = [g, g[::-1], g[:, ::-1]] + ([np.full_like(g, 200)] if kind == "png_rgba" else [])

@@ -108,7 +108,12 @@ class Server:
     """``xraydx serve`` in a subprocess on a free loopback port."""
 
     def __init__(
-        self, checkpoint: Path, engine: str, max_batch: int, window_ms: float, threads: int | None,
+        self,
+        checkpoint: Path,
+        engine: str,
+        max_batch: int,
+        window_ms: float,
+        threads: int | None,
         extra: list[str] | None = None,
     ) -> None:
         self.port = free_port()
@@ -288,7 +293,9 @@ def run_abandon(checkpoint: Path, args: argparse.Namespace, files: list[tuple[st
     load_avg = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"\n{args.abandon} requests whose clients gave up after {args.give_up_s} s, then one real request;"
           f" {os.cpu_count()} CPUs, load average {load_avg:.1f} at the end")  # fmt: skip
-    print("| abandoned | gave up | real request alone ms | real request after them ms | images computed | skipped |")
+    print(
+        "| abandoned | gave up | real request alone ms | real request after them ms | images computed | skipped |"
+    )
     print("|---|---|---|---|---|---|")
     if res["answered"]:
         print(f"answered before their clients gave up: {res['answered']}")
@@ -315,8 +322,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--heatmap", action="store_true", help="ask for Grad-CAM on every request")
     ap.add_argument("--compare", action="store_true", help="run the settings in COMPARE one after another")
     ap.add_argument("--json", type=Path, help="also write the results here")
-    ap.add_argument("--abandon", type=int, default=0, metavar="N",
-                    help="instead of the load: N requests whose clients give up, then one real request")
+    ap.add_argument(
+        "--abandon",
+        type=int,
+        default=0,
+        metavar="N",
+        help="instead of the load: N requests whose clients give up, then one real request",
+    )
     ap.add_argument("--give-up-s", type=float, default=0.2, help="with --abandon: seconds each client waits")
     args = ap.parse_args(argv)
     if not (0 < args.requests <= 100_000 and 0 < args.concurrency <= 256 and 0 < args.time_limit <= 3600):

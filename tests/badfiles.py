@@ -156,7 +156,7 @@ def write_cases(folder: Path, cases: list[Case]) -> dict[str, Path]:
 def printable(path: str | os.PathLike[str]) -> str:
     """How xraydx shows a path in a message: undecodable bytes and control characters as \\xNN escapes."""
     text = os.fsencode(path).decode("utf-8", "backslashreplace")
-    return "".join(f"\\x{ord(ch):02x}" if ord(ch) < 0x20 or 0x7f <= ord(ch) < 0xa0 else ch for ch in text)
+    return "".join(f"\\x{ord(ch):02x}" if ord(ch) < 0x20 or 0x7F <= ord(ch) < 0xA0 else ch for ch in text)
 
 
 @contextlib.contextmanager
@@ -221,7 +221,9 @@ WALK_CASES: list[WalkCase] = [
     WalkCase("dicom_no_suffix", "IM000001", "read", ""),
     WalkCase("dicom_bare_meta", "IM000002", "read", ""),
     WalkCase("dicom_bare_implicit", "1.2.840.99.3", "read", ""),
-    WalkCase("text_no_suffix", "README", "row", "no image file suffix, and not an image (content looks like text)"),
+    WalkCase(
+        "text_no_suffix", "README", "row", "no image file suffix, and not an image (content looks like text)"
+    ),
     WalkCase("dicomdir", "DICOMDIR", "left_out", "1 DICOMDIR"),
     WalkCase("mask_folder", "Normal/lung masks", "left_out", "left out 1 files in 1 mask folders"),
     WalkCase("control_chars", "esc-\x1b[2J-cr\r.png", "row", "not an image"),
@@ -285,50 +287,137 @@ USAGE, FATAL = 2, 1
 
 CLI_CASES = [
     # exit 2: validated before any image is decoded and before a run folder is made
-    CliCase("train_device_cuda_without_gpu", (*TRAIN, "--device", "cuda"), USAGE, "CUDA is not available",
-            needs_no_cuda=True),  # fmt: skip
+    CliCase(
+        "train_device_cuda_without_gpu",
+        (*TRAIN, "--device", "cuda"),
+        USAGE,
+        "CUDA is not available",
+        needs_no_cuda=True,
+    ),  # fmt: skip
     CliCase("train_device_bogus", (*TRAIN, "--device", "bogus"), USAGE, "unknown device 'bogus'"),
     CliCase("lr_nan", (*TRAIN, "--set", "train.lr=nan"), USAGE, "train.lr must be a finite number; got nan"),
-    CliCase("label_smoothing_5", (*TRAIN, "--set", "train.label_smoothing=5"), USAGE,
-            "train.label_smoothing must be in [0, 1); got 5.0"),  # fmt: skip
-    CliCase("drop_rate_5", (*TRAIN, "--set", "model.drop_rate=5"), USAGE, "model.drop_rate must be in [0, 1)"),
+    CliCase(
+        "label_smoothing_5",
+        (*TRAIN, "--set", "train.label_smoothing=5"),
+        USAGE,
+        "train.label_smoothing must be in [0, 1); got 5.0",
+    ),  # fmt: skip
+    CliCase(
+        "drop_rate_5", (*TRAIN, "--set", "model.drop_rate=5"), USAGE, "model.drop_rate must be in [0, 1)"
+    ),
     CliCase("in_chans_0", (*TRAIN, "--set", "model.in_chans=0"), USAGE, "model.in_chans must be 1"),
-    CliCase("weight_decay_negative", (*TRAIN, "--set", "train.weight_decay=-0.1"), USAGE,
-            "train.weight_decay must be >= 0; got -0.1"),  # fmt: skip
-    CliCase("warmup_inf", (*TRAIN, "--set", "train.warmup_epochs=inf"), USAGE,
-            "train.warmup_epochs must be a finite number"),  # fmt: skip
-    CliCase("config_not_utf8", ("train", "--config", "{bad_yaml}", "-q"), USAGE,
-            "not a UTF-8 text file (byte 0xe9 at offset 18)"),  # fmt: skip
-    CliCase("memmap_bytes_abc", TRAIN, USAGE, "XRAYDX_MEMMAP_BYTES must be a whole number of bytes",
-            env=(("XRAYDX_MEMMAP_BYTES", "abc"),)),  # fmt: skip
-    CliCase("holdout_source_unknown", (*TRAIN, "--holdout-source", "nosuch"), USAGE,
-            "--holdout-source 'nosuch' matches no source of this data; sources: kermany"),  # fmt: skip
-    CliCase("model_unknown", (*TRAIN, "--model", "resnet5"), USAGE,
-            "unknown model 'resnet5': not a timm architecture; did you mean resnet50"),  # fmt: skip
-    CliCase("model_without_offline_weights", (*TRAIN, "--model", "resnet50", "--pretrained", "offline"), USAGE,
-            "no offline ImageNet weights for 'resnet50'"),  # fmt: skip
-    CliCase("train_resume_with_other_flags", ("train", "--resume", "{runs}", "--epochs", "3", "--set",
-            "train.lr=0.1", "-q"), USAGE, "--resume continues a run with its saved config.yaml; --epochs, --set"),  # fmt: skip
-    CliCase("train_without_data", ("train", "--model", "test_resnet", "--runs-dir", "{runs}", "-q"), USAGE,
-            "no data given: pass --data PATH"),  # fmt: skip
-    CliCase("predict_json_resume", (*PREDICT, "--out", "{tmp}/p.json", "--format", "json", "--resume"), USAGE,
-            "--resume works with CSV output only"),  # fmt: skip
-    CliCase("predict_device_bogus", (*PREDICT, "--out", "{tmp}/p.csv", "--device", "bogus"), USAGE,
-            "unknown device 'bogus'"),  # fmt: skip
-    CliCase("predict_device_cuda_without_gpu", (*PREDICT, "--out", "{tmp}/p.csv", "--device", "cuda"), USAGE,
-            "CUDA is not available", needs_no_cuda=True),  # fmt: skip
-    CliCase("predict_out_exists", (*PREDICT, "--out", "{file}"), USAGE, "already exists; refusing to overwrite"),
-    CliCase("serve_max_upload_inf", ("serve", "--checkpoint", "{ckpt}", "--max-upload-mb", "inf"), USAGE,
-            "--max-upload-mb must be a finite number > 0; got inf"),  # fmt: skip
-    CliCase("serve_batch_window_negative", ("serve", "--checkpoint", "{ckpt}", "--batch-window-ms", "-1"), USAGE,
-            "--batch-window-ms must be a finite number >= 0"),  # fmt: skip
+    CliCase(
+        "weight_decay_negative",
+        (*TRAIN, "--set", "train.weight_decay=-0.1"),
+        USAGE,
+        "train.weight_decay must be >= 0; got -0.1",
+    ),  # fmt: skip
+    CliCase(
+        "warmup_inf",
+        (*TRAIN, "--set", "train.warmup_epochs=inf"),
+        USAGE,
+        "train.warmup_epochs must be a finite number",
+    ),  # fmt: skip
+    CliCase(
+        "config_not_utf8",
+        ("train", "--config", "{bad_yaml}", "-q"),
+        USAGE,
+        "not a UTF-8 text file (byte 0xe9 at offset 18)",
+    ),  # fmt: skip
+    CliCase(
+        "memmap_bytes_abc",
+        TRAIN,
+        USAGE,
+        "XRAYDX_MEMMAP_BYTES must be a whole number of bytes",
+        env=(("XRAYDX_MEMMAP_BYTES", "abc"),),
+    ),  # fmt: skip
+    CliCase(
+        "holdout_source_unknown",
+        (*TRAIN, "--holdout-source", "nosuch"),
+        USAGE,
+        "--holdout-source 'nosuch' matches no source of this data; sources: kermany",
+    ),  # fmt: skip
+    CliCase(
+        "model_unknown",
+        (*TRAIN, "--model", "resnet5"),
+        USAGE,
+        "unknown model 'resnet5': not a timm architecture; did you mean resnet50",
+    ),  # fmt: skip
+    CliCase(
+        "model_without_offline_weights",
+        (*TRAIN, "--model", "resnet50", "--pretrained", "offline"),
+        USAGE,
+        "no offline ImageNet weights for 'resnet50'",
+    ),  # fmt: skip
+    CliCase(
+        "train_resume_with_other_flags",
+        ("train", "--resume", "{runs}", "--epochs", "3", "--set", "train.lr=0.1", "-q"),
+        USAGE,
+        "--resume continues a run with its saved config.yaml; --epochs, --set",
+    ),  # fmt: skip
+    CliCase(
+        "train_without_data",
+        ("train", "--model", "test_resnet", "--runs-dir", "{runs}", "-q"),
+        USAGE,
+        "no data given: pass --data PATH",
+    ),  # fmt: skip
+    CliCase(
+        "predict_json_resume",
+        (*PREDICT, "--out", "{tmp}/p.json", "--format", "json", "--resume"),
+        USAGE,
+        "--resume works with CSV output only",
+    ),  # fmt: skip
+    CliCase(
+        "predict_device_bogus",
+        (*PREDICT, "--out", "{tmp}/p.csv", "--device", "bogus"),
+        USAGE,
+        "unknown device 'bogus'",
+    ),  # fmt: skip
+    CliCase(
+        "predict_device_cuda_without_gpu",
+        (*PREDICT, "--out", "{tmp}/p.csv", "--device", "cuda"),
+        USAGE,
+        "CUDA is not available",
+        needs_no_cuda=True,
+    ),  # fmt: skip
+    CliCase(
+        "predict_out_exists", (*PREDICT, "--out", "{file}"), USAGE, "already exists; refusing to overwrite"
+    ),
+    CliCase(
+        "serve_max_upload_inf",
+        ("serve", "--checkpoint", "{ckpt}", "--max-upload-mb", "inf"),
+        USAGE,
+        "--max-upload-mb must be a finite number > 0; got inf",
+    ),  # fmt: skip
+    CliCase(
+        "serve_batch_window_negative",
+        ("serve", "--checkpoint", "{ckpt}", "--batch-window-ms", "-1"),
+        USAGE,
+        "--batch-window-ms must be a finite number >= 0",
+    ),  # fmt: skip
     # exit 1: an output that cannot be written, named with the cause
-    CliCase("predict_out_missing_folder", (*PREDICT, "--out", "{tmp}/nowhere/p.csv"), FATAL,
-            "nowhere/p.csv: the folder"),  # fmt: skip
-    CliCase("predict_out_is_a_folder", (*PREDICT, "--out", "{folder}", "--overwrite"), FATAL,
-            "is a folder; --out names the file to write"),  # fmt: skip
-    CliCase("export_out_under_a_file", ("export", "--checkpoint", "{ckpt}", "--out", "{file}/model.onnx"), FATAL,
-            "is a file, not a folder"),  # fmt: skip
-    CliCase("explain_out_is_a_file", ("explain", "{image}", "--checkpoint", "{ckpt}", "--out", "{file}", "-q"),
-            FATAL, "is a file; --out names an output folder"),  # fmt: skip
+    CliCase(
+        "predict_out_missing_folder",
+        (*PREDICT, "--out", "{tmp}/nowhere/p.csv"),
+        FATAL,
+        "nowhere/p.csv: the folder",
+    ),  # fmt: skip
+    CliCase(
+        "predict_out_is_a_folder",
+        (*PREDICT, "--out", "{folder}", "--overwrite"),
+        FATAL,
+        "is a folder; --out names the file to write",
+    ),  # fmt: skip
+    CliCase(
+        "export_out_under_a_file",
+        ("export", "--checkpoint", "{ckpt}", "--out", "{file}/model.onnx"),
+        FATAL,
+        "is a file, not a folder",
+    ),  # fmt: skip
+    CliCase(
+        "explain_out_is_a_file",
+        ("explain", "{image}", "--checkpoint", "{ckpt}", "--out", "{file}", "-q"),
+        FATAL,
+        "is a file; --out names an output folder",
+    ),  # fmt: skip
 ]

@@ -47,7 +47,9 @@ def _multipart(field: str, files: list[Case]) -> tuple[bytes, dict[str, str]]:
 
 @pytest.fixture(scope="module")
 def client(checkpoint: Path) -> Iterator[TestClient]:
-    with TestClient(serve.create_app(checkpoint), raise_server_exceptions=False, base_url="http://127.0.0.1") as c:
+    with TestClient(
+        serve.create_app(checkpoint), raise_server_exceptions=False, base_url="http://127.0.0.1"
+    ) as c:
         yield c
 
 

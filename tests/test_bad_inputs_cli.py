@@ -402,7 +402,9 @@ def test_bad_command_lines_stop_up_front_with_one_line(case: CliCase, checkpoint
     lines = [ln for ln in err.splitlines() if ln.strip()]
     assert code == case.exit_code, err
     assert len(lines) == 1 and lines[0].startswith("xraydx: error: ") and case.message in lines[0], err
-    if case.key != "holdout_source_unknown":  # the data must be listed to know its sources: after the run folder
+    if (
+        case.key != "holdout_source_unknown"
+    ):  # the data must be listed to know its sources: after the run folder
         assert sorted(p.name for p in tmp_path.rglob("*")) == before  # nothing written, no run folder
     assert (tmp_path / "existing.txt").read_text() == "keep me\n"
 
@@ -459,7 +461,9 @@ def test_pretrained_timm_uses_the_local_cache_and_rewraps_a_failed_download(
     monkeypatch.setattr(models, "hub_reachable", lambda where, timeout=3.0: True)
 
     def failing_download(*args: object, **kwargs: object) -> None:
-        raise OSError("We couldn't connect to 'https://huggingface.co' to load the files\nmore lines\nand more")
+        raise OSError(
+            "We couldn't connect to 'https://huggingface.co' to load the files\nmore lines\nand more"
+        )
 
     monkeypatch.setattr(timm.models._builder, "load_state_dict_from_hf", failing_download)
     with pytest.raises(CheckpointError) as exc:
@@ -500,4 +504,6 @@ def test_a_full_disk_is_one_line_naming_the_output(checkpoint: Path, tmp_path: P
     monkeypatch.setattr(os, "fsync", full_after_header)
     code = main(["predict", *images, "--checkpoint", str(checkpoint), "--out", str(out), "--resume", "-q"])
     err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
-    assert code == EXIT_FATAL and err == [f"xraydx: error: {out}.partial: cannot write (No space left on device)"]
+    assert code == EXIT_FATAL and err == [
+        f"xraydx: error: {out}.partial: cannot write (No space left on device)"
+    ]

@@ -247,7 +247,9 @@ def test_shipped_model_shows_the_crop_box_and_no_headline_for_a_photo(browser: B
         assert shown["x"] - 1 <= box["x"] and box["x"] + box["width"] <= shown["x"] + shown["width"] + 1
         assert shown["y"] - 1 <= box["y"] and box["y"] + box["height"] <= shown["y"] + shown["height"] + 1
         assert box["width"] * box["height"] < shown["width"] * shown["height"]  # a crop, not the whole image
-        assert pg.locator("#view-input").is_visible() and "lung crop" in pg.locator("#input-meta").inner_text()
+        assert (
+            pg.locator("#view-input").is_visible() and "lung crop" in pg.locator("#input-meta").inner_text()
+        )
         pg.set_input_files("#file", str(photo_path))
         pg.wait_for_function("() => document.getElementById('file-name').textContent === 'cat.png'")
         pg.wait_for_selector('#result[data-ready="true"]')

@@ -118,7 +118,9 @@ def _rewrite_metadata(path: Path, doc_text: str) -> None:
 
 def test_the_shipped_default_model_carries_a_verified_tensor_digest() -> None:
     meta = checkpoint.read_metadata(DEFAULT_CHECKPOINT)
-    assert meta[checkpoint.DIGEST_KEY] == checkpoint.tensors_digest(checkpoint.load_tensors(DEFAULT_CHECKPOINT))
+    assert meta[checkpoint.DIGEST_KEY] == checkpoint.tensors_digest(
+        checkpoint.load_tensors(DEFAULT_CHECKPOINT)
+    )
 
 
 def test_damaged_tensors_are_refused_on_load(tmp_path: Path) -> None:

@@ -210,7 +210,9 @@ def test_resume_repairs_every_torn_partial_file(tail: str, tmp_path: Path) -> No
     from xraydx.schema import csv_cells
 
     mid = "test_resnet-0123456789ab"
-    a, b = (prediction_row(Prediction(p, [0.8, 0.1, 0.1]), CLASSES, mid) for p in ("/data/a.png", "/data/b.png"))
+    a, b = (
+        prediction_row(Prediction(p, [0.8, 0.1, 0.1]), CLASSES, mid) for p in ("/data/a.png", "/data/b.png")
+    )
     row_a, row_b = (_csv_line(csv_cells(r, cols)) for r in (a, b))
     text = {
         "empty file": "",

@@ -50,7 +50,11 @@ def test_one_rule_in_one_place() -> None:
     for p in sorted(PKG.rglob("*.py")):
         tree = ast.parse(p.read_text(encoding="utf-8"))
         for node in ast.walk(tree):
-            if isinstance(node, ast.Constant) and node.value in ("ViewPosition", "ImageLaterality", "ViewCodeSequence"):
+            if isinstance(node, ast.Constant) and node.value in (
+                "ViewPosition",
+                "ImageLaterality",
+                "ViewCodeSequence",
+            ):
                 readers.append(p.relative_to(PKG).as_posix())
     assert set(readers) == {"frontal.py"}, readers
     from xraydx.dicom import pipeline

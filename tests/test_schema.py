@@ -147,7 +147,10 @@ def test_checker_rejects_what_the_schema_forbids() -> None:
 
 def test_flag_rule() -> None:
     m = "resnet-0123456789ab"
-    assert schema.make_row("a", CLASSES, [0.4, 0.3, 0.3], "ok", model=m, uncertain=True)["flag"] == UNCERTAIN_FLAG
+    assert (
+        schema.make_row("a", CLASSES, [0.4, 0.3, 0.3], "ok", model=m, uncertain=True)["flag"]
+        == UNCERTAIN_FLAG
+    )
     r = schema.make_row("a", CLASSES, [0.9, 0.05, 0.05], "not_cxr", model=m, ood_reason="lateral view")
     assert r["flag"] == NOT_FRONTAL_FLAG and r["ood_reason"] == "lateral view" and r["prediction"] == "covid"
     assert schema.make_row("a", CLASSES, [0.9, 0.05, 0.05], "ok", model=m)["flag"] is None
@@ -204,7 +207,16 @@ def test_predict_csv_and_json_follow_the_schema(tiny_ckpt: Path, inputs: Path, t
     for fmt in ("csv", "json"):
         out = tmp_path / f"pred.{fmt}"
         first = tmp_path / "before.png"
-        args = ["predict", str(first), str(inputs), str(missing), "--checkpoint", str(tiny_ckpt), "--out", str(out)]
+        args = [
+            "predict",
+            str(first),
+            str(inputs),
+            str(missing),
+            "--checkpoint",
+            str(tiny_ckpt),
+            "--out",
+            str(out),
+        ]
         main([*args, "--format", fmt, "-q"])
         if fmt == "csv":
             rows = csv_rows(out, "predict")
@@ -220,7 +232,9 @@ def test_predict_csv_and_json_follow_the_schema(tiny_ckpt: Path, inputs: Path, t
         assert lat["status"] == "not_cxr" and lat["flag"] == NOT_FRONTAL_FLAG
         assert "ViewPosition LL" in lat["ood_reason"] and lat["prediction"] in CLASSES
         assert by["c_noise.png"]["flag"] == NOT_FRONTAL_FLAG  # the OOD guard
-        assert by["d_notes.png"]["status"].startswith("error: ") and by["gone.png"]["status"].startswith("error: ")
+        assert by["d_notes.png"]["status"].startswith("error: ") and by["gone.png"]["status"].startswith(
+            "error: "
+        )
         # rows in input order: a missing input's row where it was given, the folder in its walk order
         want = [str(first), *(str(p) for p in expand_inputs([inputs])[0]), str(missing)]
         assert [r["path"] for r in rows] == want
@@ -264,7 +278,9 @@ def test_serve_rows_follow_the_schema(tiny_ckpt: Path, inputs: Path) -> None:
 
     from xraydx import serve
 
-    with TestClient(serve.create_app(tiny_ckpt), raise_server_exceptions=False, base_url="http://127.0.0.1") as c:
+    with TestClient(
+        serve.create_app(tiny_ckpt), raise_server_exceptions=False, base_url="http://127.0.0.1"
+    ) as c:
         good = next(inputs.glob("a0_*"))
         d = c.post("/api/predict", files={"file": (good.name, good.read_bytes(), "image/png")}).json()
         lat = (inputs / "b_lateral.dcm").read_bytes()
@@ -291,13 +307,17 @@ def test_dicom_results_log_follows_the_schema(tiny_ckpt: Path, inputs: Path, tmp
     log = ResultsLog(tmp_path / "node", pred.classes, pred.model_id)
     for view in ("LL", "PA"):
         f = lateral_dicom(tmp_path / f"{view}.dcm", view)
-        log.write(pipe.process(f.read_bytes(), pydicom.dcmread(f), event="received", calling_ae="TEST").record)
+        log.write(
+            pipe.process(f.read_bytes(), pydicom.dcmread(f), event="received", calling_ae="TEST").record
+        )
     log.write(Record(event="resend", sop_instance_uid="1.2.3", send="sent to X", elapsed_ms="3"))
     rows = read_records(tmp_path / "node")
     check_rows(rows, "dicom")
     with open(tmp_path / "node" / "results.csv", newline="") as fh:
         csv_back = [schema.from_csv(r) for r in csv.DictReader(fh)]
     check_rows(csv_back, "dicom")
-    assert rows[0]["status"] == "skipped: lateral view (ViewPosition LL)" and rows[0]["flag"] == NOT_FRONTAL_FLAG
+    assert (
+        rows[0]["status"] == "skipped: lateral view (ViewPosition LL)" and rows[0]["flag"] == NOT_FRONTAL_FLAG
+    )
     assert rows[1]["status"] == "ok" and rows[1]["prediction"] in CLASSES
     assert rows[2]["model_id"] == pred.model_id  # a resend record names the log's model

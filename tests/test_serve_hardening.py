@@ -206,7 +206,10 @@ def test_port_in_use_says_it_cannot_bind(checkpoint: Path, capsys: pytest.Captur
 
 def test_client_gone_mid_upload_is_one_info_line(app: Any, caplog: pytest.LogCaptureFixture) -> None:
     """A raw ASGI call: part of a multipart body, then the client disconnects."""
-    body = b'--XB\r\nContent-Disposition: form-data; name="file"; filename="half.png"\r\n\r\n\x89PNG' + b"\0" * 900
+    body = (
+        b'--XB\r\nContent-Disposition: form-data; name="file"; filename="half.png"\r\n\r\n\x89PNG'
+        + b"\0" * 900
+    )
     messages = [{"type": "http.request", "body": body, "more_body": True}, {"type": "http.disconnect"}]
     sent: list[dict[str, Any]] = []
 
@@ -472,7 +475,11 @@ def test_crop_model_gets_its_box_on_the_uploaded_image(checkpoint: Path, tmp_pat
     with TestClient(app, base_url=BASE) as c:
         d = c.post("/api/predict?image=true", files=upload(path)).json()
     b = d["crop_box"]
-    assert b is not None and 0 <= b["top"] < b["bottom"] <= d["height"] and 0 <= b["left"] < b["right"] <= d["width"]
+    assert (
+        b is not None
+        and 0 <= b["top"] < b["bottom"] <= d["height"]
+        and 0 <= b["left"] < b["right"] <= d["width"]
+    )
     # the box is where the lungs are: its area is a real part of the image, not all of it
     area = (b["bottom"] - b["top"]) * (b["right"] - b["left"]) / (d["width"] * d["height"])
     assert 0.1 < area < 1.0

@@ -118,9 +118,7 @@ def test_a_sidecar_of_another_network_or_a_broken_one_is_refused(
         load_sidecar(side, Predictor(model_copy, "cpu", ood=False).model)
     capsys.readouterr()
     img = sample_images("test")[0]
-    rc = main(
-        ["predict", str(img), "--checkpoint", str(other), "--out", str(tmp_path / "p.csv")]
-    )
+    rc = main(["predict", str(img), "--checkpoint", str(other), "--out", str(tmp_path / "p.csv")])
     assert rc == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "other.shift.safetensors" in err[0] and "sidecar" in err[0]

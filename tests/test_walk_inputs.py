@@ -156,10 +156,21 @@ def test_out_equal_to_an_input_and_heatmaps_in_the_input_folder_are_refused(
     shutil.copy(sample_images("test")[0], img)
     before = img.read_bytes()
     ck = str(tmp_path / "none.safetensors")
-    assert main(["predict", str(img), "--checkpoint", ck, "--out", str(img), "--overwrite", "-q"]) == EXIT_USAGE
+    assert (
+        main(["predict", str(img), "--checkpoint", ck, "--out", str(img), "--overwrite", "-q"]) == EXIT_USAGE
+    )
     assert "--out is one of the inputs" in capsys.readouterr().err and img.read_bytes() == before
     for heat in (folder, folder / "cams"):
-        args = ["predict", str(folder), "--checkpoint", ck, "--out", str(tmp_path / "p.csv"), "--heatmaps", str(heat)]
+        args = [
+            "predict",
+            str(folder),
+            "--checkpoint",
+            ck,
+            "--out",
+            str(tmp_path / "p.csv"),
+            "--heatmaps",
+            str(heat),
+        ]
         assert main([*args, "-q"]) == EXIT_USAGE
         assert "--heatmaps is inside the input folder" in capsys.readouterr().err
     assert main(["predict", str(img), "--checkpoint", ck, "--out", str(tmp_path / "p.csv"),

@@ -102,7 +102,9 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
     except json.JSONDecodeError as exc:
         raise CheckpointError(f"{p}: checkpoint metadata is not valid JSON ({exc})") from exc
     except RecursionError:
-        raise CheckpointError(f"{p}: checkpoint metadata is nested too deeply (over {MAX_DEPTH} levels)") from None
+        raise CheckpointError(
+            f"{p}: checkpoint metadata is nested too deeply (over {MAX_DEPTH} levels)"
+        ) from None
     if not isinstance(meta, dict):
         raise CheckpointError(f"{p}: checkpoint metadata is not a JSON object")
     if _depth(meta) > MAX_DEPTH:
@@ -227,7 +229,11 @@ def validate_classifier_meta(meta: Mapping[str, Any], source: str | Path) -> Non
         raise CheckpointError(f"{source}: a {str(kind)[:40]} checkpoint, not a classifier")
     arch = meta.get("architecture")
     if not isinstance(arch, Mapping):
-        raise bad("no 'architecture' object" if arch is None else f"'architecture' is {type(arch).__name__}, not an object")
+        raise bad(
+            "no 'architecture' object"
+            if arch is None
+            else f"'architecture' is {type(arch).__name__}, not an object"
+        )
     if not isinstance(arch.get("name"), str) or not arch["name"]:
         raise bad("'architecture.name' must be a non-empty string")
     chans = arch.get("in_chans", 1)

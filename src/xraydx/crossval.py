@@ -226,7 +226,12 @@ class CrossVal:
         from xraydx.schema import model_id
 
         write_predictions(
-            rows(), out, CLASSES, overwrite=True, kind="crossval", model_id=model_id(ckpt, read_metadata(ckpt))
+            rows(),
+            out,
+            CLASSES,
+            overwrite=True,
+            kind="crossval",
+            model_id=model_id(ckpt, read_metadata(ckpt)),
         )
         return out
 

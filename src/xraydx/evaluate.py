@@ -135,7 +135,9 @@ def write_split_predictions(
     """``predictions.csv`` of an evaluated split: one :mod:`xraydx.schema` row per record (label and source
     added), unreadable ones as error rows, in ``order`` (the split's paths) where given."""
     probs = softmax(logits, temperature)
-    flags = abstention_flags(probs, (abstention or {}).get("threshold"), (abstention or {}).get("flag_all") is True)
+    flags = abstention_flags(
+        probs, (abstention or {}).get("threshold"), (abstention or {}).get("flag_all") is True
+    )
     rows = [
         Prediction(str(r.path), [float(v) for v in p], "ok",
                    {"label": r.label, "source": r.source, "flag": UNCERTAIN_FLAG if f else ""})

@@ -289,7 +289,9 @@ def explain_files(
     def error(path: Any, reason: str) -> list[str]:
         counts["error"] += 1
         print(f"xraydx: {printable(path)}: {printable(reason)}", file=sys.stderr)
-        return schema.csv_cells(schema.error_row(str(path), classes, reason, model=pred.model_id, kind="explain"), cols)
+        return schema.csv_cells(
+            schema.error_row(str(path), classes, reason, model=pred.model_id, kind="explain"), cols
+        )
 
     with atomic_open(index, "w", encoding="utf-8", newline="") as fh:
         w = csv_writer(fh)
@@ -301,7 +303,9 @@ def explain_files(
             decoded, total=len(paths), desc="explain", unit="img", disable=not progress, leave=False
         ):
             # the same per-image check (view rule, OOD guard, lung mask, preprocessing) as predict and serve
-            checked = pred.check([d.image], [d.colour], [d.window], [d.view])[0] if d.image is not None else d.error
+            checked = (
+                pred.check([d.image], [d.colour], [d.window], [d.view])[0] if d.image is not None else d.error
+            )
             if isinstance(checked, str):
                 w.writerow(error(d.path, checked))
                 continue

@@ -184,8 +184,12 @@ def check_output_file(path: Path | str, overwrite: bool, flag: str = "--out") ->
     if not parent.is_dir():
         found = _nearest_existing(parent)
         if os.path.lexists(found) and not found.is_dir():
-            raise OutputError(f"{shown}: cannot write there: {printable_path(str(found))} is a file, not a folder")
-        raise OutputError(f"{shown}: the folder {printable_path(str(parent))} does not exist (create it first)")
+            raise OutputError(
+                f"{shown}: cannot write there: {printable_path(str(found))} is a file, not a folder"
+            )
+        raise OutputError(
+            f"{shown}: the folder {printable_path(str(parent))} does not exist (create it first)"
+        )
     if not os.access(parent, os.W_OK | os.X_OK):
         raise OutputError(f"{shown}: cannot write (no permission to write in {printable_path(str(parent))})")
     return path

@@ -158,7 +158,9 @@ def make_row(
         row["flag"] = NOT_FRONTAL_FLAG
         row["ood_reason"] = ood_reason or "does not look like a frontal chest X-ray"
     elif probs is not None:
-        given = {f.strip() for f in (flag or "").split(";") if f.strip()} | ({UNCERTAIN_FLAG} if uncertain else set())
+        given = {f.strip() for f in (flag or "").split(";") if f.strip()} | (
+            {UNCERTAIN_FLAG} if uncertain else set()
+        )
         unknown = given - set(_CASE_FLAGS)
         if unknown:
             raise ValueError(f"unknown flag {sorted(unknown)[0]!r}; flags are {', '.join(FLAGS)}")
@@ -274,13 +276,20 @@ def json_schema() -> dict[str, Any]:
         "minProperties": len(CORE_BEFORE) + len(CORE_AFTER) + 1,
         "allOf": [
             {  # a prediction (a DICOM log's resend record is about a result file, not an image)
-                "if": {"properties": {"status": {"enum": ["ok", "not_cxr"]}, "event": {"not": {"const": "resend"}}}},
+                "if": {
+                    "properties": {
+                        "status": {"enum": ["ok", "not_cxr"]},
+                        "event": {"not": {"const": "resend"}},
+                    }
+                },
                 "then": predicted,
             },
             {"if": {"properties": {"status": {"pattern": "^(error|skipped): "}}}, "then": nothing},
             {
                 "if": {"properties": {"status": {"const": "not_cxr"}}},
-                "then": {"properties": {"flag": {"const": NOT_FRONTAL_FLAG}, "ood_reason": {"type": "string"}}},
+                "then": {
+                    "properties": {"flag": {"const": NOT_FRONTAL_FLAG}, "ood_reason": {"type": "string"}}
+                },
             },
             {
                 "if": {"properties": {"flag": {"const": NOT_FRONTAL_FLAG}}},

@@ -612,7 +612,9 @@ def finish_run(
     # report.html describes the test split (or val, calibrated on itself, when there is no test split)
     has_test = "test" in splits and len(splits["test"].labels) > 0
     rep_name, rep = ("test", splits["test"]) if has_test else ("val", va)
-    rep_logits = val_logits.numpy() if rep_name == "val" else batch_logits(model, rep.images, spec, device).numpy()
+    rep_logits = (
+        val_logits.numpy() if rep_name == "val" else batch_logits(model, rep.images, spec, device).numpy()
+    )
     tm = evaluate_split(
         model, spec, rep.images, rep.records, run, device=device, temperature=temperature,
         abstention=meta["abstention"], logits=rep_logits, predictions=False,

@@ -41,7 +41,9 @@ def run(args: argparse.Namespace) -> int:
     report = inspect(manifest, check_images=not args.no_read, near=not args.no_near, progress=not args.quiet)
     print(format_report(report))
     for p, why in report.not_read:  # data left out: on stderr too, and exit code 3
-        print(f"xraydx: {printable(p)}: {printable(why)}; its images are not in the manifest", file=sys.stderr)
+        print(
+            f"xraydx: {printable(p)}: {printable(why)}; its images are not in the manifest", file=sys.stderr
+        )
     if args.json:
         atomic_write_json(Path(args.json), report.to_dict())
     if args.manifest_out:

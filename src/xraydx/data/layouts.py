@@ -104,7 +104,11 @@ def is_mask_folder(d: Path) -> bool:
     """Whether ``d`` is the mask folder of a known layout: named like one (``lung masks``, ``masks``,
     ``infection masks``, ...) beside an ``images`` folder, as in COVID-QU-Ex and the Radiography DB. Its
     PNGs are masks, not X-rays: a folder walk for prediction leaves them out (and says how many)."""
-    return _norm(d.name) in (*_MASK_DIRS, *_IGNORED_MASK_DIRS) and _child_dir(d.parent, ("images",)) is not None
+    return (
+        _norm(d.name) in (*_MASK_DIRS, *_IGNORED_MASK_DIRS) and _child_dir(d.parent, ("images",)) is not None
+    )
+
+
 _UNKNOWN_CLASS = (
     "folder name is not a known class (covid, non_covid, normal or an alias such as COVID-19, "
     "pneumonia, healthy: see xraydx.data.CLASS_ALIASES)"

@@ -158,7 +158,9 @@ class ResultsLog:
                 f"{folder}: no results log here (not an output folder of xraydx dicom listen/pull)"
             )
         last = next((r.get("model_id") for r in reversed(read_records(folder)) if r.get("model_id")), "")
-        return cls(folder, [c.removeprefix("prob_") for c in header if c.startswith("prob_")], str(last or ""))
+        return cls(
+            folder, [c.removeprefix("prob_") for c in header if c.startswith("prob_")], str(last or "")
+        )
 
     def write(self, rec: Record) -> dict[str, Any]:
         row = _row(rec, self.classes, self.model_id)

@@ -56,7 +56,9 @@ def public_data_summary(summary: Any, data_path: Any = None) -> Any:
     return names_only(out)
 
 
-def crop_box(shape: tuple[int, ...], mask: np.ndarray | None, spec: Preprocessing) -> tuple[int, int, int, int] | None:
+def crop_box(
+    shape: tuple[int, ...], mask: np.ndarray | None, spec: Preprocessing
+) -> tuple[int, int, int, int] | None:
     """(top, bottom, left, right) in an image of ``shape`` of the lung box that ``lung_mask=crop``
     preprocessing cuts out (transforms.apply_lung_mask's rule, at the base resolution where the spec has
     one), or None where the model does not crop or the mask is empty."""

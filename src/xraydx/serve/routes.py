@@ -135,7 +135,10 @@ async def predict(
     up = parts[0]
     with svc.admit(1):
         return await unless_gone(
-            request, svc, svc.predict_one(bytes(up.data), up.filename, heatmap=heatmap, image=image), up.filename
+            request,
+            svc,
+            svc.predict_one(bytes(up.data), up.filename, heatmap=heatmap, image=image),
+            up.filename,
         )
 
 
@@ -164,12 +167,22 @@ async def predict_batch(
                 **await svc.predict_one(bytes(up.data), up.filename, heatmap=heatmap, image=image),
             }
         except ApiError as exc:  # with the error row of the one prediction schema (every key present)
-            return {"ok": False, "file": up.filename, **exc.payload(), "row": _error_row(svc, up.filename, exc)}
+            return {
+                "ok": False,
+                "file": up.filename,
+                **exc.payload(),
+                "row": _error_row(svc, up.filename, exc),
+            }
         except Exception as exc:  # a server bug on one file: logged, that file's error; the others are kept
             log.error("unexpected error on %s in a batch", up.filename, exc_info=exc)
             err = ApiError(500, "internal_error", f"{up.filename}: internal server error ({type(exc).__name__})",
                            up.filename)  # fmt: skip
-            return {"ok": False, "file": up.filename, **err.payload(), "row": _error_row(svc, up.filename, err)}
+            return {
+                "ok": False,
+                "file": up.filename,
+                **err.payload(),
+                "row": _error_row(svc, up.filename, err),
+            }
 
     async def all_of_them() -> list[dict[str, Any]]:
         return list(await asyncio.gather(*(one(p) for p in parts)))

@@ -144,7 +144,9 @@ class Service:
         # training could not reach the abstention target: every prediction is flagged (never the green box)
         rule = self.meta.get("abstention") if isinstance(self.meta.get("abstention"), dict) else {}
         self.flag_all = bool(rule.get("flag_all")) and self.threshold is not None
-        self.flag_all_reason = str(rule.get("reason") or "the abstention target was not reached on validation")
+        self.flag_all_reason = str(
+            rule.get("reason") or "the abstention target was not reached on validation"
+        )
         cal = self.meta.get("calibration") or {}
         self.calibrated = cal.get("method", "none") != "none" and "temperature" in cal
         self.static_warnings: list[str] = []
@@ -222,8 +224,11 @@ class Service:
             "queued": self.pending,
             "skipped_gone": self.skipped,
             "refused_busy": self.refused_busy,
-            "decode_memory": {"used": self.decode_budget.used, "peak": self.decode_budget.peak,
-                              "total": self.decode_budget.total},  # fmt: skip
+            "decode_memory": {
+                "used": self.decode_budget.used,
+                "peak": self.decode_budget.peak,
+                "total": self.decode_budget.total,
+            },  # fmt: skip
         }
 
     async def warm_up(self) -> dict[str, Any]:
@@ -242,7 +247,10 @@ class Service:
                                    "ms": round((time.perf_counter() - t0) * 1000, 1)}  # fmt: skip
         except Exception as exc:
             msg = exc.message if isinstance(exc, ApiError) else str(exc)
-            self.warm_up_result = {"ok": False, "message": f"warm-up prediction failed: {msg or type(exc).__name__}"}
+            self.warm_up_result = {
+                "ok": False,
+                "message": f"warm-up prediction failed: {msg or type(exc).__name__}",
+            }
             log.error("%s; /api/health answers 503", self.warm_up_result["message"])
         return self.warm_up_result
 
@@ -389,7 +397,9 @@ class Service:
         finally:
             self.decode_budget.release(held)
 
-    async def _answer(self, dec: Decoded, name: str, *, heatmap: bool, image: bool, t0: float) -> dict[str, Any]:
+    async def _answer(
+        self, dec: Decoded, name: str, *, heatmap: bool, image: bool, t0: float
+    ) -> dict[str, Any]:
         import anyio.to_thread
 
         seen = await asyncio.wrap_future(self.worker.submit_call(lambda: self.check(dec, name)))

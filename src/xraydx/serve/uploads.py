@@ -181,7 +181,9 @@ async def read_multipart(
     except ClientDisconnect:
         name = parts.parts[-1].filename if parts.parts else "the request"
         log.info("client went away during the upload of %s (%d bytes received)", name, seen)
-        raise ApiError(499, "client_gone", f"{name}: the client closed the connection during the upload") from None
+        raise ApiError(
+            499, "client_gone", f"{name}: the client closed the connection during the upload"
+        ) from None
     if not parts.ended:
         raise ApiError(400, "bad_multipart", "incomplete multipart body (no closing boundary)")
     return parts.parts
