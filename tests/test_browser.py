@@ -219,8 +219,8 @@ def test_bad_file_shows_the_reason(page: Page, tmp_path: Path) -> None:
 
 
 def test_shipped_model_shows_the_crop_box_and_no_headline_for_a_photo(browser: Browser) -> None:
-    """The shipped default model crops to the lungs: the page draws the crop box on the uploaded image and
-    shows the model's input as a second view; a colour photo gets no headline class and a sensible reason."""
+    """The shipped default model: the page draws the crop box on the uploaded image where the model crops
+    to the lungs (none where it only blanks outside them) and shows the model's input as a second view; a colour photo gets no headline class and a sensible reason."""
     from PIL import Image
 
     from xraydx.constants import DEFAULT_CHECKPOINT
@@ -242,14 +242,18 @@ def test_shipped_model_shows_the_crop_box_and_no_headline_for_a_photo(browser: B
         pg.goto(url + "/")
         pg.set_input_files("#file", str(sample_images("test", "normal")[0]))
         pg.wait_for_selector('#result[data-ready="true"]')
-        box, shown = pg.locator("#crop-box").bounding_box(), pg.locator("#image").bounding_box()
-        assert pg.locator("#crop-box").is_visible() and box and shown
-        assert shown["x"] - 1 <= box["x"] and box["x"] + box["width"] <= shown["x"] + shown["width"] + 1
-        assert shown["y"] - 1 <= box["y"] and box["y"] + box["height"] <= shown["y"] + shown["height"] + 1
-        assert box["width"] * box["height"] < shown["width"] * shown["height"]  # a crop, not the whole image
-        assert (
-            pg.locator("#view-input").is_visible() and "lung crop" in pg.locator("#input-meta").inner_text()
-        )
+        if app.state.service.spec.lung_mask == "crop":
+            box, shown = pg.locator("#crop-box").bounding_box(), pg.locator("#image").bounding_box()
+            assert pg.locator("#crop-box").is_visible() and box and shown
+            assert shown["x"] - 1 <= box["x"] and box["x"] + box["width"] <= shown["x"] + shown["width"] + 1
+            assert shown["y"] - 1 <= box["y"] and box["y"] + box["height"] <= shown["y"] + shown["height"] + 1
+            assert (
+                box["width"] * box["height"] < shown["width"] * shown["height"]
+            )  # a crop, not the whole image
+            assert "lung crop" in pg.locator("#input-meta").inner_text()
+        else:  # the shipped model blanks outside the lungs without cropping: no box to draw
+            assert pg.locator("#crop-box").is_hidden()
+        assert pg.locator("#view-input").is_visible()
         pg.set_input_files("#file", str(photo_path))
         pg.wait_for_function("() => document.getElementById('file-name').textContent === 'cat.png'")
         pg.wait_for_selector('#result[data-ready="true"]')
