@@ -32,6 +32,11 @@ def model_copy(trained_run: Path, tmp_path_factory: pytest.TempPathFactory) -> P
     return ck
 
 
+def _fit_args(checkpoint: Path, data: Path, *extra: str) -> list[str]:
+    """``xraydx shift fit`` of ``checkpoint`` on ``data`` (quiet), with ``extra`` options."""
+    return ["shift", "fit", "--checkpoint", str(checkpoint), "--data", str(data), *extra, "-q"]
+
+
 def _predict(ck: Path, out: Path, images: list[Path]) -> list[dict[str, str]]:
     rc = main(["predict", *map(str, images), "--checkpoint", str(ck), "--out", str(out), "-q"])
     assert rc == 0
@@ -42,7 +47,7 @@ def test_fit_then_predict_reports_the_score_and_flags_at_the_threshold(
     model_copy: Path, trained_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     images = sample_images("test")[:12]
-    base = ["shift", "fit", "--checkpoint", str(model_copy), "--data", str(trained_run), "-q"]
+    base = _fit_args(model_copy, trained_run)
     assert main(base) == 0  # report only
     assert "no threshold" in capsys.readouterr().out
     rule = load_sidecar(sidecar_path(model_copy), Predictor(model_copy, "cpu", ood=False).model)
@@ -68,17 +73,7 @@ def test_threshold_from_a_crossval_run(model_copy: Path, trained_run: Path, tmp_
     cv.mkdir()
     (cv / "metrics.json").write_text(json.dumps({"shift_flag": {"threshold": 1.25}}))
     out = tmp_path / "s.shift.safetensors"
-    args = [
-        "shift",
-        "fit",
-        "--checkpoint",
-        str(model_copy),
-        "--data",
-        str(trained_run),
-        "--out",
-        str(out),
-        "-q",
-    ]
+    args = _fit_args(model_copy, trained_run, "--out", str(out))
     assert main([*args, "--crossval", str(cv)]) == 0
     rule = load_sidecar(out, Predictor(model_copy, "cpu", ood=False).model)
     assert rule.threshold == pytest.approx(1.25) and rule.meta["threshold_from"] == "crossval cv"
@@ -94,17 +89,7 @@ def test_a_sidecar_of_another_network_or_a_broken_one_is_refused(
     other = tmp_path / "other.safetensors"
     shutil.copy(model_copy, other)
     side = sidecar_path(other)
-    fit = [
-        "shift",
-        "fit",
-        "--checkpoint",
-        str(model_copy),
-        "--data",
-        str(trained_run),
-        "--out",
-        str(side),
-        "-q",
-    ]
+    fit = _fit_args(model_copy, trained_run, "--out", str(side))
     assert main(fit) == 0
     assert Predictor(other, "cpu", ood=False).shift is not None  # same tensors: it belongs to this one too
     model = Predictor(model_copy, "cpu", ood=False).model
