@@ -88,7 +88,7 @@ def file_digest(path: Path, extra: Path | None = None) -> str:
 
 def settings_key(spec: Preprocessing) -> str:
     """Folder name for a preprocessing: readable part + hash of every pixel-changing setting."""
-    d = {k: v for k, v in spec.to_dict().items() if k not in ("mean", "std")}
+    d = {k: v for k, v in spec.to_dict().items() if k not in ("mean", "std", "tta")}
     h = hashlib.sha1(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:10]
     return f"v{CACHE_VERSION}-{spec.cache_key()}-{h}"
 

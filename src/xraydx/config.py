@@ -25,6 +25,7 @@ from xraydx.constants import (
     LUNG_MASK_MODES,
     OBJECTIVES,
     PRETRAINED_MODES,
+    TTA_MODES,
 )
 from xraydx.errors import ConfigError, ServeError
 
@@ -38,6 +39,7 @@ class DataConfig:
     image_size: int = 224  # every image is resized to image_size x image_size (no letterbox borders)
     lung_mask: str = "none"  # none | crop | mask (the dataset's lung masks, else the shipped segmenter)
     intensity: str = "none"  # none | equalize (per-image histogram equalisation)
+    tta: str = "none"  # none | affine: test-time augmentation, the mean logits of 7 fixed views (xraydx.tta)
     base_size: int = 0  # >0: resize the whole image to base_size² first (same resolution for every source)
     holdout_source: str = ""  # move this source's images to an 'external' split, evaluated at the end
     cache_dir: str = ""  # "" = <run folder's parent>/.cache ; decoded uint8 arrays live here
@@ -182,6 +184,7 @@ def _coerce(value: Any, typ: Any, key: str) -> Any:
 CHOICES: dict[str, tuple[str, ...]] = {
     "data.lung_mask": LUNG_MASK_MODES,
     "data.intensity": INTENSITY_MODES,
+    "data.tta": TTA_MODES,
     "model.pretrained": PRETRAINED_MODES,
     "train.balance": BALANCE_MODES,
     "train.objective": OBJECTIVES,

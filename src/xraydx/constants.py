@@ -23,6 +23,8 @@ ALL_SPLITS: tuple[str, ...] = (*SPLITS, "external")
 
 LUNG_MASK_MODES: tuple[str, ...] = ("none", "crop", "mask")
 INTENSITY_MODES: tuple[str, ...] = ("none", "equalize")
+#: test-time augmentation (xraydx.tta): none | affine (the mean logits of 7 fixed shifted / scaled views)
+TTA_MODES: tuple[str, ...] = ("none", "affine")
 #: resampling of the random affine: bilinear (smooth), or nearest (what torchvision's RandomAffine does by
 #: default; about 2x cheaper on a CPU)
 AUGMENT_INTERPOLATIONS: tuple[str, ...] = ("bilinear", "nearest")

@@ -22,6 +22,10 @@ A crossval run folder::
 
 Resumable per fold: a fold with its predictions is skipped, a fold whose training was killed resumes
 from its last checkpoint, a fold trained but not yet predicted is predicted.
+
+``trained_from`` (``--reuse-folds RUN``): a new run folder that predicts with another run's fold models
+instead of training its own, for settings that change prediction only (:data:`PREDICTION_KEYS`, e.g.
+``data.tta``: test-time augmentation); every other recipe setting must be the other run's.
 """
 
 from __future__ import annotations
@@ -42,6 +46,8 @@ from xraydx.errors import DatasetError, OutputExistsError, UsageError
 from xraydx.fsutil import atomic_write_json, csv_unescape, printable_path
 
 PIPELINES = ("cached", "deployed")
+#: config keys a ``--reuse-folds`` run may change: they do not touch training
+PREDICTION_KEYS = ("name", "runs_dir", "data.tta", "data.cache_dir", "train.device", "train.threads")
 FOLD_SEP = ";"
 JOIN = "+"
 
@@ -105,23 +111,29 @@ class CrossVal:
     """One crossval run folder: plans the folds, trains and predicts each, pools, summarises."""
 
     def __init__(
-        self, run: Path, cfg: Config, folds: list[Fold], progress: bool = True, pipeline: str = "cached"
-    ) -> None:
+        self, run: Path, cfg: Config, folds: list[Fold], progress: bool = True, pipeline: str = "cached",
+        trained_from: Path | None = None,
+    ) -> None:  # fmt: skip
         if pipeline not in PIPELINES:
             raise UsageError(f"--oos-pipeline must be one of {', '.join(PIPELINES)}; got {pipeline!r}")
         self.run, self.cfg, self.folds, self.progress, self.pipeline = run, cfg, folds, progress, pipeline
         self.fold_dir = run / "folds"
+        #: another crossval run whose fold models this one predicts with (None: train its own)
+        self.trained_from = trained_from
 
     # ---- the run folder -------------------------------------------------------------------------
     @classmethod
     def create(
-        cls, cfg: Config, folds_spec: str | None, progress: bool = True, pipeline: str = "cached"
-    ) -> CrossVal:
+        cls, cfg: Config, folds_spec: str | None, progress: bool = True, pipeline: str = "cached",
+        trained_from: Path | None = None,
+    ) -> CrossVal:  # fmt: skip
         from xraydx.models import check_model
 
         validate(cfg)
         check_model(cfg.model.name, cfg.model.pretrained)  # exit 2 before any image is read
         manifest = _discover(cfg)
+        if trained_from is not None:
+            folds_spec = _check_reuse(Path(trained_from), cfg, folds_spec)
         folds = parse_folds(folds_spec, manifest)
         for f in folds:
             fold_manifest(manifest, f)  # refuse an impossible fold before any training
@@ -140,9 +152,10 @@ class CrossVal:
                 "by": "source",
                 "pipeline": pipeline,
                 "folds": [list(f.sources) for f in folds],
+                **({"trained_from": str(Path(trained_from).resolve())} if trained_from else {}),
             },
         )
-        cv = cls(run, cfg, folds, progress, pipeline)
+        cv = cls(run, cfg, folds, progress, pipeline, Path(trained_from).resolve() if trained_from else None)
         cv._write_fold_manifests(manifest)
         return cv
 
@@ -154,7 +167,8 @@ class CrossVal:
         cfg = Config.load(run / "config.yaml")
         info = json.loads((run / "crossval.json").read_text(encoding="utf-8"))
         folds = [Fold(i + 1, tuple(s)) for i, s in enumerate(info["folds"])]
-        return cls(run, cfg, folds, progress, info.get("pipeline", "cached"))
+        src = info.get("trained_from")
+        return cls(run, cfg, folds, progress, info.get("pipeline", "cached"), Path(src) if src else None)
 
     def _write_fold_manifests(self, manifest: Manifest) -> None:
         self.fold_dir.mkdir(exist_ok=True)
@@ -178,10 +192,23 @@ class CrossVal:
         cfg.data.cache_dir = self.cfg.data.cache_dir or str(Path(self.cfg.runs_dir) / ".cache")
         return cfg
 
+    def trained_run(self, f: Fold) -> Path:
+        """The training run of fold ``f``: this run's own, or (``trained_from``) the other run's."""
+        return (self.trained_from or self.run) / "folds" / f.name
+
     def train_fold(self, f: Fold) -> Path:
         from xraydx.train import run_training
 
-        run = self.fold_dir / f.name
+        run = self.trained_run(f)
+        if self.trained_from is not None:
+            if not (
+                (run / "metrics.json").is_file() and (run / "checkpoints" / "best.safetensors").is_file()
+            ):
+                raise UsageError(
+                    f"{printable_path(str(run))}: fold {f.name} of {self.trained_from} has not finished"
+                    f" training; finish that run first (xraydx crossval --resume {self.trained_from})"
+                )
+            return run
         best = run / "checkpoints" / "best.safetensors"
         if (run / "metrics.json").is_file() and best.is_file():
             return run
@@ -200,7 +227,8 @@ class CrossVal:
         slower, and the guard's ``not_cxr`` status counts in the flag."""
         from xraydx.predict import write_predictions
 
-        out = run / "oos_predictions.csv"
+        out = self.fold_dir / f.name / "oos_predictions.csv"
+        out.parent.mkdir(parents=True, exist_ok=True)
         if out.is_file() and (self.pipeline == "deployed" or _has_column(out, "shift_score")):
             return out
         held = [
@@ -211,7 +239,7 @@ class CrossVal:
         if self.pipeline == "deployed":
             from xraydx.predict import Predictor
 
-            pred = Predictor(ckpt, self.cfg.train.device)
+            pred = Predictor(ckpt, self.cfg.train.device, tta=self.cfg.data.tta)
             stream: Any = pred.predict_files([r.path for r in held], progress=self.progress, total=len(held))
         else:
             stream = self._cached_predictions(ckpt, held)
@@ -247,7 +275,8 @@ class CrossVal:
 
         device = resolve_device(self.cfg.train.device)
         model, meta = load_checkpoint(ckpt, device)
-        spec = Preprocessing.from_dict(meta["preprocessing"])
+        # this run's test-time augmentation (the fold's own, unless the run reuses another's folds)
+        spec = Preprocessing.from_dict({**meta["preprocessing"], "tta": self.cfg.data.tta})
         cache = Path(self.fold_config(self.folds[0]).data.cache_dir)
         data, bad = load_split(held, spec, cache, "held-out", self.progress)
         with torch.no_grad():
@@ -306,9 +335,11 @@ class CrossVal:
             w = CsvDictWriter(fh, fieldnames=list(rows[0]) if rows else ["path"])
             w.writeheader()
             w.writerows(rows)
-        in_source = {f.name: _in_source_test(self.fold_dir / f.name) for f in self.folds}
+        in_source = {f.name: _in_source_test(self.trained_run(f)) for f in self.folds}
         summary = summarize(rows, CLASSES, folds=[f.name for f in self.folds], in_source=in_source)
         summary["recipe"] = {"data": self.cfg.data.path, "config": "config.yaml", **_recipe(self.cfg)}
+        if self.trained_from is not None:
+            summary["recipe"]["trained_from"] = str(self.trained_from)
         atomic_write_json(self.run / "metrics.json", summary)
         write_html(self.run / "report.html", crossval_page(summary, title=f"xraydx crossval {self.run.name}"),
                    overwrite=True)  # fmt: skip
@@ -351,8 +382,42 @@ def _recipe(cfg: Config) -> dict[str, Any]:
         "model": cfg.model.name, "image_size": cfg.data.image_size, "lung_mask": cfg.data.lung_mask,
         "intensity": cfg.data.intensity, "base_size": cfg.data.base_size, "epochs": cfg.train.epochs,
         "augment": cfg.train.augment, "balance": cfg.train.balance, "acquisition": cfg.train.acquisition,
-        "epoch_size": cfg.train.epoch_size, "objective": cfg.train.objective,
+        "epoch_size": cfg.train.epoch_size, "objective": cfg.train.objective, "tta": cfg.data.tta,
     }  # fmt: skip
+
+
+def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def _check_reuse(src: Path, cfg: Config, folds_spec: str | None) -> str:
+    """Refuse to reuse ``src``'s fold models for a recipe that trains differently; its folds spec."""
+    if not (src / "crossval.json").is_file() or not (src / "config.yaml").is_file():
+        raise UsageError(
+            f"--reuse-folds {printable_path(str(src))}: not a crossval run folder (no crossval.json)"
+        )
+    info = json.loads((src / "crossval.json").read_text(encoding="utf-8"))
+    if info.get("trained_from"):
+        raise UsageError(
+            f"--reuse-folds {printable_path(str(src))}: it reuses {info['trained_from']}; name that run"
+        )
+    theirs, ours = _flat(Config.load(src / "config.yaml").to_dict()), _flat(cfg.to_dict())
+    differ = sorted(
+        k for k in set(theirs) | set(ours) if k not in PREDICTION_KEYS and theirs.get(k) != ours.get(k)
+    )
+    if differ:
+        raise UsageError(
+            f"--reuse-folds {printable_path(str(src))}: its fold models were trained with other settings ("
+            + ", ".join(f"{k}: {theirs.get(k)!r} there, {ours.get(k)!r} here" for k in differ[:4])
+            + f"); only {', '.join(PREDICTION_KEYS[2:])} may differ"
+        )
+    spec = FOLD_SEP.join(JOIN.join(g) for g in info["folds"])
+    if folds_spec and folds_spec.replace(" ", "") != spec:
+        raise UsageError(f"--reuse-folds: --folds must be that run's folds ({spec!r}) or left out")
+    return spec
 
 
 def run_crossval(
@@ -362,12 +427,14 @@ def run_crossval(
     resume: Path | None = None,
     progress: bool = True,
     pipeline: str = "cached",
+    trained_from: Path | None = None,
 ) -> Path:
-    """Run (or, with ``resume``, continue) a leave-source-out crossval; returns its run folder."""
+    """Run (or, with ``resume``, continue) a leave-source-out crossval; returns its run folder.
+    ``trained_from``: predict with that crossval run's fold models instead of training (see the module)."""
     if resume is not None:
         cv = CrossVal.open(Path(resume), progress)
     elif cfg is not None:
-        cv = CrossVal.create(cfg, folds, progress, pipeline)
+        cv = CrossVal.create(cfg, folds, progress, pipeline, trained_from)
     else:
         raise UsageError("crossval: give a config or --resume RUN")
     return cv.run_all()

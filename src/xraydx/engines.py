@@ -51,6 +51,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from xraydx import tta as _tta
 from xraydx.constants import ENGINES, WEIGHTS_DIR
 from xraydx.device import available_cpus
 from xraydx.errors import ExportError
@@ -484,11 +485,15 @@ def batch_logits(
     if not len(images):
         return torch.zeros((0, 0))
     eng = TorchEngine(model, device)
-    out = [
-        eng.run(normalise(images[i : i + batch_size], spec.mean, spec.std))[0]
-        for i in range(0, len(images), batch_size)
-    ]
-    return torch.from_numpy(np.concatenate(out))
+
+    def run(u8: np.ndarray) -> np.ndarray:
+        out = [
+            eng.run(normalise(u8[i : i + batch_size], spec.mean, spec.std))[0]
+            for i in range(0, len(u8), batch_size)
+        ]
+        return np.concatenate(out)
+
+    return torch.from_numpy(_tta.mean_logits(run, images, spec.tta))
 
 
 class Classifier:
@@ -500,7 +505,7 @@ class Classifier:
 
     def __init__(
         self, source: str | Path | bytes, engine: str = "torch", *, device: str | torch.device = "cpu",
-        threads: int = 0,
+        threads: int = 0, tta: str | None = None,
     ) -> None:  # fmt: skip
         from xraydx.models import load_checkpoint
         from xraydx.transforms import Preprocessing
@@ -523,6 +528,8 @@ class Classifier:
             self.model.to(self.device)
         self.classes: list[str] = list(self.meta["classes"])
         self.spec = Preprocessing.from_dict(self.meta["preprocessing"])
+        if tta is not None:  # override the checkpoint's test-time augmentation (xraydx.tta)
+            self.spec = Preprocessing.from_dict({**self.spec.to_dict(), "tta": _tta.check_mode(tta)})
         self.temperature = float((self.meta.get("calibration") or {}).get("temperature", 1.0))
 
     def logits(self, x: np.ndarray) -> np.ndarray:
@@ -530,12 +537,19 @@ class Classifier:
         return self.engine.run(x)[0]
 
     def batch_logits(self, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
-        """Preprocessed uint8 (N, S, S) images -> (N, C) logits."""
-        out = [
-            self.logits(normalise(images[i : i + batch_size], self.spec.mean, self.spec.std))
-            for i in range(0, len(images), batch_size)
-        ]
-        return np.concatenate(out) if out else np.zeros((0, len(self.classes)), dtype=np.float32)
+        """Preprocessed uint8 (N, S, S) images -> (N, C) logits (averaged over the test-time views where
+        the checkpoint's preprocessing asks for them: :mod:`xraydx.tta`)."""
+        if not len(images):
+            return np.zeros((0, len(self.classes)), dtype=np.float32)
+
+        def run(u8: np.ndarray) -> np.ndarray:
+            out = [
+                self.logits(normalise(u8[i : i + batch_size], self.spec.mean, self.spec.std))
+                for i in range(0, len(u8), batch_size)
+            ]
+            return np.concatenate(out)
+
+        return _tta.mean_logits(run, images, self.spec.tta)
 
     def probs(self, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
         """Calibrated probabilities softmax(logits / temperature), (N, C)."""

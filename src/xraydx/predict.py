@@ -158,23 +158,28 @@ class Predictor:
 
     def __init__(
         self, checkpoint: str | Path, device: str = "auto", engine: str = "torch", ood: bool = True,
-        threads: int = 0,
+        threads: int = 0, tta: str | None = None,
     ) -> None:  # fmt: skip
         """engine: ``torch`` (default) or ``onnx`` (onnxruntime for every network; ``checkpoint`` may then
         also be an exported ``.onnx`` file). See :mod:`xraydx.engines`. ood: check every image with
         :mod:`xraydx.ood`'s guard (status ``not_cxr`` + ``ood_score``). threads: onnxruntime's intra-op
-        threads (0: the CPUs this process may use)."""
+        threads (0: the CPUs this process may use). tta: ``none`` | ``affine`` overrides the checkpoint's
+        test-time augmentation (:mod:`xraydx.tta`); None keeps it."""
         self.device = resolve_device(device)
         self.engine = engine
         self.threads = int(threads)
-        self.classifier = Classifier(checkpoint, engine, device=self.device, threads=self.threads)
+        self.classifier = Classifier(checkpoint, engine, device=self.device, threads=self.threads, tta=tta)
         self.meta = self.classifier.meta
         self.model = self.classifier.model  # the torch classifier (Grad-CAM); None for a .onnx file
         self.checkpoint = Path(checkpoint)
         #: the ``model_id`` column of every row: ``<architecture>-<sha256[:12]>`` of the checkpoint file
         self.model_id = schema.model_id(self.checkpoint, self.meta)
-        self.classes: list[str] = list(self.classifier.classes)
         self.spec: Preprocessing = self.classifier.spec
+        if self.spec.tta != Preprocessing.from_dict(self.meta["preprocessing"]).tta:
+            # another test-time augmentation gives other outputs: rows say so (and --resume tells them apart)
+            name, digest = self.model_id.rsplit("-", 1)
+            self.model_id = f"{name}+tta_{self.spec.tta}-{digest}"
+        self.classes: list[str] = list(self.classifier.classes)
         self.temperature = self.classifier.temperature
         self.abstention: dict[str, Any] | None = self.meta.get("abstention") or None  # see docs/trust.md
         self.threshold = abstention_threshold(self.abstention)

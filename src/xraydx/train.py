@@ -278,7 +278,7 @@ def load_data(
     mean, std = normalization_for(cfg.model.name, cfg.model.pretrained)
     spec = Preprocessing(
         size=cfg.data.image_size, lung_mask=cfg.data.lung_mask, mean=mean, std=std,
-        intensity=cfg.data.intensity, base_size=cfg.data.base_size,
+        intensity=cfg.data.intensity, base_size=cfg.data.base_size, tta=cfg.data.tta,
     )  # fmt: skip
     cache_dir = Path(cfg.data.cache_dir) if cfg.data.cache_dir else Path(cfg.runs_dir) / ".cache"
     splits: dict[str, SplitData] = {}

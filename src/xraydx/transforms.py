@@ -37,6 +37,7 @@ class Preprocessing:
     intensity: str = "none"  # none | equalize (per-image histogram equalisation, against source style)
     base_size: int = 0  # >0: the whole image is first resized to base_size², so every source has the same
     #                     resolution before lung cropping (sharpness would otherwise tell sources apart)
+    tta: str = "none"  # test-time augmentation of the classifier (xraydx.tta); not part of the image itself
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -45,7 +46,7 @@ class Preprocessing:
     def from_dict(cls, d: dict[str, Any]) -> Preprocessing:
         known = {
             k: d[k]
-            for k in ("size", "lung_mask", "mean", "std", "resize", "intensity", "base_size")
+            for k in ("size", "lung_mask", "mean", "std", "resize", "intensity", "base_size", "tta")
             if k in d
         }
         return cls(**known)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from xraydx.cli._common import SubParsers, add_quiet
 from xraydx.cli.train import TRAIN_FLAGS, build_config
-from xraydx.errors import EXIT_OK
+from xraydx.errors import EXIT_OK, UsageError
 
 #: the cheap screening settings (--screen): 128 px, 4 epochs of 1,024 images each
 SCREEN = {"data.image_size": "128", "train.epochs": "4", "train.epoch_size": "1024"}
@@ -54,6 +54,11 @@ def add_parser(sub: SubParsers) -> None:
     cv.add_argument(
         "--resume", metavar="RUN_DIR", help="continue a killed crossval (finished folds are kept)"
     )
+    cv.add_argument(
+        "--reuse-folds", metavar="RUN_DIR",
+        help="predict with that crossval run's fold models instead of training new ones (its recipe:"
+        " only prediction settings may differ, e.g. --set data.tta=affine; give a new --name)",
+    )  # fmt: skip
     add_quiet(cv)
     cv.set_defaults(func=run)
 
@@ -67,7 +72,16 @@ def run(args: argparse.Namespace) -> int:
         if args.screen:
             args.set = [f"{k}={v}" for k, v in SCREEN.items()] + list(args.set or [])
         args.holdout_source = None
+        if args.reuse_folds and not args.config:  # the recipe of the run whose fold models are reused
+            args.config = str(Path(args.reuse_folds) / "config.yaml")
+            if not Path(args.config).is_file():
+                raise UsageError(
+                    f"--reuse-folds {args.reuse_folds}: not a crossval run folder (no config.yaml)"
+                )
         cfg = build_config(args)
-        out = run_crossval(cfg, folds=args.folds, progress=not args.quiet, pipeline=args.oos_pipeline)
+        out = run_crossval(
+            cfg, folds=args.folds, progress=not args.quiet, pipeline=args.oos_pipeline,
+            trained_from=Path(args.reuse_folds) if args.reuse_folds else None,
+        )  # fmt: skip
     print(f"run folder: {out}")
     return EXIT_OK

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from xraydx.cli._common import SubParsers, add_quiet, checkpoint
-from xraydx.constants import ENGINES
+from xraydx.constants import ENGINES, TTA_MODES
 from xraydx.errors import EXIT_OK, EXIT_PARTIAL, UsageError
 
 
@@ -24,6 +24,11 @@ def add_parser(sub: SubParsers) -> None:
     pr.add_argument(
         "--engine", choices=list(ENGINES), default="torch",
         help="torch, or onnx (onnxruntime; --checkpoint may then be an exported .onnx file)",
+    )  # fmt: skip
+    pr.add_argument(
+        "--tta", choices=list(TTA_MODES), default=None,
+        help="test-time augmentation: none, or affine (mean logits of 7 shifted/zoomed views, 7x the cost); "
+        "default: the checkpoint's (the shipped model: none)",
     )  # fmt: skip
     pr.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     pr.add_argument(
@@ -63,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
             f"{foreign[0]}); it was made from another input list (give the same inputs, or another --out)"
         )
     todo = [p for p in paths if str(p) not in skip]
-    pred = Predictor(checkpoint(args), args.device, engine=args.engine)
+    pred = Predictor(checkpoint(args), args.device, engine=args.engine, tta=args.tta)
     if args.heatmaps and pred.model is None:
         raise UsageError("--heatmaps needs the PyTorch model (Grad-CAM): pass the .safetensors, not .onnx")
     stream = pred.predict_files(todo, batch_size=args.batch_size, progress=not args.quiet, total=len(todo))
