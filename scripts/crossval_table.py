@@ -4,7 +4,9 @@
 
 One row per run: the recipe, the pooled out-of-source balanced accuracy [95% CI] and macro-F1, the
 pooled recall per class, the mean in-source test macro-F1 of the folds, the share of out-of-source errors
-the shipped flag catches, and the wall time; then one row per held-out source and run.
+the shipped flag catches, and the wall time; then one row per held-out source and run. An ensemble run
+(``xraydx crossval ensemble``) is a row too: its recipe names its members, its in-source figure is the mean
+of theirs, its flag is the members' flags or their disagreement, its minutes are the members' sum.
 """
 
 from __future__ import annotations
@@ -31,6 +33,29 @@ def _minutes(run: Path) -> str:
     return f"{(t1 - t0).total_seconds() / 60:.0f}"
 
 
+def _recipe(run: Path, m: dict) -> str:
+    ens = m.get("ensemble")
+    if ens:  # no config.yaml: the members are the recipe
+        return "ensemble (mean probability) of " + " + ".join(x["name"] for x in ens["members"])
+    cfg = yaml.safe_load((run / "config.yaml").read_text(encoding="utf-8"))  # the recipe as it ran
+    d, t = cfg["data"], cfg["train"]
+    r = {"model": cfg["model"]["name"], "image_size": d["image_size"], "lung_mask": d["lung_mask"],
+         "intensity": d["intensity"], "augment": t["augment"], "balance": t["balance"],
+         "acquisition": t.get("acquisition", 0.0), "epochs": t["epochs"], "epoch_size": t.get("epoch_size", 0)}  # fmt: skip
+    return (
+        f"{r['model']} {r['image_size']}px lung={r['lung_mask']} {r['intensity']} aug={r['augment']}"
+        f" balance={r['balance']} acquisition={r['acquisition']} {r['epochs']}×{r['epoch_size'] or 'all'}"
+    )
+
+
+def _run_minutes(run: Path, m: dict) -> str:
+    ens = m.get("ensemble")
+    if not ens:
+        return _minutes(run)
+    each = [_minutes(Path(x["run"])) for x in ens["members"]]
+    return "—" if "—" in each else str(sum(int(v) for v in each))
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("runs", nargs="+", type=Path)
@@ -40,21 +65,13 @@ def main(argv: list[str] | None = None) -> int:
     for run in args.runs:
         m = json.loads((run / "metrics.json").read_text(encoding="utf-8"))
         p = m["pooled"]
-        cfg = yaml.safe_load((run / "config.yaml").read_text(encoding="utf-8"))  # the recipe as it ran
-        d, t = cfg["data"], cfg["train"]
-        r = {"model": cfg["model"]["name"], "image_size": d["image_size"], "lung_mask": d["lung_mask"],
-             "intensity": d["intensity"], "augment": t["augment"], "balance": t["balance"],
-             "acquisition": t.get("acquisition", 0.0), "epochs": t["epochs"], "epoch_size": t.get("epoch_size", 0)}  # fmt: skip
         ci = p["ci"]["balanced_accuracy"]
         ins = [v["in_source_test"]["macro_f1"] for v in m["per_fold"].values() if v.get("in_source_test")]
-        recipe = (
-            f"{r['model']} {r['image_size']}px lung={r['lung_mask']} {r['intensity']} aug={r['augment']}"
-            f" balance={r['balance']} acquisition={r['acquisition']} {r['epochs']}×{r['epoch_size'] or 'all'}"
-        )
+        recipe = _recipe(run, m)
         rows.append(
             f"| {run.name} | {recipe} | {_f(p['balanced_accuracy'])} [{_f(ci[0])}–{_f(ci[1])}] | {_f(p['macro_f1'])}"
             + "".join(f" | {_f((p['recall'].get(c) or {}).get('recall'))}" for c in classes)
-            + f" | {_f(sum(ins) / len(ins) if ins else None)} | {_f(m['flag']['errors_flagged'])} | {_minutes(run)} |"
+            + f" | {_f(sum(ins) / len(ins) if ins else None)} | {_f(m['flag']['errors_flagged'])} | {_run_minutes(run, m)} |"
         )
         for s, v in m["per_source"].items():
             cells = "".join(

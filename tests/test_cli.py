@@ -14,7 +14,7 @@ from xraydx.cli.main import COMMANDS
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 HEAVY = ("torch", "numpy", "PIL", "timm", "sklearn", "fastapi", "uvicorn", "onnxruntime")
-HELPS = [[], ["data"], ["data", "inspect"], ["train"], ["evaluate"], ["predict"], ["demo"], ["export"],
+HELPS = [[], ["data"], ["data", "inspect"], ["train"], ["crossval"], ["crossval", "ensemble"], ["evaluate"], ["predict"], ["demo"], ["export"],
          ["explain"], ["audit"], ["segment"], ["segment", "train"], ["serve"], ["ood"], ["ood", "fit"]]  # fmt: skip
 
 

@@ -528,8 +528,9 @@ def _recall_cell(cell: dict[str, Any] | None) -> str:
     )
 
 
-def crossval_page(s: dict[str, Any], title: str) -> str:
-    """The page of a leave-source-out crossval (xraydx.crossval_metrics.summarize's output)."""
+def crossval_page(s: dict[str, Any], title: str, extra: str = "") -> str:
+    """The page of a leave-source-out crossval (xraydx.crossval_metrics.summarize's output); ``extra``: more
+    HTML at its end (an ensemble's section)."""
     classes = s["classes"]
     p = s["pooled"]
     ci = p["ci"]
@@ -632,4 +633,6 @@ def crossval_page(s: dict[str, Any], title: str) -> str:
         )
     if fl["coverage_curve"]:
         parts.append(img_tag(coverage_png({"coverage_curve": fl["coverage_curve"]}), "coverage vs accuracy"))
+    if extra:
+        parts.append(extra)
     return html_page(title, "\n".join(parts))

@@ -1,4 +1,8 @@
-"""``xraydx crossval``: leave-one-source-out validation of a training recipe (see xraydx.crossval)."""
+"""``xraydx crossval``: leave-one-source-out validation of a training recipe (see xraydx.crossval);
+``xraydx crossval ensemble RUN RUN ...``: the members' averaged predictions, as a new run (xraydx.ensemble).
+
+The sub-command is optional: ``xraydx crossval --data ...`` (no sub-command) runs a crossval as it always
+did."""
 
 from __future__ import annotations
 
@@ -61,6 +65,23 @@ def add_parser(sub: SubParsers) -> None:
     )  # fmt: skip
     add_quiet(cv)
     cv.set_defaults(func=run)
+    cmds = cv.add_subparsers(
+        dest="crossval_command", required=False, metavar="{ensemble}", title="commands",
+        description="ensemble: combine finished crossval runs (see xraydx crossval ensemble --help)",
+    )  # fmt: skip
+    # its options default to "not given", so that --name / --runs-dir given before `ensemble` are kept
+    ens = cmds.add_parser(
+        "ensemble", help="combine finished crossval runs: mean probabilities, flag where they disagree",
+        description="Combine two or more finished crossval runs over the same images and folds into a new"
+        " crossval run folder: each image's class probabilities averaged over the members (every member's"
+        " prediction of it came from a model that never saw its source), flagged where any member flagged"
+        " it or the members' top classes differ.", argument_default=argparse.SUPPRESS,
+    )  # fmt: skip
+    ens.add_argument("members", nargs="+", metavar="RUN", help="crossval run folders (two or more)")
+    ens.add_argument("--name", help="the new run folder's name (default ensemble-<member>+<member>...)")
+    ens.add_argument("--runs-dir", dest="runs_dir", help="where it goes (default runs/)")
+    add_quiet(ens)
+    ens.set_defaults(func=run_ensemble)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -83,5 +104,29 @@ def run(args: argparse.Namespace) -> int:
             cfg, folds=args.folds, progress=not args.quiet, pipeline=args.oos_pipeline,
             trained_from=Path(args.reuse_folds) if args.reuse_folds else None,
         )  # fmt: skip
+    print(f"run folder: {out}")
+    return EXIT_OK
+
+
+#: the crossval options that mean nothing to `crossval ensemble` (its members were trained already)
+_NOT_FOR_ENSEMBLE = ("config", "folds", "resume", "reuse_folds", "set", "screen")
+
+
+def run_ensemble(args: argparse.Namespace) -> int:
+    from xraydx.config import Config
+    from xraydx.ensemble import combine
+
+    given = [k for k in (*TRAIN_FLAGS, *_NOT_FOR_ENSEMBLE) if k not in ("name", "runs_dir")
+             and getattr(args, k, None) not in (None, False)]  # fmt: skip
+    if given:
+        raise UsageError(
+            f"crossval ensemble: --{given[0].replace('_', '-')} is a training option; an ensemble combines"
+            " finished crossval runs (xraydx crossval ensemble RUN RUN ... --name NAME)"
+        )
+    if len(args.members) < 2:
+        raise UsageError("crossval ensemble: give at least two crossval run folders")
+    names = [Path(m).resolve().name for m in args.members]
+    name = getattr(args, "name", None) or "ensemble-" + "+".join(names)
+    out = combine(args.members, name, getattr(args, "runs_dir", None) or Config().runs_dir)
     print(f"run folder: {out}")
     return EXIT_OK
