@@ -83,3 +83,7 @@ def checkpoint_or_default(given: str | Path | None) -> Path:
     if DEFAULT_CHECKPOINT.is_file():
         return DEFAULT_CHECKPOINT
     raise UsageError("--checkpoint is required (no default model is installed)")
+
+
+#: resamples of the paired bootstrap of `xraydx crossval compare` (xraydx.crossval_compare)
+COMPARE_RESAMPLES = 1000

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from xraydx.cli._common import SubParsers, add_quiet
 from xraydx.cli.train import TRAIN_FLAGS, build_config
+from xraydx.constants import COMPARE_RESAMPLES as DEFAULT_RESAMPLES
 from xraydx.errors import EXIT_OK, UsageError
 
 #: the cheap screening settings (--screen): 128 px, 4 epochs of 1,024 images each
@@ -66,8 +67,9 @@ def add_parser(sub: SubParsers) -> None:
     add_quiet(cv)
     cv.set_defaults(func=run)
     cmds = cv.add_subparsers(
-        dest="crossval_command", required=False, metavar="{ensemble}", title="commands",
-        description="ensemble: combine finished crossval runs (see xraydx crossval ensemble --help)",
+        dest="crossval_command", required=False, metavar="{ensemble,compare}", title="commands",
+        description="ensemble: combine finished crossval runs (see xraydx crossval ensemble --help); compare:"
+        " B - A with paired patient-group bootstrap intervals (xraydx crossval compare --help)",
     )  # fmt: skip
     # its options default to "not given", so that --name / --runs-dir given before `ensemble` are kept
     ens = cmds.add_parser(
@@ -82,6 +84,18 @@ def add_parser(sub: SubParsers) -> None:
     ens.add_argument("--runs-dir", dest="runs_dir", help="where it goes (default runs/)")
     add_quiet(ens)
     ens.set_defaults(func=run_ensemble)
+    cmp = cmds.add_parser(
+        "compare", help="is run B better than run A out of source? paired bootstrap differences",
+        description="B - A for the pooled out-of-source figures of two finished crossval runs over the same"
+        " images and folds (balanced accuracy, macro-F1, recall per class and per held-out source, errors"
+        " flagged), each with a 95% interval from a paired bootstrap over patient groups.",
+        argument_default=argparse.SUPPRESS,
+    )  # fmt: skip
+    cmp.add_argument("run_a", metavar="RUN_A", help="crossval run folder (the reference)")
+    cmp.add_argument("run_b", metavar="RUN_B", help="crossval run folder (the candidate)")
+    cmp.add_argument("--resamples", type=int, help=f"bootstrap resamples (default {DEFAULT_RESAMPLES})")
+    cmp.add_argument("--json", metavar="FILE", help="also write the comparison as JSON (never replaced)")
+    cmp.set_defaults(func=run_compare)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -129,4 +143,17 @@ def run_ensemble(args: argparse.Namespace) -> int:
     name = getattr(args, "name", None) or "ensemble-" + "+".join(names)
     out = combine(args.members, name, getattr(args, "runs_dir", None) or Config().runs_dir)
     print(f"run folder: {out}")
+    return EXIT_OK
+
+
+def run_compare(args: argparse.Namespace) -> int:
+    from xraydx.crossval_compare import compare, format_table
+    from xraydx.fsutil import atomic_write_json, check_output_file
+
+    if getattr(args, "json", None):
+        check_output_file(Path(args.json), overwrite=False, flag="--json")
+    result = compare(args.run_a, args.run_b, resamples=getattr(args, "resamples", DEFAULT_RESAMPLES))
+    print(format_table(result))
+    if getattr(args, "json", None):
+        atomic_write_json(Path(args.json), result)
     return EXIT_OK
