@@ -35,6 +35,18 @@ $XRAYDX crossval "${COMMON[@]}" --screen --folds "$FOLDS" --name D-groupdro \
     --set train.balance=class_source --set train.acquisition=1.0 --set train.objective=group_dro --set train.dro_eta=0.1
 python scripts/crossval_table.py "$RUNS/A-base" "$RUNS/B-srcbal-acq" "$RUNS/C-lungmask" "$RUNS/D-groupdro"
 
+# 3b. third round (docs/generalisation.md): EfficientNet-Lite0, whole image, a second seed, twice the steps,
+#     test-time augmentation on C1's fold models (no training), ensembles and paired comparisons (seconds)
+C=(--set train.balance=class_source --set train.acquisition=1.0)
+$XRAYDX crossval "${COMMON[@]}" --screen --folds "$FOLDS" "${C[@]}" --lung-mask mask --name E-effnet --model tf_efficientnet_lite0
+$XRAYDX crossval "${COMMON[@]}" --screen --folds "$FOLDS" "${C[@]}" --lung-mask none --name F-whole
+$XRAYDX crossval "${COMMON[@]}" --screen --folds "$FOLDS" "${C[@]}" --lung-mask mask --name C1-lungmask-seed1 --seed 1
+$XRAYDX crossval "${COMMON[@]}" --screen --folds "$FOLDS" "${C[@]}" --lung-mask mask --name C2-lungmask-8ep --set train.epochs=8
+$XRAYDX crossval --reuse-folds "$RUNS/C1-lungmask-seed1" --name C1-tta --set data.tta=affine
+$XRAYDX crossval --reuse-folds "$RUNS/E-effnet" --name E-effnet-tta --set data.tta=affine
+$XRAYDX crossval ensemble "$RUNS/C-lungmask" "$RUNS/C1-lungmask-seed1" --name CC1 --runs-dir "$RUNS"
+$XRAYDX crossval compare "$RUNS/C-lungmask" "$RUNS/C2-lungmask-8ep"
+
 # 4. the final training: recipe C at 224 px on everything; its abstention threshold is chosen on its own
 #    validation split, the rule whose out-of-source behaviour C's crossval measured (57% of errors flagged)
 $XRAYDX train "${COMMON[@]}" --lung-mask mask --name default-model --image-size 224 --epochs 6 \
