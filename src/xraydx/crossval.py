@@ -200,18 +200,14 @@ class CrossVal:
         from xraydx.train import run_training
 
         run = self.trained_run(f)
-        if self.trained_from is not None:
-            if not (
-                (run / "metrics.json").is_file() and (run / "checkpoints" / "best.safetensors").is_file()
-            ):
-                raise UsageError(
-                    f"{printable_path(str(run))}: fold {f.name} of {self.trained_from} has not finished"
-                    f" training; finish that run first (xraydx crossval --resume {self.trained_from})"
-                )
-            return run
         best = run / "checkpoints" / "best.safetensors"
         if (run / "metrics.json").is_file() and best.is_file():
             return run
+        if self.trained_from is not None:  # another run's fold models are never trained from here
+            raise UsageError(
+                f"{printable_path(str(run))}: fold {f.name} of {self.trained_from} has not finished"
+                f" training; finish that run first (xraydx crossval --resume {self.trained_from})"
+            )
         if (run / "config.yaml").is_file():
             self.log(f"fold {f.name}: resuming its training")
             return run_training(None, resume=run, progress=self.progress)

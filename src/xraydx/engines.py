@@ -485,15 +485,23 @@ def batch_logits(
     if not len(images):
         return torch.zeros((0, 0))
     eng = TorchEngine(model, device)
+    return torch.from_numpy(spec_logits(lambda x: eng.run(x)[0], images, spec, batch_size))
+
+
+def spec_logits(
+    forward: Callable[[np.ndarray], np.ndarray], images: np.ndarray, spec: Any, batch_size: int = 64
+) -> np.ndarray:
+    """``forward`` (normalised float32 (B, 1, S, S) -> logits (B, C)) over preprocessed uint8 (N, S, S)
+    images in batches, normalised by ``spec`` and averaged over its test-time views (:mod:`xraydx.tta`)."""
 
     def run(u8: np.ndarray) -> np.ndarray:
         out = [
-            eng.run(normalise(u8[i : i + batch_size], spec.mean, spec.std))[0]
+            forward(normalise(u8[i : i + batch_size], spec.mean, spec.std))
             for i in range(0, len(u8), batch_size)
         ]
         return np.concatenate(out)
 
-    return torch.from_numpy(_tta.mean_logits(run, images, spec.tta))
+    return _tta.mean_logits(run, images, spec.tta)
 
 
 class Classifier:
@@ -541,15 +549,7 @@ class Classifier:
         the checkpoint's preprocessing asks for them: :mod:`xraydx.tta`)."""
         if not len(images):
             return np.zeros((0, len(self.classes)), dtype=np.float32)
-
-        def run(u8: np.ndarray) -> np.ndarray:
-            out = [
-                self.logits(normalise(u8[i : i + batch_size], self.spec.mean, self.spec.std))
-                for i in range(0, len(u8), batch_size)
-            ]
-            return np.concatenate(out)
-
-        return _tta.mean_logits(run, images, self.spec.tta)
+        return spec_logits(self.logits, images, self.spec, batch_size)
 
     def probs(self, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
         """Calibrated probabilities softmax(logits / temperature), (N, C)."""
