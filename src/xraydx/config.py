@@ -68,6 +68,10 @@ class TrainConfig:
     acquisition: float = 0.0  # 0-1: strength of the acquisition-cue augmentation (xraydx.acqaug); 0 = off
     objective: str = "erm"  # erm (mean loss) | group_dro (worst (class, source) cell; xraydx.groupdro)
     dro_eta: float = 0.1  # Group DRO step size of the group weights (> 0)
+    mixstyle: float = (
+        0.0  # 0-1: probability per batch of MixStyle (mix feature statistics; xraydx.mixstyle); 0 = off
+    )
+    mixstyle_alpha: float = 0.1  # MixStyle's Beta(alpha, alpha) mixing weights (> 0)
     augment_interpolation: str = "nearest"  # nearest (as torchvision; fused kernel on CPU) | bilinear
     patience: int = 5  # early stopping: epochs without a better val macro-F1
     seed: int = 0
@@ -212,6 +216,8 @@ RANGES: dict[str, tuple[float | None, bool, float | None, bool]] = {
     "train.threads": (0, True, None, False),
     "train.abstention_threshold": (0.0, True, 1.0, True),
     "train.dro_eta": (0.0, False, None, False),
+    "train.mixstyle": (0.0, True, 1.0, True),
+    "train.mixstyle_alpha": (0.0, False, None, False),
 }
 
 

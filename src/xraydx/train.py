@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from xraydx import __version__, schema
+from xraydx import __version__, mixstyle, schema
 from xraydx.acqaug import AcquisitionAugment
 from xraydx.cache import BatchBuffers, iter_batches, load_many
 from xraydx.calibration import calibrate
@@ -335,6 +335,12 @@ def setup(cfg: Config, d: Dist, device: torch.device, resume: Path | None, progr
     ).to(device)  # fmt: skip
     if device.type == "cuda" and cfg.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
+    if cfg.train.mixstyle > 0:
+        mixstyle.attach(model, cfg.train.mixstyle, cfg.train.mixstyle_alpha)
+        log(
+            f"MixStyle after {', '.join(mixstyle.stages(model))}: p={cfg.train.mixstyle},"
+            f" alpha={cfg.train.mixstyle_alpha}"
+        )
     log(
         f"model {cfg.model.name} ({count_parameters(model) / 1e6:.2f} M params, pretrained={cfg.model.pretrained})"
         f" on {device}{f' x{d.world} ranks' if d.active else ''}; train {len(tr.labels)}, val {len(va.labels)},"
