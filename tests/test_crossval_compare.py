@@ -105,3 +105,38 @@ def test_cli_prints_the_table_and_writes_json_once(
     assert saved["resamples"] == N and saved["bootstrap"] == "paired, patient groups"
     assert main(args) == 2  # never replaced
     assert "exists" in capsys.readouterr().err
+
+
+C1 = RESULTS / "C1-lungmask-seed1"
+C2 = RESULTS / "C2-lungmask-8ep"
+C2S1 = RESULTS / "C2s1-lungmask-8ep-seed1"
+
+
+def test_groups_of_seeds_compare_their_means_and_add_the_seeds_variance(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    singles = {r: {f["figure"]: f for f in compare(A, r, resamples=N)["figures"]} for r in (C, C1, C2, C2S1)}
+    res = compare([C, C1], [C2, C2S1], resamples=N)
+    assert res["runs_a"] == 2 and res["runs_b"] == 2
+    for row in res["figures"]:
+        k = row["figure"]
+        a_runs = [singles[r][k]["b"] for r in (C, C1)]
+        b_runs = [singles[r][k]["b"] for r in (C2, C2S1)]
+        assert row["a_runs"] == pytest.approx(a_runs) and row["b_runs"] == pytest.approx(b_runs)
+        assert row["a"] == pytest.approx(np.mean(a_runs)) and row["b"] == pytest.approx(np.mean(b_runs))
+        lo, hi = row["ci95_seeds"]  # wider than the images-only interval: it adds the seeds' variance
+        assert lo <= row["ci95"][0] + 0.01 and hi >= row["ci95"][1] - 0.01 and lo < row["difference"] < hi
+    ba = {r["figure"]: r for r in res["figures"]}["balanced_accuracy"]
+    seed_var = np.var(ba["a_runs"], ddof=1) / 2 + np.var(ba["b_runs"], ddof=1) / 2
+    assert ba["ci95_seeds"][1] - ba["ci95_seeds"][0] > 2 * 1.96 * np.sqrt(seed_var) - 1e-9
+    # a group of identical copies has no seed variance and the mean of one run
+    twins = compare([C, _copy(C, tmp_path / "C-twin")], [C1], resamples=N)
+    one = compare(C, C1, resamples=N)
+    for x, y in zip(twins["figures"], one["figures"], strict=True):
+        assert x["difference"] == pytest.approx(y["difference"]) and x["ci95"] == pytest.approx(y["ci95"])
+    # on the command line a group is one comma-separated argument
+    assert main(["crossval", "compare", f"{C},{C1}", f"{C2},{C2S1}", "--resamples", str(N)]) == 0
+    text = capsys.readouterr().out
+    assert "(mean of 2 runs)" in text and "with seeds' variance" in text
+    with pytest.raises(UsageError, match="given twice"):
+        compare([C, C1], [C1], resamples=N)

@@ -88,11 +88,17 @@ def add_parser(sub: SubParsers) -> None:
         "compare", help="is run B better than run A out of source? paired bootstrap differences",
         description="B - A for the pooled out-of-source figures of two finished crossval runs over the same"
         " images and folds (balanced accuracy, macro-F1, recall per class and per held-out source, errors"
-        " flagged), each with a 95% interval from a paired bootstrap over patient groups.",
+        " flagged), each with a 95% interval from a paired bootstrap over patient groups. Give a recipe's"
+        " seeds as RUN,RUN,... to compare means over seeds; a second interval then adds the seeds' variance.",
         argument_default=argparse.SUPPRESS,
     )  # fmt: skip
-    cmp.add_argument("run_a", metavar="RUN_A", help="crossval run folder (the reference)")
-    cmp.add_argument("run_b", metavar="RUN_B", help="crossval run folder (the candidate)")
+    cmp.add_argument(
+        "run_a", metavar="RUN_A", help="crossval run folder (the reference), or several runs of one recipe"
+        " (its seeds) joined by commas: the figures are then their mean",
+    )  # fmt: skip
+    cmp.add_argument(
+        "run_b", metavar="RUN_B", help="crossval run folder (the candidate), or runs joined by commas"
+    )
     cmp.add_argument("--resamples", type=int, help=f"bootstrap resamples (default {DEFAULT_RESAMPLES})")
     cmp.add_argument("--json", metavar="FILE", help="also write the comparison as JSON (never replaced)")
     cmp.set_defaults(func=run_compare)
