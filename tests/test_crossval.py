@@ -233,3 +233,57 @@ def test_shift_score_is_one_at_the_validation_quantile_and_larger_far_away() -> 
     assert s.score(far).min() > 3 * s.score(val).max()
     with pytest.raises(ValueError, match="more than k"):
         ShiftScore.fit(train[:5], val, k=5)
+
+
+def test_copies_of_held_out_images_in_other_sources_are_left_out_of_the_fold(
+    sample_dir: Path, tmp_path: Path
+) -> None:
+    """Public collections share radiographs: a held-out image's copy filed under another source (here a
+    re-saved, slightly changed copy of a real kermany image filed as nihcxr8, and an exact copy of another
+    filed as radiographydb) must not be trained on by the fold that holds the original out, and vice versa."""
+    from dataclasses import replace
+
+    from PIL import Image
+
+    from xraydx.crossval import CrossVal, Fold, cross_source_copies
+    from xraydx.io import read_image
+
+    manifest = discover(sample_dir)
+    kermany = [r for r in manifest.records if r.source == "kermany"]
+    near_src, exact_src = kermany[0], kermany[1]
+    near = tmp_path / "near-copy.png"
+    Image.fromarray(np.clip(read_image(near_src.path).astype(np.int16) + 2, 0, 255).astype(np.uint8)).save(
+        near
+    )
+    exact = tmp_path / "exact-copy.png"
+    shutil.copy(exact_src.path, exact)
+    extra = [
+        replace(near_src, path=near, split="train", group="copy-1", source="nihcxr8"),
+        replace(exact_src, path=exact, split="val", group="copy-2", source="radiographydb"),
+    ]
+    planted = replace(manifest, records=[*manifest.records, *extra])
+    copies = cross_source_copies(planted, progress=False)
+    assert sorted(copies) == sorted(
+        [sorted([str(near_src.path), str(near)]), sorted([str(exact_src.path), str(exact)])]
+    )
+
+    by_kermany = {str(r.path): r for r in fold_manifest(planted, Fold(1, ("kermany",)), copies).records}
+    assert str(near) not in by_kermany and str(exact) not in by_kermany  # copies of held-out images: out
+    assert by_kermany[str(near_src.path)].split == "external"
+    by_nih = {str(r.path): r for r in fold_manifest(planted, Fold(2, ("nihcxr8",)), copies).records}
+    assert by_nih[str(near)].split == "external" and str(near_src.path) not in by_nih  # and the other way
+    assert by_nih[str(exact)].split == "val"  # a copy of no held-out image stays
+    assert len(fold_manifest(planted, Fold(2, ("nihcxr8",))).records) == len(
+        planted.records
+    )  # no copies given
+
+    csv_path = tmp_path / "planted.csv"
+    planted.to_csv(csv_path)
+    cfg = tiny_config(csv_path, tmp_path / "runs")
+    cfg.name = "cv-copies"  # type: ignore[attr-defined]
+    cv = CrossVal.create(cfg, "kermany;nihcxr8", progress=False)  # type: ignore[arg-type]
+    info = json.loads((cv.run / "crossval.json").read_text())
+    assert info["copies_left_out"] == {cv.folds[0].name: 2, cv.folds[1].name: 1}
+    fold1 = {r["path"] for r in _rows(cv.fold_dir / f"{cv.folds[0].name}.csv")}
+    assert not any(p.endswith(("near-copy.png", "exact-copy.png")) for p in fold1)
+    assert "2 copies of its held-out images" in (cv.run / "crossval.log").read_text()

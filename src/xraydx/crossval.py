@@ -20,6 +20,11 @@ A crossval run folder::
     <runs>/<name>/report.html          the same, as a page
     <runs>/<name>/crossval.log
 
+Copies: public collections re-distribute each other's images, so before any fold the whole manifest is
+searched for exact and near duplicates (as ``xraydx data inspect``); a held-out image's copies in other
+sources are left out of its fold (``crossval.json`` ``copies`` and ``copies_left_out``; ``metrics.json``
+``copies_left_out``), so "never saw its source" also means "never saw this radiograph".
+
 Resumable per fold: a fold with its predictions is skipped, a fold whose training was killed resumes
 from its last checkpoint, a fold trained but not yet predicted is predicted.
 
@@ -89,11 +94,43 @@ def parse_folds(spec: str | None, manifest: Manifest) -> list[Fold]:
     return [Fold(i + 1, tuple(g)) for i, g in enumerate(groups)]
 
 
-def fold_manifest(manifest: Manifest, fold: Fold) -> Manifest:
-    """The data of one fold: the fold's sources in split 'external', every other image in its own split.
+def cross_source_copies(manifest: Manifest, progress: bool = True) -> list[list[str]]:
+    """Groups of images that are copies of each other (the same pixels, or near duplicates as ``xraydx data
+    inspect`` finds them) and lie in more than one source: public collections re-distribute each other's
+    images (ieee8023 COVID-19 radiographs are also in the COVID-19 Radiography Database), and a fold that
+    holds one copy out while training on the other would measure a seen image as an unseen hospital's."""
+    from xraydx.data.inspect import inspect
+
+    report = inspect(manifest, progress=progress)
+    source = {str(r.path): r.source for r in manifest.records}
+    parent: dict[str, str] = {}
+
+    def find(p: str) -> str:
+        while parent.setdefault(p, p) != p:
+            p = parent[p]
+        return p
+
+    for g in report.exact_duplicates + report.near_duplicates:  # an exact pair may also be in a near group
+        for p in g[1:]:
+            parent[find(str(p))] = find(str(g[0]))
+    groups: dict[str, list[str]] = {}
+    for p in parent:
+        groups.setdefault(find(p), []).append(p)
+    return sorted(sorted(g) for g in groups.values() if len({source.get(p, "") for p in g}) > 1)
+
+
+def fold_manifest(manifest: Manifest, fold: Fold, copies: list[list[str]] | None = None) -> Manifest:
+    """The data of one fold: the fold's sources in split 'external', every other image in its own split,
+    except the copies (:func:`cross_source_copies`) of a held-out image, which are left out of the fold.
     Refuses a fold whose remaining train or val split lacks a class (the recipe could not learn it)."""
     held = set(fold.sources)
-    recs = [replace(r, split="external") if r.source in held else r for r in manifest.records]
+    held_paths = {str(r.path) for r in manifest.records if r.source in held}
+    drop = {p for g in copies or [] if held_paths.intersection(g) for p in g if p not in held_paths}
+    recs = [
+        replace(r, split="external") if r.source in held else r
+        for r in manifest.records
+        if str(r.path) not in drop
+    ]
     for split in ("train", "val"):
         have = {r.label for r in recs if r.split == split}
         missing = [c for c in CLASSES if c not in have]
@@ -104,6 +141,11 @@ def fold_manifest(manifest: Manifest, fold: Fold) -> Manifest:
                 " of --folds (then it is always trained on)"
             )
     note = f"crossval fold {fold.name}: {sum(r.split == 'external' for r in recs)} images held out"
+    if drop:
+        note += (
+            f"; {len(drop)} copies of them in other sources left out of the fold (never trained, validated or"
+            f" tested on; e.g. {printable_path(min(drop))})"
+        )
     return replace(manifest, records=recs, notes=[*manifest.notes, note])
 
 
@@ -137,6 +179,7 @@ class CrossVal:
         folds = parse_folds(folds_spec, manifest)
         for f in folds:
             fold_manifest(manifest, f)  # refuse an impossible fold before any training
+        copies = cross_source_copies(manifest, progress)
         name = cfg.name or f"crossval-{cfg.model.name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
         run = Path(cfg.runs_dir) / name
         if run.exists() and any(run.iterdir()):
@@ -153,10 +196,12 @@ class CrossVal:
                 "pipeline": pipeline,
                 "folds": [list(f.sources) for f in folds],
                 **({"trained_from": str(Path(trained_from).resolve())} if trained_from else {}),
+                "copies": copies,
+                "copies_left_out": {f.name: _n_left_out(manifest, f, copies) for f in folds},
             },
         )
         cv = cls(run, cfg, folds, progress, pipeline, Path(trained_from).resolve() if trained_from else None)
-        cv._write_fold_manifests(manifest)
+        cv._write_fold_manifests(manifest, copies)
         return cv
 
     @classmethod
@@ -170,10 +215,14 @@ class CrossVal:
         src = info.get("trained_from")
         return cls(run, cfg, folds, progress, info.get("pipeline", "cached"), Path(src) if src else None)
 
-    def _write_fold_manifests(self, manifest: Manifest) -> None:
+    def _write_fold_manifests(self, manifest: Manifest, copies: list[list[str]]) -> None:
         self.fold_dir.mkdir(exist_ok=True)
         for f in self.folds:
-            fold_manifest(manifest, f).to_csv(self.fold_dir / f"{f.name}.csv")
+            fold_manifest(manifest, f, copies).to_csv(self.fold_dir / f"{f.name}.csv")
+            if n := _n_left_out(manifest, f, copies):
+                self.log(
+                    f"fold {f.name}: {n} copies of its held-out images in other sources left out of the fold"
+                )
 
     def log(self, msg: str) -> None:
         msg = printable_path(msg)
@@ -315,6 +364,16 @@ class CrossVal:
             self.finish()
         return self.run
 
+    def _copies_left_out(self) -> dict[str, int] | None:
+        """Per fold: copies of held-out images in other sources that the fold models never saw; None where
+        the models' run predates the check (they may have trained on such copies)."""
+        try:
+            info = json.loads(((self.trained_from or self.run) / "crossval.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        got = info.get("copies_left_out")
+        return {str(k): int(v) for k, v in got.items()} if isinstance(got, dict) else None
+
     def pooled_rows(self) -> list[dict[str, str]]:
         rows: list[dict[str, str]] = []
         for f in self.folds:
@@ -336,6 +395,7 @@ class CrossVal:
         summary["recipe"] = {"data": self.cfg.data.path, "config": "config.yaml", **_recipe(self.cfg)}
         if self.trained_from is not None:
             summary["recipe"]["trained_from"] = str(self.trained_from)
+        summary["copies_left_out"] = self._copies_left_out()
         atomic_write_json(self.run / "metrics.json", summary)
         write_html(self.run / "report.html", crossval_page(summary, title=f"xraydx crossval {self.run.name}"),
                    overwrite=True)  # fmt: skip
@@ -347,6 +407,11 @@ class CrossVal:
         )
         self.log(f"run folder: {self.run}")
         return summary
+
+
+def _n_left_out(manifest: Manifest, fold: Fold, copies: list[list[str]]) -> int:
+    held = {str(r.path) for r in manifest.records if r.source in set(fold.sources)}
+    return len({p for g in copies if held.intersection(g) for p in g if p not in held})
 
 
 def _has_column(path: Path, name: str) -> bool:
@@ -436,4 +501,4 @@ def run_crossval(
     return cv.run_all()
 
 
-__all__ = ["CrossVal", "Fold", "fold_manifest", "parse_folds", "run_crossval"]
+__all__ = ["CrossVal", "Fold", "cross_source_copies", "fold_manifest", "parse_folds", "run_crossval"]

@@ -528,6 +528,23 @@ def _recall_cell(cell: dict[str, Any] | None) -> str:
     )
 
 
+def _copies_note(left_out: Any) -> str:
+    """What the page says about copies of held-out images in other sources (xraydx.crossval)."""
+    if left_out == "absent":  # an ensemble's or an older summary: nothing to say
+        return ""
+    if left_out is None:
+        return (
+            "<p class=warn>The fold models' run predates the search for copies of held-out images in other"
+            " sources: they may have trained on some (public collections share images).</p>"
+        )
+    n = sum(left_out.values())
+    per = ", ".join(f"{esc(k)}: {v}" for k, v in left_out.items() if v)
+    return (
+        f"<p>Copies of held-out images found in other sources and left out of their fold: {n}"
+        f"{f' ({per})' if per else ''}; no fold model saw any held-out radiograph.</p>"
+    )
+
+
 def crossval_page(s: dict[str, Any], title: str, extra: str = "") -> str:
     """The page of a leave-source-out crossval (xraydx.crossval_metrics.summarize's output); ``extra``: more
     HTML at its end (an ensemble's section)."""
@@ -540,6 +557,7 @@ def crossval_page(s: dict[str, Any], title: str, extra: str = "") -> str:
         "<p class=warn>Every image below was predicted by the fold model that never saw its source (hospital /"
         " collection): what a new site can expect from this recipe, not what a random split of the same"
         " sources shows.</p>",
+        _copies_note(s.get("copies_left_out", "absent")),
         "<h2>Pooled out-of-source</h2>",
         table(
             ["n", "balanced accuracy", "macro-F1", "accuracy"],
