@@ -18,6 +18,11 @@ with scikit-learn's StratifiedGroupKFold.  The ieee8023 masks are deliberately n
 ``--lung-mask crop`` every image then gets its lung box from the same shipped segmenter, so the
 crop's style cannot tell the new source apart.
 
+Copies: 87 of the ieee8023 COVID-19 images are also in cxr3 (the COVID-19 Radiography Database
+re-distributes them). Each ieee8023 patient with such a copy is moved whole into the split of the cxr3
+copy (cxr3's splits stay as they are), so no copy of a training image is validated or tested on; the
+crossval leaves the copies of held-out images out of each fold itself (xraydx.crossval).
+
     python scripts/make_default_manifest.py --shared DATA_DIR --out runs/default-data.csv
 """
 
@@ -32,7 +37,8 @@ from pathlib import Path
 import numpy as np
 from sklearn.model_selection import StratifiedGroupKFold
 
-from xraydx.data import discover
+from xraydx.crossval import cross_source_copies
+from xraydx.data import Manifest, Record, discover
 from xraydx.fsutil import atomic_open
 
 
@@ -81,6 +87,36 @@ def split_ieee(rows: list[dict[str, str]], seed: int) -> None:
         r["source"] = "ieee8023"
 
 
+def join_copies(rows: list[dict[str, str]]) -> int:
+    """Move every ieee8023 patient with an image that is also in cxr3 into that copy's split; the number of
+    ieee8023 rows whose split changed. A patient whose copies lie in different cxr3 splits goes to the
+    latest of them (test, else val), so none of its images is trained on beside a held-back copy."""
+    man = Manifest(
+        Path("/"),
+        "csv",
+        [Record(Path(r["path"]), r["label"], r["split"], r["group"], r["source"]) for r in rows],
+    )
+    by_path = {r["path"]: r for r in rows}
+    target: dict[str, str] = {}  # ieee8023 patient group -> split
+    rank = {"train": 0, "val": 1, "test": 2}
+    for g in cross_source_copies(man, progress=False):
+        fixed = [by_path[p]["split"] for p in g if by_path[p]["source"] != "ieee8023"]
+        if not fixed:
+            continue
+        split = max(fixed, key=rank.__getitem__)
+        for p in g:
+            r = by_path[p]
+            if r["source"] == "ieee8023":
+                old = target.get(r["group"])
+                target[r["group"]] = split if old is None else max(old, split, key=rank.__getitem__)
+    moved = 0
+    for r in rows:
+        if r["source"] == "ieee8023" and r["group"] in target and r["split"] != target[r["group"]]:
+            r["split"] = target[r["group"]]
+            moved += 1
+    return moved
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument(
@@ -105,6 +141,10 @@ def main(argv: list[str] | None = None) -> int:
     extra = ieee_rows(shared)
     split_ieee(extra, args.seed)
     rows += extra
+    moved = join_copies(rows)
+    print(
+        f"copies across sources: {moved} ieee8023 images moved into their cxr3 copy's split (with their patient)"
+    )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_open(args.out, "w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=["path", "label", "split", "group", "source"])
