@@ -29,7 +29,7 @@ MAX_LINES = 700
 #: layer of each module, by its name under ``xraydx`` (a package's entry covers its submodules)
 LAYERS: dict[str, int] = {
     # L0: no xraydx imports beyond L0
-    "": 0, "errors": 0, "constants": 0, "config": 0, "fsutil": 0, "device": 0, "schema": 0,
+    "": 0, "errors": 0, "constants": 0, "config": 0, "fsutil": 0, "device": 0, "schema": 0, "ahead": 0,
     # L1: files and images
     "io": 1, "pixels": 1, "frontal": 1, "data": 1, "transforms": 1, "fastaug": 1, "acqaug": 1, "tta": 1, "cache": 1, "checkpoint": 1, "render": 1,
     # L2: networks

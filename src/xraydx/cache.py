@@ -37,7 +37,6 @@ import contextlib
 import hashlib
 import json
 import os
-import queue
 import struct
 import tempfile
 import threading
@@ -53,6 +52,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from xraydx.ahead import ahead
 from xraydx.config import DEFAULT_MEMMAP_BYTES as DEFAULT_MEMMAP_BYTES
 from xraydx.config import memmap_bytes_from_env
 from xraydx.device import available_cpus
@@ -629,41 +629,5 @@ def iter_batches(
         for i in starts:
             yield to_dev(make(i))
         return
-    q: queue.Queue[Any] = queue.Queue(maxsize=prefetch)
-    stop = threading.Event()
-    done = object()
-
-    def put(item: Any) -> bool:
-        while not stop.is_set():
-            try:
-                q.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def producer() -> None:
-        try:
-            for i in starts:
-                if not put(make(i)):
-                    return
-            put(done)
-        except BaseException as exc:  # forwarded to the consumer
-            put(exc)
-
-    th = threading.Thread(target=producer, name="xraydx-prefetch", daemon=True)
-    th.start()
-    try:
-        while True:
-            item = q.get()
-            if item is done:
-                break
-            if isinstance(item, BaseException):
-                raise item
-            yield to_dev(item)
-    finally:
-        stop.set()
-        with contextlib.suppress(queue.Empty):
-            while True:
-                q.get_nowait()
-        th.join(timeout=5)
+    for xy in ahead((make(i) for i in starts), prefetch, name="xraydx-prefetch"):
+        yield to_dev(xy)

@@ -12,9 +12,7 @@ import csv
 import io
 import json
 import os
-import queue
 import sys
-import threading
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -25,6 +23,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from xraydx import schema
+from xraydx.ahead import ahead
 from xraydx.constants import NOT_FRONTAL_FLAG, UNCERTAIN_FLAG
 from xraydx.data.inputs import expand_inputs
 from xraydx.device import resolve_device
@@ -430,54 +429,23 @@ class Decoded:
     view: str | None = None  # xraydx.frontal's reason where the file's DICOM header says not frontal
 
 
-_END = object()
-
-
 def decode_ahead(paths: Iterable[Path], depth: int = 64, colour: bool = False) -> Iterator[Decoded]:
     """``read_image`` of each path on a background thread, at most ``depth`` images ahead; in input order.
     An unreadable file comes through with its reason; an unexpected error is raised here."""
-    q: queue.Queue[Any] = queue.Queue(maxsize=max(1, depth))
-    stop = threading.Event()
 
-    def put(item: Any) -> bool:
-        while not stop.is_set():
+    def decoded() -> Iterator[Decoded]:
+        for p in paths:
             try:
-                q.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
+                info: dict[str, Any] = {}
+                img = read_image(p, info=info)
+                d = Decoded(Path(p), img, colourfulness_of_file(p) if colour else None)
+                d.window = info.get("window")
+                d.view = view_reason_of_file(p)
+            except (ImageReadError, ValueError) as exc:
+                d = Decoded(Path(p), None, error=_reason(exc))
+            yield d
 
-    def work() -> None:
-        try:
-            for p in paths:
-                try:
-                    info: dict[str, Any] = {}
-                    img = read_image(p, info=info)
-                    d = Decoded(Path(p), img, colourfulness_of_file(p) if colour else None)
-                    d.window = info.get("window")
-                    d.view = view_reason_of_file(p)
-                except (ImageReadError, ValueError) as exc:
-                    d = Decoded(Path(p), None, error=_reason(exc))
-                if not put(d):
-                    return
-        except BaseException as exc:  # delivered to the consumer, raised there
-            put(exc)
-        put(_END)
-
-    t = threading.Thread(target=work, name="xraydx-decode", daemon=True)
-    t.start()
-    try:
-        while True:
-            item = q.get()
-            if item is _END:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-    finally:
-        stop.set()
-        t.join(timeout=5)
+    return ahead(decoded(), depth, name="xraydx-decode")
 
 
 def prediction_row(
