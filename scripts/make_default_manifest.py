@@ -18,6 +18,11 @@ with scikit-learn's StratifiedGroupKFold.  The ieee8023 masks are deliberately n
 ``--lung-mask crop`` every image then gets its lung box from the same shipped segmenter, so the
 crop's style cannot tell the new source apart.
 
+Sources are hospitals: the COVID-19 Radiography Database's 470 pediatric normals are Kermany images
+(Guangzhou Women and Children's Medical Center; ``finding`` in cxr3/manifest.csv says so), so they get
+source ``kermany``: a fold that holds Kermany out then holds out that hospital's normals too, instead of
+training on them while calling its pneumonias "an unseen hospital" (docs/generalisation.md, fourth round).
+
 Copies: 87 of the ieee8023 COVID-19 images are also in cxr3 (the COVID-19 Radiography Database
 re-distributes them). Each ieee8023 patient with such a copy is moved whole into the split of the cxr3
 copy (cxr3's splits stay as they are), so no copy of a training image is validated or tested on; the
@@ -87,6 +92,16 @@ def split_ieee(rows: list[dict[str, str]], seed: int) -> None:
         r["source"] = "ieee8023"
 
 
+def kermany_normals(cxr3: Path) -> set[str]:
+    """The paths of cxr3's radiographydb normals that are Kermany (Guangzhou) images, by their finding."""
+    with open(cxr3 / "manifest.csv", newline="", encoding="utf-8") as fh:
+        return {
+            str(cxr3 / r["file"])
+            for r in csv.DictReader(fh)
+            if r["label"] == "normal" and "Kermany image" in r["finding"]
+        }
+
+
 def join_copies(rows: list[dict[str, str]]) -> int:
     """Move every ieee8023 patient with an image that is also in cxr3 into that copy's split; the number of
     ieee8023 rows whose split changed. A patient whose copies lie in different cxr3 splits goes to the
@@ -138,6 +153,11 @@ def main(argv: list[str] | None = None) -> int:
             {"path": str(r.path), "label": r.label, "split": r.split, "group": r.group, "source": r.source}
             for r in man.records
         ]
+    guangzhou = kermany_normals(shared / "cxr3")
+    for r in rows:
+        if r["path"] in guangzhou:
+            r["source"] = "kermany"
+    print(f"{len(guangzhou)} radiographydb pediatric normals (Kermany images) given source kermany")
     extra = ieee_rows(shared)
     split_ieee(extra, args.seed)
     rows += extra
