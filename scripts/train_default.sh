@@ -47,6 +47,15 @@ $XRAYDX crossval --reuse-folds "$RUNS/E-effnet" --name E-effnet-tta --set data.t
 $XRAYDX crossval ensemble "$RUNS/C-lungmask" "$RUNS/C1-lungmask-seed1" --name CC1 --runs-dir "$RUNS"
 $XRAYDX crossval compare "$RUNS/C-lungmask" "$RUNS/C2-lungmask-8ep"
 
+# 3c. fourth round (docs/generalisation.md): the corrected manifest (Kermany's normals under kermany; copies
+#     across sources left out of each fold by crossval itself), the shipped recipe C and C + MixStyle, each
+#     at three seeds, compared by their seed means (the second interval adds the seeds' variance)
+for s in 0 1 2; do
+    $XRAYDX crossval "${COMMON[@]}" --screen --folds "$FOLDS" "${C[@]}" --lung-mask mask --name R4-C-s$s --seed $s
+    $XRAYDX crossval "${COMMON[@]}" --screen --folds "$FOLDS" "${C[@]}" --lung-mask mask --name R4-G-s$s --seed $s \
+        --set train.mixstyle=0.5
+done
+$XRAYDX crossval compare "$RUNS/R4-C-s0,$RUNS/R4-C-s1,$RUNS/R4-C-s2" "$RUNS/R4-G-s0,$RUNS/R4-G-s1,$RUNS/R4-G-s2"
 # 4. the final training: recipe C at 224 px on everything; its abstention threshold is chosen on its own
 #    validation split, the rule whose out-of-source behaviour C's crossval measured (57% of errors flagged)
 $XRAYDX train "${COMMON[@]}" --lung-mask mask --name default-model --image-size 224 --epochs 6 \
