@@ -68,9 +68,7 @@ class TrainConfig:
     acquisition: float = 0.0  # 0-1: strength of the acquisition-cue augmentation (xraydx.acqaug); 0 = off
     objective: str = "erm"  # erm (mean loss) | group_dro (worst (class, source) cell; xraydx.groupdro)
     dro_eta: float = 0.1  # Group DRO step size of the group weights (> 0)
-    mixstyle: float = (
-        0.0  # 0-1: probability per batch of MixStyle (mix feature statistics; xraydx.mixstyle); 0 = off
-    )
+    mixstyle: float = 0.0  # 0-1: probability per batch of MixStyle (xraydx.mixstyle); 0 = off
     mixstyle_alpha: float = 0.1  # MixStyle's Beta(alpha, alpha) mixing weights (> 0)
     augment_interpolation: str = "nearest"  # nearest (as torchvision; fused kernel on CPU) | bilinear
     patience: int = 5  # early stopping: epochs without a better val macro-F1

@@ -99,24 +99,26 @@ def cross_source_copies(manifest: Manifest, progress: bool = True) -> list[list[
     inspect`` finds them) and lie in more than one source: public collections re-distribute each other's
     images (ieee8023 COVID-19 radiographs are also in the COVID-19 Radiography Database), and a fold that
     holds one copy out while training on the other would measure a seen image as an unseen hospital's."""
-    from xraydx.data.inspect import inspect
+    from xraydx.data.inspect import _UnionFind, inspect
 
     report = inspect(manifest, progress=progress)
-    source = {str(r.path): r.source for r in manifest.records}
-    parent: dict[str, str] = {}
-
-    def find(p: str) -> str:
-        while parent.setdefault(p, p) != p:
-            p = parent[p]
-        return p
-
+    paths = [str(r.path) for r in manifest.records]
+    index = {p: i for i, p in enumerate(paths)}
+    uf = _UnionFind(len(paths))
     for g in report.exact_duplicates + report.near_duplicates:  # an exact pair may also be in a near group
         for p in g[1:]:
-            parent[find(str(p))] = find(str(g[0]))
-    groups: dict[str, list[str]] = {}
-    for p in parent:
-        groups.setdefault(find(p), []).append(p)
-    return sorted(sorted(g) for g in groups.values() if len({source.get(p, "") for p in g}) > 1)
+            uf.union(index[str(g[0])], index[str(p)])
+    groups: dict[int, list[str]] = {}
+    for i, p in enumerate(paths):
+        groups.setdefault(uf.find(i), []).append(p)
+    source = [r.source for r in manifest.records]
+    return sorted(sorted(g) for g in groups.values() if len({source[index[p]] for p in g}) > 1)
+
+
+def held_out_copies(manifest: Manifest, fold: Fold, copies: list[list[str]]) -> set[str]:
+    """The paths of the copies (:func:`cross_source_copies`) of ``fold``'s held-out images in other sources."""
+    held = {str(r.path) for r in manifest.records if r.source in set(fold.sources)}
+    return {p for g in copies if held.intersection(g) for p in g if p not in held}
 
 
 def fold_manifest(manifest: Manifest, fold: Fold, copies: list[list[str]] | None = None) -> Manifest:
@@ -124,8 +126,7 @@ def fold_manifest(manifest: Manifest, fold: Fold, copies: list[list[str]] | None
     except the copies (:func:`cross_source_copies`) of a held-out image, which are left out of the fold.
     Refuses a fold whose remaining train or val split lacks a class (the recipe could not learn it)."""
     held = set(fold.sources)
-    held_paths = {str(r.path) for r in manifest.records if r.source in held}
-    drop = {p for g in copies or [] if held_paths.intersection(g) for p in g if p not in held_paths}
+    drop = held_out_copies(manifest, fold, copies or [])
     recs = [
         replace(r, split="external") if r.source in held else r
         for r in manifest.records
@@ -179,13 +180,14 @@ class CrossVal:
         folds = parse_folds(folds_spec, manifest)
         for f in folds:
             fold_manifest(manifest, f)  # refuse an impossible fold before any training
-        copies = cross_source_copies(manifest, progress)
         name = cfg.name or f"crossval-{cfg.model.name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
         run = Path(cfg.runs_dir) / name
         if run.exists() and any(run.iterdir()):
             raise OutputExistsError(
                 f"{run}: already exists; use --resume {run} to continue it, or another --name"
             )
+        copies = cross_source_copies(manifest, progress)  # reads every image: after the cheap refusals
+        left_out = {f.name: len(held_out_copies(manifest, f, copies)) for f in folds}
         run.mkdir(parents=True, exist_ok=True)
         cfg.save(run / "config.yaml")
         atomic_write_json(
@@ -197,11 +199,11 @@ class CrossVal:
                 "folds": [list(f.sources) for f in folds],
                 **({"trained_from": str(Path(trained_from).resolve())} if trained_from else {}),
                 "copies": copies,
-                "copies_left_out": {f.name: _n_left_out(manifest, f, copies) for f in folds},
+                "copies_left_out": left_out,
             },
         )
         cv = cls(run, cfg, folds, progress, pipeline, Path(trained_from).resolve() if trained_from else None)
-        cv._write_fold_manifests(manifest, copies)
+        cv._write_fold_manifests(manifest, copies, left_out)
         return cv
 
     @classmethod
@@ -215,13 +217,16 @@ class CrossVal:
         src = info.get("trained_from")
         return cls(run, cfg, folds, progress, info.get("pipeline", "cached"), Path(src) if src else None)
 
-    def _write_fold_manifests(self, manifest: Manifest, copies: list[list[str]]) -> None:
+    def _write_fold_manifests(
+        self, manifest: Manifest, copies: list[list[str]], left_out: dict[str, int]
+    ) -> None:
         self.fold_dir.mkdir(exist_ok=True)
         for f in self.folds:
             fold_manifest(manifest, f, copies).to_csv(self.fold_dir / f"{f.name}.csv")
-            if n := _n_left_out(manifest, f, copies):
+            if left_out[f.name]:
                 self.log(
-                    f"fold {f.name}: {n} copies of its held-out images in other sources left out of the fold"
+                    f"fold {f.name}: {left_out[f.name]} copies of its held-out images in other sources left out"
+                    " of the fold"
                 )
 
     def log(self, msg: str) -> None:
@@ -409,11 +414,6 @@ class CrossVal:
         return summary
 
 
-def _n_left_out(manifest: Manifest, fold: Fold, copies: list[list[str]]) -> int:
-    held = {str(r.path) for r in manifest.records if r.source in set(fold.sources)}
-    return len({p for g in copies if held.intersection(g) for p in g if p not in held})
-
-
 def _has_column(path: Path, name: str) -> bool:
     with open(path, encoding="utf-8", newline="") as fh:
         return name in next(csv.reader(fh), [])
@@ -501,4 +501,12 @@ def run_crossval(
     return cv.run_all()
 
 
-__all__ = ["CrossVal", "Fold", "cross_source_copies", "fold_manifest", "parse_folds", "run_crossval"]
+__all__ = [
+    "CrossVal",
+    "Fold",
+    "cross_source_copies",
+    "fold_manifest",
+    "held_out_copies",
+    "parse_folds",
+    "run_crossval",
+]
