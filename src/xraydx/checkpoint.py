@@ -239,6 +239,13 @@ def validate_classifier_meta(meta: Mapping[str, Any], source: str | Path) -> Non
     chans = arch.get("in_chans", 1)
     if isinstance(chans, bool) or not isinstance(chans, int) or chans < 1:
         raise bad(f"'architecture.in_chans' must be a positive integer, not {chans!r:.40}")
+    temps = arch.get("member_temperatures")
+    if temps is not None and (
+        not isinstance(temps, list) or len(temps) < 2 or not all(_number(t) and t > 0 for t in temps)
+    ):
+        raise bad(
+            "'architecture.member_temperatures' must list two or more finite numbers > 0 (one per member)"
+        )
     classes = meta.get("classes")
     if (
         not isinstance(classes, list) or len(classes) < 2

@@ -8,8 +8,10 @@ unpickled) is :mod:`xraydx.checkpoint`; ``save_checkpoint``, ``read_metadata``, 
 from __future__ import annotations
 
 import importlib.util
+import math
 import os
 import socket
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -270,15 +272,68 @@ def _classifier_keys(model: nn.Module) -> set[str]:
 # ---- checkpoints (the format: xraydx.checkpoint) ------------------------------------------------
 
 
+class SeedEnsemble(nn.Module):
+    """Models of one architecture trained alike (e.g. at different seeds), as one classifier: the output is
+    the log of the mean of the members' probabilities, each member's softmax(logits / its temperature), so
+    softmax of it is exactly that mean.
+
+    It has timm's ``forward_features`` / ``forward_head``: the features are the members' feature maps
+    joined along the channels, and the head splits them again, so Grad-CAM of the ensemble's class score
+    and the penultimate features (``pre_logits=True``: the members' joined) need no special case. Weights
+    are named ``members.<i>.<member's name>`` in the checkpoint."""
+
+    def __init__(self, members: Sequence[nn.Module], temperatures: Sequence[float]) -> None:
+        super().__init__()
+        if len(members) < 2 or len(members) != len(temperatures):
+            raise ValueError(
+                f"an ensemble needs two or more members, one temperature each; got {len(members)}"
+            )
+        self.members = nn.ModuleList(members)
+        self.temperatures = [float(t) for t in temperatures]
+        self.output_fmt = getattr(members[0], "output_fmt", "NCHW")
+        self.num_prefix_tokens = int(getattr(members[0], "num_prefix_tokens", 0))
+        self.num_classes = int(getattr(members[0], "num_classes", 0))
+
+    def _dim(self, feats: torch.Tensor) -> int:
+        return 1 if feats.ndim == 4 and self.output_fmt != "NHWC" else -1
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        feats = [m.forward_features(x) for m in self.members]  # type: ignore[operator]
+        return torch.cat(feats, self._dim(feats[0]))
+
+    def forward_head(self, feats: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        parts = feats.chunk(len(self.members), self._dim(feats))
+        outs = [m.forward_head(f, pre_logits=pre_logits) for m, f in zip(self.members, parts, strict=True)]  # type: ignore[operator]
+        if pre_logits:
+            return torch.cat(outs, -1)
+        logp = torch.stack(
+            [torch.log_softmax(o / t, -1) for o, t in zip(outs, self.temperatures, strict=True)]
+        )
+        return torch.logsumexp(logp, 0) - math.log(len(outs))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+def build_classifier(meta: dict[str, Any]) -> nn.Module:
+    """The (untrained) network a classifier checkpoint's metadata describes: one timm model, or a
+    :class:`SeedEnsemble` of ``architecture.members`` of them."""
+    arch = meta["architecture"]
+    n_classes, chans = len(meta["classes"]), int(arch.get("in_chans", 1))
+    temps = arch.get("member_temperatures")
+    if not temps:
+        return create_model(arch["name"], n_classes, in_chans=chans, pretrained="none")
+    members = [create_model(arch["name"], n_classes, in_chans=chans, pretrained="none") for _ in temps]
+    return SeedEnsemble(members, temps)
+
+
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild the model described by the checkpoint's metadata and load its weights."""
 
     meta = read_metadata(path)
     validate_classifier_meta(meta, path)
     arch = meta["architecture"]
-    model = create_model(
-        arch["name"], len(meta["classes"]), in_chans=int(arch.get("in_chans", 1)), pretrained="none"
-    )
+    model = build_classifier(meta)
     load_weights(model, path, CheckpointError, arch["name"])
     model.to(device).eval()
     return model, meta

@@ -558,10 +558,12 @@ def finish_run(
     splits: dict[str, SplitData],
     device: torch.device,
     log: Any,
-    best_epoch: int,
+    best_epoch: int | None,
+    extra: dict[str, Any] | None = None,
 ) -> None:
     """Calibrate the best checkpoint on val, choose its abstention threshold on val, evaluate it on test,
-    write metrics.json, report.html and predictions.csv."""
+    write metrics.json (with ``extra``'s keys), report.html and predictions.csv. ``best_epoch`` None: the
+    checkpoint was not trained by this run (an ensemble of finished runs, :mod:`xraydx.train_ensemble`)."""
     from xraydx.metrics import choose_abstention
     from xraydx.models import load_checkpoint, read_metadata
 
@@ -614,7 +616,8 @@ def finish_run(
             f"{ab['val_coverage']:.0%} at accuracy {ab['val_accuracy_accepted']:.3f})"
         )
     results: dict[str, Any] = {"best_epoch": best_epoch, "val": val_after, "calibration": meta["calibration"],
-                               "abstention": meta["abstention"]}  # fmt: skip
+                               "abstention": meta["abstention"], **(extra or {})}  # fmt: skip
+    which = "ensemble" if best_epoch is None else f"best epoch {best_epoch}"
     # report.html describes the test split (or val, calibrated on itself, when there is no test split)
     has_test = "test" in splits and len(splits["test"].labels) > 0
     rep_name, rep = ("test", splits["test"]) if has_test else ("val", va)
@@ -625,12 +628,13 @@ def finish_run(
         model, spec, rep.images, rep.records, run, device=device, temperature=temperature,
         abstention=meta["abstention"], logits=rep_logits, predictions=False,
         title=f"xraydx run {run.name}: {rep_name} split",
-        meta={"run": str(run), "data": cfg.data.path, "split": rep_name, "best epoch": best_epoch},
+        meta={"run": str(run), "data": cfg.data.path, "split": rep_name,
+              "best epoch": best_epoch if best_epoch is not None else "none (an ensemble of finished runs)"},
     )  # fmt: skip
     if rep_name == "test":
         results["test"] = tm
         meta["test_metrics"] = {k: v for k, v in tm.items() if k not in ("roc_curves", "coverage_curve")}
-        log(format_metrics(tm, title=f"test split (best epoch {best_epoch}, temperature {temperature:.3f})"))
+        log(format_metrics(tm, title=f"test split ({which}, temperature {temperature:.3f})"))
         if spec.lung_mask != "none" and any(r.mask is not None for r in rep.records):
             dep = _deployed_metrics(cfg, spec, rep.records, model, device, temperature)
             results["test_deployed"] = meta["test_metrics_deployed"] = dep

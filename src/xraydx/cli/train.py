@@ -66,6 +66,25 @@ def add_parser(sub: SubParsers) -> None:
     )  # fmt: skip
     add_quiet(tr)
     tr.set_defaults(func=run)
+    cmds = tr.add_subparsers(
+        dest="train_command", required=False, metavar="{ensemble}", title="commands",
+        description="ensemble: finished runs of one recipe (e.g. its seeds) as one model (xraydx train"
+        " ensemble --help)",
+    )  # fmt: skip
+    ens = cmds.add_parser(
+        "ensemble", help="finished runs of one recipe as one model: the mean of their calibrated probabilities",
+        description="Combine two or more finished training runs trained alike on the same splits (e.g. one"
+        " recipe at several seeds) into one checkpoint in a new run folder, used like any other by predict,"
+        " evaluate, explain, export, serve and dicom. It is finished as a training run is: temperature and"
+        " abstention threshold chosen on val, the test split evaluated (metrics.json, report.html,"
+        " predictions.csv).", argument_default=argparse.SUPPRESS,
+    )  # fmt: skip
+    ens.add_argument("members", nargs="+", metavar="RUN", help="training run folders (or their checkpoints)")
+    ens.add_argument("--name", help="the new run folder's name (default ensemble-<member>+<member>...)")
+    ens.add_argument("--runs-dir", dest="runs_dir", help="where it goes (default: the members' runs folder)")
+    ens.add_argument("--device", help="auto | cpu | cuda | cuda:N")
+    add_quiet(ens)
+    ens.set_defaults(func=run_ensemble)
 
 
 def build_config(args: argparse.Namespace) -> Any:
@@ -104,4 +123,29 @@ def run(args: argparse.Namespace) -> int:
             n = sum(1 for _ in csv.reader(fh)) - 1
         print(f"xraydx: {n} unreadable image files were skipped; listed in {skipped}", file=sys.stderr)
         return EXIT_PARTIAL
+    return EXIT_OK
+
+
+def run_ensemble(args: argparse.Namespace) -> int:
+    from xraydx.train_ensemble import build_ensemble
+
+    given = [
+        f
+        for f in TRAIN_FLAGS
+        if f not in ("name", "runs_dir", "device") and getattr(args, f, None) is not None
+    ]
+    given += [f for f in ("config", "set", "resume") if getattr(args, f, None)]
+    if given or getattr(args, "strict_data", False):
+        flag = given[0] if given else "strict_data"
+        raise UsageError(
+            f"train ensemble: --{flag.replace('_', '-')} is a training option; an ensemble combines finished"
+            " training runs (xraydx train ensemble RUN RUN ... --name NAME)"
+        )
+    names = [Path(m).resolve().name for m in args.members]
+    name = getattr(args, "name", None) or "ensemble-" + "+".join(names)
+    run_dir = build_ensemble(
+        args.members, name, getattr(args, "runs_dir", None), device=getattr(args, "device", None) or "auto",
+        progress=not args.quiet,
+    )  # fmt: skip
+    print(f"run folder: {run_dir}")
     return EXIT_OK
