@@ -317,7 +317,7 @@ class SeedEnsemble(nn.Module):
 
 def build_classifier(meta: dict[str, Any]) -> nn.Module:
     """The (untrained) network a classifier checkpoint's metadata describes: one timm model, or a
-    :class:`SeedEnsemble` of ``architecture.members`` of them."""
+    :class:`SeedEnsemble` of them, one per ``architecture.member_temperatures``."""
     arch = meta["architecture"]
     n_classes, chans = len(meta["classes"]), int(arch.get("in_chans", 1))
     temps = arch.get("member_temperatures")

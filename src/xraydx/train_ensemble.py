@@ -25,7 +25,7 @@ from xraydx.checkpoint import save as save_checkpoint
 from xraydx.config import Config
 from xraydx.data.membership import split_membership
 from xraydx.device import Dist, resolve_device
-from xraydx.errors import CheckpointError, TrainError, UsageError
+from xraydx.errors import TrainError, UsageError
 from xraydx.fsutil import printable_path
 from xraydx.models import SeedEnsemble, load_checkpoint, read_metadata
 from xraydx.runchecks import new_run_dir
@@ -57,12 +57,12 @@ def member_checkpoint(member: str | Path) -> Path:
     return ck
 
 
-def read_members(members: Sequence[str | Path]) -> list[tuple[Path, dict[str, Any]]]:
-    """Every member's checkpoint and metadata, refused (naming the member and what differs) unless they
-    are alike, finished (calibrated on val) and distinct."""
+def read_members(members: Sequence[str | Path]) -> list[tuple[Path, dict[str, Any], str]]:
+    """Every member's checkpoint, metadata and model id (the file's digest, read once), refused (naming the
+    member and what differs) unless they are alike, finished (calibrated on val) and distinct."""
     if len(members) < 2:
         raise UsageError("train ensemble: give at least two finished training runs")
-    out: list[tuple[Path, dict[str, Any]]] = []
+    out: list[tuple[Path, dict[str, Any], str]] = []
     for m in members:
         ck = member_checkpoint(m)
         meta = read_metadata(ck)
@@ -70,27 +70,25 @@ def read_members(members: Sequence[str | Path]) -> list[tuple[Path, dict[str, An
             raise UsageError(f"{printable_path(str(ck))}: already an ensemble; give its members instead")
         if "calibration" not in meta:
             raise UsageError(f"{printable_path(str(ck))}: the run has not finished (no calibration on val)")
-        out.append((ck, meta))
-    first_ck, first = out[0]
-    ids = set()
-    for ck, meta in out:
+        out.append((ck, meta, schema.model_id(ck, meta)))
+    first_ck, first, _ = out[0]
+    for ck, meta, _ in out:
         for key, what in ALIKE.items():
             if meta.get(key) != first.get(key):
                 raise UsageError(
                     f"{printable_path(str(ck))}: its {what} differs from {printable_path(str(first_ck))}'s;"
                     " an ensemble's members must be trained alike on the same splits"
                 )
-        ids.add(schema.model_id(ck, meta))
-    if len(ids) < len(out):
+    if len({mid for _, _, mid in out}) < len(out):
         raise UsageError("train ensemble: the same checkpoint given twice")
     return out
 
 
-def _member_row(ck: Path, meta: dict[str, Any]) -> dict[str, Any]:
+def _member_row(ck: Path, meta: dict[str, Any], mid: str) -> dict[str, Any]:
     test = meta.get("test_metrics") or {}
     return {
         "checkpoint": str(ck),
-        "model_id": schema.model_id(ck, meta),
+        "model_id": mid,
         "seed": meta.get("config", {}).get("train", {}).get("seed"),
         "epoch": meta.get("epoch"),
         "temperature": float(meta["calibration"].get("temperature", 1.0)),
@@ -117,7 +115,8 @@ def build_ensemble(
     dev = resolve_device(device)
     d = Dist()
     run, log = _open_run(cfg, d, None, progress)
-    rows = [_member_row(ck, meta) for ck, meta in read]
+    rows = [_member_row(*m) for m in read]
+    temps = [r["temperature"] for r in rows]
     log(f"ensemble of {len(read)} members: " + ", ".join(
         f"{r['checkpoint']} (seed {r['seed']}, test macro-F1 {r['test_macro_f1']})" for r in rows))  # fmt: skip
     manifest, spec, splits = load_data(cfg, d, run, log, progress)
@@ -126,19 +125,14 @@ def build_ensemble(
             f"{cfg.data.path}: its splits are no longer the images the members were trained and validated on"
             " (the data changed since); retrain the members"
         )
-    models = []
-    for ck, _ in read:
-        try:
-            models.append(load_checkpoint(ck, dev)[0])
-        except CheckpointError as exc:
-            raise CheckpointError(f"{ck}: {exc}") from exc
-    model = SeedEnsemble(models, [r["temperature"] for r in rows]).to(dev).eval()
+    # load_checkpoint's errors name the member's file
+    model = SeedEnsemble([load_checkpoint(ck, dev)[0] for ck, _, _ in read], temps).to(dev).eval()
     meta = {k: v for k, v in first.items() if k not in MEMBER_ONLY and k not in ("format", "format_version")}
     meta.update(
         tool_version=__version__, created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         config=cfg.to_dict(), ensemble={"members": rows, "combine": "mean of calibrated probabilities"},
     )  # fmt: skip
-    meta["architecture"] = {**first["architecture"], "member_temperatures": [r["temperature"] for r in rows]}
+    meta["architecture"] = {**first["architecture"], "member_temperatures": temps}
     save_checkpoint(run / "checkpoints" / "best.safetensors", model, meta)
     finish_run(run, cfg, spec, manifest, splits, dev, log, None, extra={"ensemble": meta["ensemble"]})
     return run
