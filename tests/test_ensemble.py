@@ -231,6 +231,9 @@ def test_the_command_end_to_end(
     assert (
         main(["crossval", "--data", a, "ensemble", a, b, "--runs-dir", str(tmp_path)]) == 2
     )  # a training flag
+    # a flag whose value is 0 is given too (the members were trained already)
+    assert main(["crossval", "--seed", "0", "ensemble", a, b, "--runs-dir", str(tmp_path)]) == 2
+    assert "--seed is a training option" in capsys.readouterr().err
     # the default name; --runs-dir may come before the sub-command
     assert main(["crossval", "--runs-dir", str(tmp_path), "ensemble", a, b]) == 0
     assert (tmp_path / "ensemble-a+b" / "metrics.json").is_file()

@@ -10,7 +10,7 @@ import argparse
 from pathlib import Path
 
 from xraydx.cli._common import SubParsers, add_quiet
-from xraydx.cli.train import TRAIN_FLAGS, build_config
+from xraydx.cli.train import TRAIN_FLAGS, add_ensemble_parser, build_config, ensemble_name
 from xraydx.constants import COMPARE_RESAMPLES as DEFAULT_RESAMPLES
 from xraydx.errors import EXIT_OK, UsageError
 
@@ -71,18 +71,14 @@ def add_parser(sub: SubParsers) -> None:
         description="ensemble: combine finished crossval runs (see xraydx crossval ensemble --help); compare:"
         " B - A with paired patient-group bootstrap intervals (xraydx crossval compare --help)",
     )  # fmt: skip
-    # its options default to "not given", so that --name / --runs-dir given before `ensemble` are kept
-    ens = cmds.add_parser(
-        "ensemble", help="combine finished crossval runs: mean probabilities, flag where they disagree",
+    ens = add_ensemble_parser(
+        cmds, help="combine finished crossval runs: mean probabilities, flag where they disagree",
         description="Combine two or more finished crossval runs over the same images and folds into a new"
         " crossval run folder: each image's class probabilities averaged over the members (every member's"
         " prediction of it came from a model that never saw its source), flagged where any member flagged"
-        " it or the members' top classes differ.", argument_default=argparse.SUPPRESS,
+        " it or the members' top classes differ.", members="crossval run folders (two or more)",
+        runs_dir="where it goes (default runs/)",
     )  # fmt: skip
-    ens.add_argument("members", nargs="+", metavar="RUN", help="crossval run folders (two or more)")
-    ens.add_argument("--name", help="the new run folder's name (default ensemble-<member>+<member>...)")
-    ens.add_argument("--runs-dir", dest="runs_dir", help="where it goes (default runs/)")
-    add_quiet(ens)
     ens.set_defaults(func=run_ensemble)
     cmp = cmds.add_parser(
         "compare", help="is run B better than run A out of source? paired bootstrap differences",
@@ -136,17 +132,7 @@ def run_ensemble(args: argparse.Namespace) -> int:
     from xraydx.config import Config
     from xraydx.ensemble import combine
 
-    given = [k for k in (*TRAIN_FLAGS, *_NOT_FOR_ENSEMBLE) if k not in ("name", "runs_dir")
-             and getattr(args, k, None) not in (None, False)]  # fmt: skip
-    if given:
-        raise UsageError(
-            f"crossval ensemble: --{given[0].replace('_', '-')} is a training option; an ensemble combines"
-            " finished crossval runs (xraydx crossval ensemble RUN RUN ... --name NAME)"
-        )
-    if len(args.members) < 2:
-        raise UsageError("crossval ensemble: give at least two crossval run folders")
-    names = [Path(m).resolve().name for m in args.members]
-    name = getattr(args, "name", None) or "ensemble-" + "+".join(names)
+    name = ensemble_name(args, "crossval", "crossval runs", ("name", "runs_dir"), _NOT_FOR_ENSEMBLE)
     out = combine(args.members, name, getattr(args, "runs_dir", None) or Config().runs_dir)
     print(f"run folder: {out}")
     return EXIT_OK

@@ -71,20 +71,50 @@ def add_parser(sub: SubParsers) -> None:
         description="ensemble: finished runs of one recipe (e.g. its seeds) as one model (xraydx train"
         " ensemble --help)",
     )  # fmt: skip
-    ens = cmds.add_parser(
-        "ensemble", help="finished runs of one recipe as one model: the mean of their calibrated probabilities",
+    ens = add_ensemble_parser(
+        cmds, help="finished runs of one recipe as one model: the mean of their calibrated probabilities",
         description="Combine two or more finished training runs trained alike on the same splits (e.g. one"
         " recipe at several seeds) into one checkpoint in a new run folder, used like any other by predict,"
         " evaluate, explain, export, serve and dicom. It is finished as a training run is: temperature and"
         " abstention threshold chosen on val, the test split evaluated (metrics.json, report.html,"
-        " predictions.csv).", argument_default=argparse.SUPPRESS,
+        " predictions.csv).", members="training run folders (or their checkpoints)",
+        runs_dir="where it goes (default: the members' runs folder)",
     )  # fmt: skip
-    ens.add_argument("members", nargs="+", metavar="RUN", help="training run folders (or their checkpoints)")
-    ens.add_argument("--name", help="the new run folder's name (default ensemble-<member>+<member>...)")
-    ens.add_argument("--runs-dir", dest="runs_dir", help="where it goes (default: the members' runs folder)")
     ens.add_argument("--device", help="auto | cpu | cuda | cuda:N")
-    add_quiet(ens)
     ens.set_defaults(func=run_ensemble)
+
+
+def add_ensemble_parser(
+    cmds: Any, *, help: str, description: str, members: str, runs_dir: str
+) -> argparse.ArgumentParser:
+    """The ``ensemble`` subcommand of ``train`` and ``crossval``: RUN RUN ..., --name, --runs-dir, -q. Its
+    options default to "not given", so that --name / --runs-dir given before ``ensemble`` are kept."""
+    ens = cmds.add_parser("ensemble", help=help, description=description, argument_default=argparse.SUPPRESS)
+    ens.add_argument("members", nargs="+", metavar="RUN", help=members)
+    ens.add_argument("--name", help="the new run folder's name (default ensemble-<member>+<member>...)")
+    ens.add_argument("--runs-dir", dest="runs_dir", help=runs_dir)
+    add_quiet(ens)
+    return ens
+
+
+def ensemble_name(
+    args: argparse.Namespace, command: str, what: str, allowed: tuple[str, ...], others: tuple[str, ...]
+) -> str:
+    """Refuse (exit 2) the training options given to ``<command> ensemble`` (any of TRAIN_FLAGS and
+    ``others`` not in ``allowed``: the members were trained already); the new run's name."""
+    given = [
+        k for k in (*TRAIN_FLAGS, *others)
+        if k not in allowed and getattr(args, k, None) is not None and getattr(args, k) is not False
+        and getattr(args, k) != []
+    ]  # fmt: skip
+    if given:
+        raise UsageError(
+            f"{command} ensemble: --{given[0].replace('_', '-')} is a training option; an ensemble combines"
+            f" finished {what} (xraydx {command} ensemble RUN RUN ... --name NAME)"
+        )
+    if len(args.members) < 2:
+        raise UsageError(f"{command} ensemble: give at least two {what}")
+    return getattr(args, "name", None) or "ensemble-" + "+".join(Path(m).resolve().name for m in args.members)
 
 
 def build_config(args: argparse.Namespace) -> Any:
@@ -129,20 +159,13 @@ def run(args: argparse.Namespace) -> int:
 def run_ensemble(args: argparse.Namespace) -> int:
     from xraydx.train_ensemble import build_ensemble
 
-    given = [
-        f
-        for f in TRAIN_FLAGS
-        if f not in ("name", "runs_dir", "device") and getattr(args, f, None) is not None
-    ]
-    given += [f for f in ("config", "set", "resume") if getattr(args, f, None)]
-    if given or getattr(args, "strict_data", False):
-        flag = given[0] if given else "strict_data"
-        raise UsageError(
-            f"train ensemble: --{flag.replace('_', '-')} is a training option; an ensemble combines finished"
-            " training runs (xraydx train ensemble RUN RUN ... --name NAME)"
-        )
-    names = [Path(m).resolve().name for m in args.members]
-    name = getattr(args, "name", None) or "ensemble-" + "+".join(names)
+    name = ensemble_name(
+        args,
+        "train",
+        "training runs",
+        ("name", "runs_dir", "device"),
+        ("config", "set", "resume", "strict_data"),
+    )
     run_dir = build_ensemble(
         args.members, name, getattr(args, "runs_dir", None), device=getattr(args, "device", None) or "auto",
         progress=not args.quiet,
