@@ -94,6 +94,10 @@ def test_the_ensemble_run_is_finished_like_a_training_run(ensemble_run: Path, tr
     assert meta["test_metrics"]["macro_f1"] == metrics["test"]["macro_f1"]
     rows = (ensemble_run / "predictions.csv").read_text().splitlines()
     assert len(rows) == 1 + len(sample_images("test"))
+    # the test split's table is in the log as readable lines, one per row (not one line with \x0a in it)
+    log = (ensemble_run / "train.log").read_text()
+    assert "\\x0a" not in log
+    assert any(line.split(" ", 1)[-1].startswith("confusion matrix") for line in log.splitlines())
 
 
 def test_predict_explain_and_export_take_the_ensemble(ensemble_run: Path, tmp_path: Path) -> None:

@@ -634,7 +634,10 @@ def finish_run(
     if rep_name == "test":
         results["test"] = tm
         meta["test_metrics"] = {k: v for k, v in tm.items() if k not in ("roc_curves", "coverage_curve")}
-        log(format_metrics(tm, title=f"test split ({which}, temperature {temperature:.3f})"))
+        for line in format_metrics(
+            tm, title=f"test split ({which}, temperature {temperature:.3f})"
+        ).splitlines():
+            log(line)  # one log line each: log() escapes a newline (a file name's) as \x0a
         if spec.lung_mask != "none" and any(r.mask is not None for r in rep.records):
             dep = _deployed_metrics(cfg, spec, rep.records, model, device, temperature)
             results["test_deployed"] = meta["test_metrics_deployed"] = dep
@@ -653,7 +656,9 @@ def finish_run(
         xm["ci"] = confidence_intervals(ex.labels, probs, CLASSES)  # 95%, as for the test split
         xm["source"] = cfg.data.holdout_source
         results["external"] = meta["external_metrics"] = xm
-        log(format_metrics(xm, title=f"held-out source {cfg.data.holdout_source!r} (never seen in training)"))
+        title = f"held-out source {cfg.data.holdout_source!r} (never seen in training)"
+        for line in format_metrics(xm, title=title).splitlines():
+            log(line)
     save_checkpoint(best_path, model, meta)
     if rep_name == "test":  # after the save: its rows name the final checkpoint's model_id
         write_split_predictions(
