@@ -60,6 +60,14 @@ $XRAYDX crossval compare "$RUNS/R4-C-s0,$RUNS/R4-C-s1,$RUNS/R4-C-s2" "$RUNS/R4-G
 $XRAYDX crossval ensemble "$RUNS/R4-C-s0" "$RUNS/R4-C-s1" --name R4-CC --runs-dir "$RUNS"
 $XRAYDX crossval ensemble "$RUNS/R4-C-s0" "$RUNS/R4-C-s1" "$RUNS/R4-C-s2" --name R4-CCC --runs-dir "$RUNS"
 $XRAYDX crossval compare "$RUNS/R4-CC" "$RUNS/R4-CCC"
+# seeds four and five of C (after the three-seed file shipped): how the ensemble's figure moves with its seeds
+for s in 3 4; do
+    $XRAYDX crossval "${COMMON[@]}" --screen --folds "$FOLDS" "${C[@]}" --lung-mask mask --name R4-C-s$s --seed $s
+done
+$XRAYDX crossval ensemble "$RUNS"/R4-C-s{0,1,2,3} --name R4-C4 --runs-dir "$RUNS"
+$XRAYDX crossval ensemble "$RUNS"/R4-C-s{0,1,2,3,4} --name R4-C5 --runs-dir "$RUNS"
+$XRAYDX crossval compare "$RUNS/R4-CCC" "$RUNS/R4-C5"
+$XRAYDX crossval compare "$RUNS/R4-C-s0,$RUNS/R4-C-s1,$RUNS/R4-C-s2,$RUNS/R4-C-s3,$RUNS/R4-C-s4" "$RUNS/R4-C5"
 # 4. the final training: recipe C at 224 px on everything, at three seeds (one core each; two can run in
 #    parallel), combined into one checkpoint: the mean of the three networks' calibrated probabilities
 #    (the fourth round's R4-CCC: seed averaging was the one change that raised both the pooled
