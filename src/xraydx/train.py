@@ -618,6 +618,11 @@ def finish_run(
     results: dict[str, Any] = {"best_epoch": best_epoch, "val": val_after, "calibration": meta["calibration"],
                                "abstention": meta["abstention"], **(extra or {})}  # fmt: skip
     which = "ensemble" if best_epoch is None else f"best epoch {best_epoch}"
+
+    def log_table(m: dict[str, Any], title: str) -> None:
+        for line in format_metrics(m, title=title).splitlines():
+            log(line)  # one log line each: log() escapes a newline (a file name's) as \x0a
+
     # report.html describes the test split (or val, calibrated on itself, when there is no test split)
     has_test = "test" in splits and len(splits["test"].labels) > 0
     rep_name, rep = ("test", splits["test"]) if has_test else ("val", va)
@@ -634,10 +639,7 @@ def finish_run(
     if rep_name == "test":
         results["test"] = tm
         meta["test_metrics"] = {k: v for k, v in tm.items() if k not in ("roc_curves", "coverage_curve")}
-        for line in format_metrics(
-            tm, title=f"test split ({which}, temperature {temperature:.3f})"
-        ).splitlines():
-            log(line)  # one log line each: log() escapes a newline (a file name's) as \x0a
+        log_table(tm, f"test split ({which}, temperature {temperature:.3f})")
         if spec.lung_mask != "none" and any(r.mask is not None for r in rep.records):
             dep = _deployed_metrics(cfg, spec, rep.records, model, device, temperature)
             results["test_deployed"] = meta["test_metrics_deployed"] = dep
@@ -656,9 +658,7 @@ def finish_run(
         xm["ci"] = confidence_intervals(ex.labels, probs, CLASSES)  # 95%, as for the test split
         xm["source"] = cfg.data.holdout_source
         results["external"] = meta["external_metrics"] = xm
-        title = f"held-out source {cfg.data.holdout_source!r} (never seen in training)"
-        for line in format_metrics(xm, title=title).splitlines():
-            log(line)
+        log_table(xm, f"held-out source {cfg.data.holdout_source!r} (never seen in training)")
     save_checkpoint(best_path, model, meta)
     if rep_name == "test":  # after the save: its rows name the final checkpoint's model_id
         write_split_predictions(

@@ -102,11 +102,8 @@ def ensemble_name(
 ) -> str:
     """Refuse (exit 2) the training options given to ``<command> ensemble`` (any of TRAIN_FLAGS and
     ``others`` not in ``allowed``: the members were trained already); the new run's name."""
-    given = [
-        k for k in (*TRAIN_FLAGS, *others)
-        if k not in allowed and getattr(args, k, None) is not None and getattr(args, k) is not False
-        and getattr(args, k) != []
-    ]  # fmt: skip
+    given = [k for k in (*TRAIN_FLAGS, *others) if k not in allowed
+             and getattr(args, k, None) not in (None, []) and getattr(args, k) is not False]  # fmt: skip
     if given:
         raise UsageError(
             f"{command} ensemble: --{given[0].replace('_', '-')} is a training option; an ensemble combines"
