@@ -94,3 +94,32 @@ def test_predictor_and_server_never_say_within_the_rule_when_it_flags_everything
         d = c.post("/api/predict", files={"file": (p.name, p.read_bytes(), "image/png")}).json()
     assert d["uncertain"] is True
     assert "within" not in (d["uncertainty"]["message"] or "")
+
+
+def test_an_ensembles_rule_also_flags_where_its_members_disagree() -> None:
+    from xraydx.metrics import members_agree, rule_flags
+
+    # 40 cases, all confident; the members disagree on the first 10, of which 8 are wrong
+    y = np.repeat(np.arange(4) % 3, 10)
+    right = np.ones(40, bool)
+    right[:8] = False
+    probs = np.full((40, 3), 0.05)
+    probs[np.arange(40), np.where(right, y, (y + 1) % 3)] = 0.9
+    top = np.stack([probs.argmax(1)] * 3, axis=1)
+    top[:10, 1] = (top[:10, 1] + 1) % 3  # member 1 picks another class on the first 10
+    agree = members_agree(np.eye(3)[top])  # (N, M, C) one-hot scores
+    assert agree.tolist() == [False] * 10 + [True] * 30
+    plain = choose_abstention(y, probs, 0.95)
+    assert plain["flag_all"] and "members_disagree" not in plain  # 80% right at any threshold
+    a = choose_abstention(y, probs, 0.95, agree=agree)
+    assert not a["flag_all"] and a["members_disagree"] is True and a["val_members_agree"] == 0.75
+    assert a["val_coverage"] == pytest.approx(0.75) and a["val_accuracy_accepted"] == 1.0
+    assert "members' top classes differ" in a["rule"]
+    flags = rule_flags(probs, a, agree)
+    assert flags.tolist() == [True] * 10 + [False] * 30
+    assert not rule_flags(probs, a, None).any()  # agreement unknown: the threshold part alone
+    assert not rule_flags(probs, {**a, "members_disagree": False}, agree).any()
+    with pytest.raises(ValueError, match="one bool per case"):
+        choose_abstention(y, probs, agree=agree[:5])
+    none = choose_abstention(y, probs, 0.95, agree=np.zeros(40, bool))  # they never agree: nothing accepted
+    assert none["flag_all"] and rule_flags(probs, none, agree).all()

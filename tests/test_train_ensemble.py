@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from fastapi.testclient import TestClient
 
 from conftest import sample_images, tiny_config
 from xraydx.checkpoint import read_metadata
@@ -162,3 +163,82 @@ def test_member_temperatures_in_the_metadata_are_checked(ensemble_run: Path, tmp
     save_checkpoint(bad, model, meta)
     with pytest.raises(CheckpointError, match=r"bad\.safetensors.*member_temperatures"):
         load_checkpoint(bad)
+
+
+def _member_agreement(runs: tuple[Path, ...], x: np.ndarray, spec: object) -> np.ndarray:
+    """Independently of the ensemble: do the member runs' own checkpoints pick the same class?"""
+    tops = [
+        batch_logits(load_checkpoint(r / "checkpoints" / "best.safetensors")[0], x, spec, torch.device("cpu"))
+        .argmax(1)
+        .numpy()
+        for r in runs
+    ]
+    return np.all(np.stack(tops) == tops[0], axis=0)
+
+
+def test_the_ensembles_rule_flags_where_its_members_disagree_on_every_path(
+    ensemble_run: Path, trained_run: Path, second_run: Path, tmp_path: Path
+) -> None:
+    from xraydx import serve
+    from xraydx.constants import UNCERTAIN_FLAG
+    from xraydx.engines import read_onnx_metadata
+    from xraydx.metrics import rule_flags
+    from xraydx.predict import batch_outputs
+    from xraydx.transforms import Preprocessing
+
+    src = ensemble_run / "checkpoints" / "best.safetensors"
+    model, meta = load_checkpoint(src)
+    rule = meta["abstention"]
+    assert rule["members_disagree"] is True and 0.0 <= rule["val_members_agree"] <= 1.0
+    assert json.loads((ensemble_run / "metrics.json").read_text())["test"]["abstention"]["members_disagree"]
+    spec = Preprocessing.from_dict(meta["preprocessing"])
+    paths = sample_images("test") + sample_images("val")
+    x = np.stack([preprocess(read_image(p), spec) for p in paths])
+    want = _member_agreement((trained_run, second_run), x, spec)
+    assert want.any() and (~want).any(), "the tiny members must disagree somewhere, or this proves nothing"
+    logits, agree = batch_outputs(model, x, spec, torch.device("cpu"))
+    assert agree is not None and agree.tolist() == want.tolist()
+    # the finished run's test predictions carry the rule with the members' agreement
+    n_test = len(sample_images("test"))
+    probs = torch.softmax(logits / meta["calibration"]["temperature"], 1).numpy()
+    rows = (ensemble_run / "predictions.csv").read_text().splitlines()[1:]
+    assert sum(UNCERTAIN_FLAG in r for r in rows) == int(
+        rule_flags(probs[:n_test], rule, want[:n_test]).sum()
+    )
+    # a rule whose threshold flags nothing: the flag is exactly the members' disagreement
+    ck = tmp_path / "ens-rule.safetensors"
+    save_checkpoint(ck, model, {**meta, "abstention": {**rule, "threshold": 1e-6, "flag_all": False}})
+    pred = Predictor(ck, "cpu", ood=False)
+    assert "2 networks do not all pick the same class" in pred.abstention_note()
+    flags = [p.extra["flag"] for p in pred.predict_files(paths, progress=False)]
+    assert [f == UNCERTAIN_FLAG for f in flags] == (~want).tolist()
+    # the exported ONNX graph has the members' output, and the onnx engine flags alike
+    onnx = tmp_path / "ens.onnx"
+    assert main(["export", "--checkpoint", str(ck), "--out", str(onnx)]) == 0
+    assert read_onnx_metadata(onnx)["onnx"]["outputs"] == ["logits", "member_logp"]
+    onnx_pred = Predictor(onnx, "cpu", engine="onnx", ood=False)
+    assert onnx_pred.probs_agree(x)[1].tolist() == want.tolist()
+    # the API says uncertain, and why, where the members disagree (and only the rule's threshold is 0)
+    i_no, i_yes = int(np.flatnonzero(~want)[0]), int(np.flatnonzero(want)[0])
+    with TestClient(serve.create_app(ck), base_url="http://127.0.0.1") as c:
+        for i, agrees in ((i_no, False), (i_yes, True)):
+            p = paths[i]
+            d = c.post("/api/predict", files={"file": (p.name, p.read_bytes(), "image/png")}).json()
+            assert d["uncertain"] is (not agrees) and d["uncertainty"]["members_agree"] is agrees
+            if not agrees:
+                assert "networks pick different classes" in d["uncertainty"]["message"]
+
+
+def test_a_members_rule_on_one_network_or_not_a_bool_is_refused(
+    ensemble_run: Path, checkpoint: Path, tmp_path: Path
+) -> None:
+    model, meta = load_checkpoint(checkpoint)
+    one = tmp_path / "one.safetensors"
+    save_checkpoint(one, model, {**meta, "abstention": {"threshold": 0.5, "members_disagree": True}})
+    with pytest.raises(CheckpointError, match=r"one\.safetensors.*members_disagree is for an ensemble"):
+        load_checkpoint(one)
+    model, meta = load_checkpoint(ensemble_run / "checkpoints" / "best.safetensors")
+    odd = tmp_path / "odd.safetensors"
+    save_checkpoint(odd, model, {**meta, "abstention": {"threshold": 0.5, "members_disagree": "yes"}})
+    with pytest.raises(CheckpointError, match=r"odd\.safetensors.*must be true or false"):
+        load_checkpoint(odd)

@@ -277,3 +277,8 @@ def validate_classifier_meta(meta: Mapping[str, Any], source: str | Path) -> Non
         t = ab.get("threshold")
         if t is not None and (not _number(t) or not 0 < t <= 1):
             raise bad(f"abstention threshold must be a number in (0, 1], not {t!r:.40}")
+        md = ab.get("members_disagree")
+        if md is not None and not isinstance(md, bool):
+            raise bad(f"abstention members_disagree must be true or false, not {md!r:.40}")
+        if md and not arch.get("member_temperatures"):
+            raise bad("abstention members_disagree is for an ensemble, and this checkpoint is one network")

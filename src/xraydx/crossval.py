@@ -317,9 +317,9 @@ class CrossVal:
         import torch
 
         from xraydx.device import resolve_device
-        from xraydx.metrics import abstention_flags, softmax
+        from xraydx.metrics import rule_flags, softmax
         from xraydx.models import load_checkpoint
-        from xraydx.predict import UNCERTAIN_FLAG, Prediction, batch_logits
+        from xraydx.predict import UNCERTAIN_FLAG, Prediction, batch_outputs
         from xraydx.train import load_split
         from xraydx.transforms import Preprocessing
 
@@ -330,10 +330,9 @@ class CrossVal:
         cache = Path(self.fold_config(self.folds[0]).data.cache_dir)
         data, bad = load_split(held, spec, cache, "held-out", self.progress)
         with torch.no_grad():
-            logits = batch_logits(model, data.images, spec, device).numpy()
-        probs = softmax(logits, float(meta.get("calibration", {}).get("temperature", 1.0)))
-        rule = meta.get("abstention") or {}
-        flags = abstention_flags(probs, rule.get("threshold"), rule.get("flag_all") is True)
+            out, agree = batch_outputs(model, data.images, spec, device)
+        probs = softmax(out.numpy(), float(meta.get("calibration", {}).get("temperature", 1.0)))
+        flags = rule_flags(probs, meta.get("abstention"), agree)
         shift = self._shift_scores(ckpt.parent.parent, model, spec, cache, data.images, device)
         for r, reason in bad:
             yield Prediction(str(r.path), None, f"error: {reason}")

@@ -52,6 +52,7 @@ import torch
 from torch import nn
 
 from xraydx import tta as _tta
+from xraydx.abstention import members_agree
 from xraydx.constants import ENGINES, WEIGHTS_DIR
 from xraydx.device import available_cpus
 from xraydx.errors import ExportError
@@ -63,7 +64,7 @@ PARITY_TOLERANCE = 1e-4
 META_KEY = "xraydx"
 INPUT_NAME = "image"
 PROBE_GLOB = "probe__*.png"  # real chest X-rays shipped in weights/ (8 of data/sample/test)
-EXPORT_VERSION = 1  # bump when the exported graphs change, so cached files are made again
+EXPORT_VERSION = 2  # bump when the exported graphs change, so cached files are made again (2: member_logp)
 PARITY_BATCH = 16
 
 Readout = Callable[[list[np.ndarray]], dict[str, np.ndarray]]
@@ -107,6 +108,26 @@ class Network:
         return normalise(u8, self.mean, self.std)
 
 
+class _MembersGraph(nn.Module):
+    """An ensemble (:class:`xraydx.models.SeedEnsemble`) as the graph the engines run: its output and each
+    member's calibrated log-probabilities, from one pass (what the ``members_disagree`` rule reads)."""
+
+    def __init__(self, ensemble: nn.Module) -> None:
+        super().__init__()
+        self.ensemble = ensemble
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.ensemble.forward_members(x)  # type: ignore[operator,no-any-return]
+
+
+def classifier_graph(model: nn.Module) -> tuple[nn.Module, tuple[str, ...]]:
+    """The module an engine runs for a classifier and its output names: ``logits`` (B, C), and for an
+    ensemble also ``member_logp`` (B, M, C)."""
+    if hasattr(model, "forward_members"):
+        return _MembersGraph(model), ("logits", "member_logp")
+    return model, ("logits",)
+
+
 def classifier_network(model: nn.Module, meta: dict[str, Any], source: Path | None = None) -> Network:
     """A timm classifier and its checkpoint metadata (``source``: the checkpoint file, for the cache)."""
     from xraydx.transforms import Preprocessing, preprocess
@@ -115,10 +136,24 @@ def classifier_network(model: nn.Module, meta: dict[str, Any], source: Path | No
     t = float((meta.get("calibration") or {}).get("temperature", 1.0))
     # parity is about the network: no lung mask (these are still real X-rays, resized as the model expects)
     plain = Preprocessing.from_dict({**spec.to_dict(), "lung_mask": "none"})
+    module, outputs = classifier_graph(model)
+    n = len(meta["classes"])
+    info: dict[str, Any] = {"output": {"name": "logits", "shape": ["batch", n], "kind": "logits"}}
+    if len(outputs) > 1:
+        info["member_output"] = {
+            "name": "member_logp", "shape": ["batch", len(getattr(model, "members", [])), n],
+            "kind": "each member's log softmax(logits / its temperature)",
+        }  # fmt: skip
+
+    def readout(out: list[np.ndarray]) -> dict[str, np.ndarray]:
+        got = {"probs": softmax(out[0], t)}
+        if len(out) > 1:
+            got["member_probs"] = np.exp(out[1])
+        return got
+
     return Network(
-        "classifier", model, spec.size, spec.mean, spec.std, ("logits",),
-        lambda out: {"probs": softmax(out[0], t)}, lambda img: preprocess(img, plain), source, meta,
-        {"output": {"name": "logits", "shape": ["batch", len(meta["classes"])], "kind": "logits"}}, autocast=True,
+        "classifier", module, spec.size, spec.mean, spec.std, outputs, readout, lambda img: preprocess(img, plain),
+        source, meta, info, autocast=True,
     )  # fmt: skip
 
 
@@ -488,6 +523,35 @@ def batch_logits(
     return torch.from_numpy(spec_logits(lambda x: eng.run(x)[0], images, spec, batch_size))
 
 
+def batch_outputs(
+    model: nn.Module, images: np.ndarray, spec: Any, device: torch.device, batch_size: int = 64
+) -> tuple[torch.Tensor, np.ndarray | None]:
+    """:func:`batch_logits` and, for an ensemble, whether its members agree on each image ((N,) bool;
+    None for a single network), from one pass."""
+    module, outputs = classifier_graph(model)
+    if len(outputs) == 1 or not len(images):
+        return batch_logits(model, images, spec, device, batch_size), None
+    eng = TorchEngine(module, device)
+    wide = spec_logits(lambda x: joined(eng.run(x)), images, spec, batch_size)
+    logits, agree = split_outputs(wide, int(model.num_classes))
+    return torch.from_numpy(logits), agree
+
+
+def joined(out: list[np.ndarray]) -> np.ndarray:
+    """A classifier engine's outputs as one (B, C [+ M * C]) matrix: logits, then the members'
+    log-probabilities where there are any, so that test-time views average both alike."""
+    if len(out) == 1:
+        return out[0]
+    return np.concatenate([out[0], out[1].reshape(len(out[1]), -1)], axis=1)
+
+
+def split_outputs(wide: np.ndarray, n_classes: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """:func:`joined`'s matrix -> (logits (N, C), the members' agreement (N,) bool or None)."""
+    if wide.shape[1] == n_classes:
+        return wide, None
+    return wide[:, :n_classes], members_agree(wide[:, n_classes:].reshape(len(wide), -1, n_classes))
+
+
 def spec_logits(
     forward: Callable[[np.ndarray], np.ndarray], images: np.ndarray, spec: Any, batch_size: int = 64
 ) -> np.ndarray:
@@ -544,16 +608,27 @@ class Classifier:
         """float32 (B, 1, S, S) normalised images -> float32 (B, C) logits."""
         return self.engine.run(x)[0]
 
-    def batch_logits(self, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
-        """Preprocessed uint8 (N, S, S) images -> (N, C) logits (averaged over the test-time views where
-        the checkpoint's preprocessing asks for them: :mod:`xraydx.tta`)."""
+    def outputs(self, images: np.ndarray, batch_size: int = 64) -> tuple[np.ndarray, np.ndarray | None]:
+        """Preprocessed uint8 (N, S, S) images -> ((N, C) logits, averaged over the test-time views where
+        the checkpoint's preprocessing asks for them (:mod:`xraydx.tta`); for an ensemble, whether its
+        members' top classes agree on each image ((N,) bool), else None)."""
         if not len(images):
-            return np.zeros((0, len(self.classes)), dtype=np.float32)
-        return spec_logits(self.logits, images, self.spec, batch_size)
+            return np.zeros((0, len(self.classes)), dtype=np.float32), None
+        wide = spec_logits(lambda x: joined(self.engine.run(x)), images, self.spec, batch_size)
+        return split_outputs(wide, len(self.classes))
+
+    def batch_logits(self, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
+        """:meth:`outputs`' logits."""
+        return self.outputs(images, batch_size)[0]
 
     def probs(self, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
         """Calibrated probabilities softmax(logits / temperature), (N, C)."""
-        return softmax(self.batch_logits(images, batch_size), self.temperature)
+        return self.probs_agree(images, batch_size)[0]
+
+    def probs_agree(self, images: np.ndarray, batch_size: int = 64) -> tuple[np.ndarray, np.ndarray | None]:
+        """:meth:`probs` and the members' agreement of :meth:`outputs` (None for a single network)."""
+        logits, agree = self.outputs(images, batch_size)
+        return softmax(logits, self.temperature), agree
 
 
 # ---- the lung segmenter ------------------------------------------------------------------------------

@@ -29,8 +29,8 @@ from xraydx.data.membership import checked_split
 from xraydx.errors import DatasetError, UsageError
 from xraydx.explain import GradCAM
 from xraydx.fsutil import atomic_write_json, refuse_overwrite
-from xraydx.metrics import abstention_flags, evaluation_summary, softmax
-from xraydx.predict import Prediction, Predictor, batch_logits, write_predictions
+from xraydx.metrics import evaluation_summary, rule_flags, softmax
+from xraydx.predict import Prediction, Predictor, batch_outputs, write_predictions
 from xraydx.render import gray_png, heat_overlay_png
 from xraydx.report import render_report, write_html
 from xraydx.transforms import Preprocessing
@@ -73,11 +73,13 @@ def evaluate_and_report(
     audit: dict[str, Any] | None = None,
     n_boot: int = 1000,
     seed: int = 0,
+    agree: np.ndarray | None = None,
 ) -> tuple[dict[str, Any], str]:
-    """metrics.json content and report.html text for one evaluated split."""
+    """metrics.json content and report.html text for one evaluated split (``agree``: an ensemble's
+    members' agreement per image, for its abstention rule)."""
     m = evaluation_summary(
         labels, logits, classes, temperature=temperature, sources=sources, paths=paths, abstention=abstention,
-        n_boot=n_boot, seed=seed,
+        n_boot=n_boot, seed=seed, agree=agree,
     )  # fmt: skip
     thumbs = error_thumbnails(model, spec, images, m, temperature)
     return m, render_report(m, title=title, meta=meta, thumbs=thumbs, audit=audit)
@@ -97,6 +99,7 @@ def evaluate_split(
     title: str = "xraydx evaluation",
     meta: dict[str, Any] | None = None,
     logits: np.ndarray | None = None,
+    agree: np.ndarray | None = None,
     failures: Sequence[tuple[Record, str]] = (),
     audit: dict[str, Any] | None = None,
     predictions: bool = True,
@@ -106,14 +109,16 @@ def evaluate_split(
     """Evaluate ``model`` on one split's images (``records`` in the same order; ``failures``: records that
     could not be read); write ``out/report.html`` and, with ``predictions``, ``out/predictions.csv``
     (:func:`write_split_predictions`: ``model_id`` of the checkpoint, rows in ``order``).
+    ``logits`` / ``agree``: already computed (:func:`xraydx.predict.batch_outputs`), else computed here.
     Returns the metrics (the caller writes metrics.json)."""
     if logits is None:
-        logits = batch_logits(model, images, spec, device).numpy()
+        computed, agree = batch_outputs(model, images, spec, device)
+        logits = computed.numpy()
     labels = np.array([list(classes).index(r.label) for r in records], dtype=np.int64)
     m, html = evaluate_and_report(
         model=model, spec=spec, images=images, labels=labels, logits=logits, classes=classes,
         temperature=temperature, paths=[str(r.path) for r in records], sources=[r.source for r in records],
-        abstention=abstention, title=title, meta=meta, audit=audit,
+        abstention=abstention, title=title, meta=meta, audit=audit, agree=agree,
     )  # fmt: skip
     out.mkdir(parents=True, exist_ok=True)
     if predictions:
@@ -121,7 +126,7 @@ def evaluate_split(
             raise ValueError("evaluate_split: predictions.csv needs the model_id of the checkpoint")
         write_split_predictions(
             out / "predictions.csv", records, logits, classes=classes, temperature=temperature,
-            abstention=abstention, model_id=model_id, failures=failures, order=order,
+            abstention=abstention, model_id=model_id, failures=failures, order=order, agree=agree,
         )  # fmt: skip
     write_html(out / "report.html", html, overwrite=True)
     return m
@@ -130,14 +135,12 @@ def evaluate_split(
 def write_split_predictions(
     path: Path, records: Sequence[Record], logits: np.ndarray, *, classes: Sequence[str], temperature: float,
     abstention: dict[str, Any] | None, model_id: str, failures: Sequence[tuple[Record, str]] = (),
-    order: Sequence[str] | None = None,
+    order: Sequence[str] | None = None, agree: np.ndarray | None = None,
 ) -> None:  # fmt: skip
     """``predictions.csv`` of an evaluated split: one :mod:`xraydx.schema` row per record (label and source
     added), unreadable ones as error rows, in ``order`` (the split's paths) where given."""
     probs = softmax(logits, temperature)
-    flags = abstention_flags(
-        probs, (abstention or {}).get("threshold"), (abstention or {}).get("flag_all") is True
-    )
+    flags = rule_flags(probs, abstention, agree)
     rows = [
         Prediction(str(r.path), [float(v) for v in p], "ok",
                    {"label": r.label, "source": r.source, "flag": UNCERTAIN_FLAG if f else ""})

@@ -331,9 +331,12 @@ def explain_files(
                     file=sys.stderr,
                 )
             ex = checked.extra()
+            if pred.members_rule:  # an ensemble's rule also reads its members' agreement (one more pass)
+                agree = pred.probs_agree(img[None])[1]
+                checked.agree = None if agree is None else bool(agree[0])
             row = schema.make_row(
                 str(d.path), classes, [float(v) for v in probs], checked.status, model=pred.model_id,
-                flag=pred.flag(probs, checked.shift), ood_score=ex["ood_score"], ood_reason=ex["ood_reason"],
+                flag=pred.flag(probs, checked.shift, checked.agree), ood_score=ex["ood_score"], ood_reason=ex["ood_reason"],
                 shift_score=ex["shift_score"], kind="explain", extra={"overlay": f"{stem}__{classes[k]}.png"},
             )  # fmt: skip
             w.writerow(schema.csv_cells(row, cols))

@@ -2,7 +2,10 @@
 
 The exported graph takes the *normalised* float image, ``image``: float32 (B, 1, S, S) =
 (uint8 / 255 - mean) / std with the checkpoint's preprocessing, and returns ``logits``: float32
-(B, C); the batch axis is dynamic. Probabilities are softmax(logits / temperature). Everything
+(B, C); the batch axis is dynamic. Probabilities are softmax(logits / temperature). An ensemble
+(``xraydx train ensemble``) has a second output, ``member_logp``: float32 (B, M, C), each member's
+calibrated log-probabilities, which its abstention rule reads (flag where the members' top classes
+differ: ``abstention.members_disagree``). Everything
 needed to use the file alone (classes, preprocessing, mean/std, temperature, architecture, the
 whole checkpoint metadata, the parity result) is stored as JSON in the model's
 ``metadata_props`` under the key ``"xraydx"``; ``read_onnx_metadata`` returns it.

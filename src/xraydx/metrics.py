@@ -19,6 +19,13 @@ from sklearn.metrics import (
     roc_auc_score,
 )
 
+from xraydx.abstention import ABSTENTION_KEYS as ABSTENTION_KEYS
+from xraydx.abstention import abstention_flags as abstention_flags
+from xraydx.abstention import choose_abstention as choose_abstention
+from xraydx.abstention import coverage_curve as coverage_curve
+from xraydx.abstention import members_agree as members_agree
+from xraydx.abstention import rule_flags as rule_flags
+
 
 def _safe_div(a: float, b: float) -> float | None:
     return float(a) / float(b) if b else None
@@ -425,107 +432,6 @@ def reliability_bins(
     return out
 
 
-def coverage_curve(
-    y_true: Sequence[int] | np.ndarray, probs: np.ndarray, max_points: int = 200
-) -> list[dict[str, float]]:
-    """Accuracy on the accepted cases vs coverage, accepting a case when its top probability >= threshold.
-
-    One point per distinct threshold (ties are accepted together), thinned to about ``max_points``,
-    from the most confident case alone (lowest coverage) to every case (coverage 1)."""
-    y = np.asarray(y_true, dtype=int)
-    p = np.asarray(probs, dtype=np.float64)
-    if len(y) == 0:
-        return []
-    conf = p.max(axis=1)
-    order = np.argsort(-conf, kind="stable")
-    c = conf[order]
-    hits = np.cumsum(p.argmax(axis=1)[order] == y[order])
-    ends = np.flatnonzero(np.r_[c[1:] != c[:-1], True])  # last index of each tie group
-    if len(ends) > max_points:
-        keep = np.unique(np.linspace(0, len(ends) - 1, max_points).round().astype(int))
-        ends = ends[keep]
-    n = len(y)
-    return [
-        {"threshold": float(c[e]), "coverage": float((e + 1) / n), "accuracy": float(hits[e] / (e + 1))}
-        for e in ends
-    ]
-
-
-def choose_abstention(
-    y_true: Sequence[int] | np.ndarray,
-    probs: np.ndarray,
-    target_accuracy: float = 0.95,
-    *,
-    min_accepted: int = 10,
-    fallback_coverage: float = 0.5,
-) -> dict[str, Any]:
-    """The abstention rule, chosen on validation data (calibrated probabilities).
-
-    A prediction is accepted when its top calibrated probability is >= ``threshold``, otherwise flagged
-    "uncertain: refer to a radiologist". The threshold is the lowest one (the most cases accepted) at
-    which the accepted validation cases reach ``target_accuracy``, counting only thresholds that accept
-    at least ``min_accepted`` cases (or all cases, if fewer). If no threshold reaches the target, no
-    prediction can be trusted by this rule: ``flag_all`` is True (every prediction is flagged, threshold
-    1.0), ``target_reached`` False, ``reason`` says why, and ``best_unreached`` keeps the threshold with
-    the best accepted accuracy among those keeping at least ``fallback_coverage`` of the cases (for the
-    record; it is not applied)."""
-    y = np.asarray(y_true, dtype=int)
-    if not 0.0 < target_accuracy <= 1.0:
-        raise ValueError(f"target accuracy must be in (0, 1]; got {target_accuracy}")
-    curve = coverage_curve(y, probs, max_points=10**9)
-    if not curve:
-        raise ValueError("no validation cases to choose an abstention threshold on")
-    n = len(y)
-    need = min(min_accepted, n)
-    ok = [pt for pt in curve if pt["coverage"] * n >= need - 1e-9]
-    reach = [pt for pt in ok if pt["accuracy"] >= target_accuracy - 1e-12]
-    if reach:
-        best, reached = max(reach, key=lambda pt: pt["coverage"]), True
-    else:
-        wide = [pt for pt in ok if pt["coverage"] >= fallback_coverage - 1e-12] or ok
-        best, reached = max(wide, key=lambda pt: (pt["accuracy"], pt["coverage"])), False
-    rule: dict[str, Any] = {
-        "rule": "flag when the top calibrated probability is below threshold",
-        "threshold": best["threshold"],
-        "target_accuracy": target_accuracy,
-        "target_reached": reached,
-        "flag_all": False,
-        "val_coverage": best["coverage"],
-        "val_accuracy_accepted": best["accuracy"],
-        "val_accuracy_all": curve[-1]["accuracy"],
-        "n_val": n,
-        "min_accepted": need,
-        "fallback_coverage": fallback_coverage,
-    }
-    if not reached:
-        rule.update(
-            threshold=1.0, flag_all=True, val_coverage=0.0, val_accuracy_accepted=None,
-            best_unreached={"threshold": best["threshold"], "coverage": best["coverage"], "accuracy": best["accuracy"]},
-            reason=(
-                f"no confidence threshold reaches the target accuracy {target_accuracy:.2f} on validation "
-                f"(best: {best['accuracy']:.3f} keeping {best['coverage']:.0%} of {n} cases), so every "
-                "prediction is flagged uncertain"
-            ),
-        )  # fmt: skip
-    return rule
-
-
-ABSTENTION_KEYS = (
-    "threshold", "target_accuracy", "target_reached", "flag_all", "reason", "val_coverage", "val_accuracy_accepted",
-)  # fmt: skip
-
-
-def abstention_flags(probs: np.ndarray, threshold: float | None, flag_all: bool = False) -> np.ndarray:
-    """True where a prediction is flagged uncertain (top probability below the threshold; every one where
-    ``flag_all``, the rule of a model whose target accuracy was not reached on validation)."""
-    p = np.asarray(probs, dtype=np.float64)
-    if flag_all:
-        return np.ones(len(p), dtype=bool)
-    if threshold is None:
-        return np.zeros(len(p), dtype=bool)
-    return p.max(axis=1) < threshold
-
-
 def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
     """softmax(logits / temperature) in float64, numerically stable."""
     z = np.asarray(logits, dtype=np.float64) / float(temperature)
@@ -622,10 +528,12 @@ def evaluation_summary(
     n_boot: int = 1000,
     seed: int = 0,
     n_worst: int = 12,
+    agree: np.ndarray | None = None,
 ) -> dict[str, Any]:
     """Everything report.html shows, as JSON-ready data: compute_metrics on the calibrated probabilities,
     plus ``ci``, ``calibration`` (ECE / NLL before and after temperature scaling, reliability bins),
-    ``roc_curves``, ``coverage_curve``, ``abstention`` (the checkpoint's rule applied to these cases),
+    ``roc_curves``, ``coverage_curve``, ``abstention`` (the checkpoint's rule applied to these cases;
+    ``agree``: an ensemble's members' agreement per case, for a rule with ``members_disagree``),
     ``per_source`` (where sources are recorded) and ``worst_errors`` (the most confident wrong ones)."""
     y = np.asarray(y_true, dtype=int)
     lg = np.asarray(logits, dtype=np.float64)
@@ -647,7 +555,7 @@ def evaluation_summary(
     m["roc_curves"] = roc_curves(y, cal, classes)
     m["coverage_curve"] = coverage_curve(y, cal)
     if abstention and abstention.get("threshold") is not None:
-        flagged = abstention_flags(cal, float(abstention["threshold"]), abstention.get("flag_all") is True)
+        flagged = rule_flags(cal, abstention, agree)
         acc = cal.argmax(axis=1) == y
         m["abstention"] = {
             **{k: abstention[k] for k in ABSTENTION_KEYS if k in abstention},

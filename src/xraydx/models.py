@@ -301,18 +301,32 @@ class SeedEnsemble(nn.Module):
         feats = [m.forward_features(x) for m in self.members]  # type: ignore[operator]
         return torch.cat(feats, self._dim(feats[0]))
 
-    def forward_head(self, feats: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+    def _member_log_probs(self, feats: torch.Tensor) -> torch.Tensor:
+        """(M, B, C): each member's log softmax(logits / its temperature)."""
         parts = feats.chunk(len(self.members), self._dim(feats))
-        outs = [m.forward_head(f, pre_logits=pre_logits) for m, f in zip(self.members, parts, strict=True)]  # type: ignore[operator]
-        if pre_logits:
-            return torch.cat(outs, -1)
-        logp = torch.stack(
+        outs = [m.forward_head(f) for m, f in zip(self.members, parts, strict=True)]  # type: ignore[operator]
+        return torch.stack(
             [torch.log_softmax(o / t, -1) for o, t in zip(outs, self.temperatures, strict=True)]
         )
-        return torch.logsumexp(logp, 0) - math.log(len(outs))
+
+    def forward_head(self, feats: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        if pre_logits:
+            parts = feats.chunk(len(self.members), self._dim(feats))
+            return torch.cat(
+                [m.forward_head(f, pre_logits=True) for m, f in zip(self.members, parts, strict=True)], -1
+            )  # type: ignore[operator]
+        logp = self._member_log_probs(feats)
+        return torch.logsumexp(logp, 0) - math.log(len(self.members))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
+
+    def forward_members(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the ensemble's output (B, C), as :meth:`forward`; each member's calibrated log-probabilities
+        (B, M, C)) from one pass: what the members' disagreement (:func:`xraydx.metrics.members_agree`) is read
+        from."""
+        logp = self._member_log_probs(self.forward_features(x))
+        return torch.logsumexp(logp, 0) - math.log(len(self.members)), logp.transpose(0, 1)
 
 
 def build_classifier(meta: dict[str, Any]) -> nn.Module:

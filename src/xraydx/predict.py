@@ -27,7 +27,7 @@ from xraydx.ahead import ahead
 from xraydx.constants import NOT_FRONTAL_FLAG, UNCERTAIN_FLAG
 from xraydx.data.inputs import expand_inputs
 from xraydx.device import resolve_device
-from xraydx.engines import Classifier, batch_logits, lung_segmenter
+from xraydx.engines import Classifier, batch_logits, batch_outputs, lung_segmenter
 from xraydx.errors import ExportError, UsageError
 from xraydx.frontal import view_reason_of_file
 from xraydx.fsutil import csv_unescape, csv_writer, printable_path
@@ -43,6 +43,7 @@ __all__ = [
     "Prediction",
     "Predictor",
     "batch_logits",
+    "batch_outputs",
     "decode_ahead",
     "done_paths",
     "expand_inputs",
@@ -73,6 +74,7 @@ class Checked:
     ood: OODResult | None = None
     shift: float | None = None  # the source-shift score (xraydx.shift), where the checkpoint has one
     view: str | None = None
+    agree: bool | None = None  # an ensemble's: do its members' top classes agree (None: one network)
 
     @property
     def status(self) -> str:
@@ -185,29 +187,39 @@ class Predictor:
         #: the rule flags every prediction: its target accuracy was not reached on validation (the page
         #: and the API show no "within the rule" then; ``abstention["reason"]`` says why)
         self.flag_all = self.threshold is not None and (self.abstention or {}).get("flag_all") is True
+        #: an ensemble's rule also flags where its members' top classes differ (``Checked.agree``)
+        self.members_rule = (
+            self.threshold is not None and (self.abstention or {}).get("members_disagree") is True
+        )
+        self.n_members = len((self.meta.get("architecture") or {}).get("member_temperatures") or [])
         self._segmenter: Any = None
         self._ood: Any = None if ood else False  # xraydx.ood.OODGuard, loaded on first use; False: no check
         self.shift = load_shift_rule(self.checkpoint, self.model)  # xraydx.shift.ShiftRule or None
 
     # -- the abstention rule --
 
-    def uncertain(self, probs: Sequence[float] | np.ndarray) -> bool | None:
+    def uncertain(self, probs: Sequence[float] | np.ndarray, agree: bool | None = None) -> bool | None:
         """Whether the top calibrated probability is below the checkpoint's abstention threshold (chosen
-        on validation at the end of training); None where the checkpoint has no (valid) rule."""
+        on validation at the end of training), or, for an ensemble whose rule has ``members_disagree``,
+        its members' top classes differ (``agree`` False); None where the checkpoint has no (valid) rule."""
         if self.threshold is None:
             return None
-        return self.flag_all or bool(float(np.max(probs)) < self.threshold)
+        if self.flag_all or float(np.max(probs)) < self.threshold:
+            return True
+        return bool(self.members_rule and agree is False)
 
     def shifted(self, score: float | None) -> bool:
         """Whether a source-shift score is at or above the checkpoint's calibrated shift threshold."""
         return bool(self.shift is not None and score is not None and self.shift.flags(np.array([score]))[0])
 
-    def flag(self, probs: Sequence[float] | np.ndarray, shift: float | None = None) -> str:
+    def flag(
+        self, probs: Sequence[float] | np.ndarray, shift: float | None = None, agree: bool | None = None
+    ) -> str:
         """The predictions' ``flag`` column: UNCERTAIN_FLAG where :meth:`uncertain`, SHIFT_FLAG where
         :meth:`shifted` (both joined by "; "), else ""."""
         from xraydx.shift import SHIFT_FLAG
 
-        parts = [UNCERTAIN_FLAG] if self.uncertain(probs) else []
+        parts = [UNCERTAIN_FLAG] if self.uncertain(probs, agree) else []
         if self.shifted(shift):
             parts.append(SHIFT_FLAG)
         return "; ".join(parts)
@@ -223,6 +235,8 @@ class Predictor:
             why = rule.get("reason") or "the target accuracy was not reached on validation"
             return f"every prediction is flagged uncertain: {why}"
         note = f"uncertain when the highest calibrated probability is below {t:.3f}"
+        if self.members_rule:
+            note += f" or the ensemble's {self.n_members} networks do not all pick the same class"
         cov, acc = rule.get("val_coverage"), rule.get("val_accuracy_accepted")
         if isinstance(cov, (int, float)) and isinstance(acc, (int, float)):
             note += f" (chosen on validation: keeps {cov:.0%} of cases, accuracy {acc:.3f} on those"
@@ -344,6 +358,10 @@ class Predictor:
         """Calibrated probabilities (N, C) for preprocessed uint8 images (N, S, S)."""
         return self.classifier.probs(images)
 
+    def probs_agree(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """:meth:`probs` and, for an ensemble, whether its members agree on each image (None otherwise)."""
+        return self.classifier.probs_agree(images)
+
     def predict_images(
         self,
         imgs: Sequence[np.ndarray],
@@ -355,11 +373,16 @@ class Predictor:
         (:data:`NONFINITE` where the model's output is not finite: never a class)."""
         checked = self.check(imgs, colours, windows, views)
         ok = [c for c in checked if isinstance(c, Checked)]
-        probs = iter(self.probs(np.stack([c.prepared for c in ok])) if ok else [])
+        probs, agree = (
+            self.probs_agree(np.stack([c.prepared for c in ok])) if ok else (np.zeros((0, 0)), None)
+        )
+        for i, c in enumerate(ok):
+            c.agree = None if agree is None else bool(agree[i])
+        rows = iter(probs)
         out: list[tuple[np.ndarray, Checked] | str] = []
         for c in checked:
             if isinstance(c, Checked):
-                p = next(probs)
+                p = next(rows)
                 out.append((p, c) if finite(p) else NONFINITE)
             else:
                 out.append(c)
@@ -368,7 +391,7 @@ class Predictor:
     def prediction(self, path: str, probs: np.ndarray, checked: Checked) -> Prediction:
         """A predictions row: probabilities, status, the flags (abstention, source shift) and the check's
         columns."""
-        extra = {"flag": self.flag(probs, checked.shift), **checked.extra()}
+        extra = {"flag": self.flag(probs, checked.shift, checked.agree), **checked.extra()}
         return Prediction(path, [float(v) for v in probs], checked.status, extra)
 
     def predict_files(

@@ -79,7 +79,8 @@ def _resume_weights_only(t: Trainer, steps_per_epoch: int) -> None:
     t.log(
         f"resumed {t.run} after epoch {epoch} from last.safetensors WITHOUT optimiser state "
         f"(last.state.safetensors is missing): AdamW restarts from zero moments"
-        f"{' and Group DRO from equal weights' if t.dro is not None else ''}, so the result will differ "
+        f"{' and Group DRO from equal weights' if t.dro is not None else ''}"
+        f"{'' if t.adversary is None or _resume_adversary(t) else ' and the source head from scratch'}, so the result will differ "
         f"from an uninterrupted run (best val macro-F1 {t.best_f1:.4f} at epoch {t.best_epoch})"
     )
 
@@ -95,6 +96,20 @@ def _read_log(path: Path) -> list[dict[str, Any]]:
         for k in ("epoch", "best"):
             r[k] = int(r[k])
     return rows
+
+
+def _resume_adversary(t: Trainer) -> bool:
+    """The source head's weights (train.adversary) as saved after the last epoch; False where none are."""
+    from xraydx.train import ADVERSARY_FILE
+
+    path = t.ckdir / ADVERSARY_FILE
+    if t.adversary is None or not path.is_file():
+        return False
+    try:
+        t.adversary.adversary.load_state_dict(load_tensors(path, TrainError, "the source head"))
+    except RuntimeError as exc:
+        raise TrainError(f"{path}: does not fit this run's source head ({str(exc)[:200]})") from exc
+    return True
 
 
 def _resume_full(t: Trainer) -> None:
@@ -117,6 +132,7 @@ def _resume_full(t: Trainer) -> None:
     t.rows = list(info["rows"])
     if t.dro is not None and info.get("dro_q"):
         t.dro.load_state(info["dro_q"])
+    _resume_adversary(t)
     t.log(
         f"resumed {t.run} after epoch {info['epoch']} (best val macro-F1 {t.best_f1:.4f} at epoch {t.best_epoch})"
     )

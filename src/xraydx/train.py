@@ -31,6 +31,7 @@ from xraydx.checkpoint import save as save_checkpoint
 from xraydx.config import Config
 from xraydx.config import parse_overrides as parse_overrides  # moved to config; importable here as before
 from xraydx.config import validate as validate_config
+from xraydx.dann import WithAdversary, ramp, source_head
 from xraydx.data import CLASSES, Manifest, Record, discover, hold_out_source
 from xraydx.data.membership import resume_manifest, split_membership
 from xraydx.device import Dist, available_cpus, broadcast_obj, init_distributed
@@ -43,11 +44,12 @@ from xraydx.groupdro import GroupDRO, group_ids
 from xraydx.metrics import compute_metrics, confidence_intervals, format_metrics
 from xraydx.models import check_model, count_parameters, create_model, normalization_for
 from xraydx.optim import make_optimizer, save_train_state, write_log
-from xraydx.predict import batch_logits
+from xraydx.predict import batch_logits, batch_outputs
 from xraydx.resume import resume_where_it_stopped
 from xraydx.runchecks import best_on_disk, check_leaks, new_run_dir, refuse_divergence
 from xraydx.transforms import AugmentSpec, BatchAugment, Preprocessing
 
+ADVERSARY_FILE = "last.adversary.safetensors"  # the source head (train.adversary), for --resume
 LOG_COLUMNS = [
     "epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "val_macro_f1",
     "val_balanced_acc", "val_macro_auc", "seconds", "best",
@@ -220,6 +222,10 @@ class Trainer:
     dro: GroupDRO | None = None  # train.objective=group_dro: the group weights
     groups: torch.Tensor | None = None  # the (class, source) cell of each train record
     group_names: list[str] = field(default_factory=list)
+    adversary: WithAdversary | None = None  # train.adversary > 0: the classifier with its source head
+    sources: torch.Tensor | None = None  # the source id of each train record (for the source head)
+    source_names: list[str] = field(default_factory=list)
+    total_steps: int = 0
     start_epoch: int = 1
     best_f1: float = -1.0
     best_epoch: int = 0
@@ -346,10 +352,15 @@ def setup(cfg: Config, d: Dist, device: torch.device, resume: Path | None, progr
         f" on {device}{f' x{d.world} ranks' if d.active else ''}; train {len(tr.labels)}, val {len(va.labels)},"
         f" test {len(splits['test'].labels) if 'test' in splits else 0} images at {spec.size} px"
     )
-    train_model: nn.Module = model
+    adversary, sources, source_names = (
+        source_head(cfg, model, [r.source for r in tr.records], spec.size, device, log)
+        if cfg.train.adversary > 0
+        else (None, None, [])
+    )
+    train_model: nn.Module = adversary if adversary is not None else model
     if d.active:
         train_model = nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None
+            train_model, device_ids=[device.index] if device.type == "cuda" else None
         )
     if cfg.train.compile:
         train_model = torch.compile(train_model)  # type: ignore[assignment]
@@ -361,7 +372,7 @@ def setup(cfg: Config, d: Dist, device: torch.device, resume: Path | None, progr
         math.ceil((cfg.train.epoch_size or len(tr.labels)) / d.world) / cfg.train.batch_size
     )
     opt, sched = make_optimizer(
-        model, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay, total_steps=steps_per_epoch * cfg.train.epochs,
+        adversary if adversary is not None else model, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay, total_steps=steps_per_epoch * cfg.train.epochs,
         warmup_steps=int(cfg.train.warmup_epochs * steps_per_epoch),
     )  # fmt: skip
     aug_spec = AugmentSpec.preset(cfg.train.augment)
@@ -374,7 +385,8 @@ def setup(cfg: Config, d: Dist, device: torch.device, resume: Path | None, progr
     )
     acquisition = AcquisitionAugment(cfg.train.acquisition) if cfg.train.acquisition > 0 else None
     t = Trainer(cfg, d, device, run, log, manifest, spec, splits, model, train_model, opt, sched, augment,
-                acquisition, weight)  # fmt: skip
+                acquisition, weight, adversary=adversary, sources=sources, source_names=source_names,
+                total_steps=steps_per_epoch * cfg.train.epochs)  # fmt: skip
     if cfg.train.objective == "group_dro":
         t.groups, t.group_names = group_ids(tr.labels.tolist(), [r.source for r in tr.records], CLASSES)
         t.dro = GroupDRO(len(t.group_names), cfg.train.dro_eta, device, distributed=d.active)
@@ -396,6 +408,7 @@ def train_one_epoch(t: Trainer, epoch: int, progress: bool) -> torch.Tensor:
     use_amp = device.type == "cuda" and cfg.train.amp
     t.train_model.train()
     loss_sum, correct, seen, pos = 0.0, 0, 0, 0
+    adv_right, adv_counts = 0, torch.zeros(len(t.source_names), dtype=torch.long)
     # one batch gathered ahead in a thread; pinned memory + non_blocking copies on CUDA; on a CPU into
     # reused buffers (each batch is augmented into a new tensor before the next is asked for)
     batches = tqdm(
@@ -411,18 +424,27 @@ def train_one_epoch(t: Trainer, epoch: int, progress: bool) -> torch.Tensor:
             x = xb.float().div_(255.0).sub_(spec.mean).div_(spec.std)
         if device.type == "cuda" and cfg.train.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
+        batch_idx = np.sort(order[pos : pos + len(yb)])  # the batch's records, as iter_batches gathers them
+        if t.adversary is not None:
+            t.adversary.coeff = ramp(cfg.train.adversary, t.sched.last_epoch / max(1, t.total_steps))
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-            logits = t.train_model(x)
+            out = t.train_model(x)
+            logits, adv = out if t.adversary is not None else (out, None)
             if t.dro is None:
                 loss = F.cross_entropy(
                     logits.float(), yb, weight=t.class_weight, label_smoothing=cfg.train.label_smoothing
                 )
-            else:  # the batch's records: its slice of `order`, sorted as iter_batches gathers it
+            else:
                 per = F.cross_entropy(
                     logits.float(), yb, weight=t.class_weight, label_smoothing=cfg.train.label_smoothing,
                     reduction="none",
                 )  # fmt: skip
-                loss = t.dro.loss(per, t.groups[np.sort(order[pos : pos + len(yb)])])
+                loss = t.dro.loss(per, t.groups[batch_idx])
+            if adv is not None and t.sources is not None:  # the source head, through the gradient reversal
+                sb = t.sources[batch_idx]
+                loss = loss + F.cross_entropy(adv.float(), sb.to(device))
+                adv_right += int((adv.detach().argmax(1).cpu() == sb).sum())
+                adv_counts += torch.bincount(sb, minlength=len(t.source_names))
             pos += len(yb)
         t.opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -432,6 +454,8 @@ def train_one_epoch(t: Trainer, epoch: int, progress: bool) -> torch.Tensor:
         correct += int((logits.argmax(1) == yb).sum())
         seen += len(yb)
         batches.set_postfix(loss=f"{loss_sum / seen:.3f}")
+    if t.adversary is not None and seen:
+        t.log(t.adversary.report(epoch, adv_right, adv_counts))
     stats = torch.tensor([loss_sum, correct, seen], dtype=torch.float64)
     if t.d.active:
         dist.all_reduce(stats)
@@ -476,6 +500,10 @@ def end_epoch(
         if t.dro is not None:
             info["dro_q"] = t.dro.state()
             t.log(f"Group DRO: heaviest cells {t.dro.top(t.group_names)}")
+        if t.adversary is not None:  # for --resume only: checkpoints hold the classifier alone
+            save_checkpoint(
+                t.ckdir / ADVERSARY_FILE, t.adversary.adversary, {"kind": "adversary", "epoch": epoch}
+            )
         save_train_state(t.ckdir / "last.state.safetensors", t.opt, t.sched, info)
         write_log(t.run / "log.csv", t.rows, LOG_COLUMNS)
     t.log(
@@ -570,7 +598,8 @@ def finish_run(
     best_path = run / "checkpoints" / "best.safetensors"
     model, meta = load_checkpoint(best_path, device)
     va = splits["val"]
-    val_logits = batch_logits(model, va.images, spec, device)
+    # an ensemble's rule also flags where its members disagree (val_agree: None for one network)
+    val_logits, val_agree = batch_outputs(model, va.images, spec, device)
     temperature, check = 1.0, None
     if cfg.train.calibrate:
         check = calibrate(val_logits.numpy(), va.labels)  # T = 1 where scaling makes held-out NLL worse
@@ -596,12 +625,12 @@ def finish_run(
         log(f"WARNING: {w}")
     meta["val_metrics"] = val_after
     val_probs = torch.softmax(val_logits / temperature, 1).numpy()
-    meta["abstention"] = choose_abstention(va.labels, val_probs)
+    meta["abstention"] = choose_abstention(va.labels, val_probs, agree=val_agree)
     if cfg.train.abstention_threshold > 0:
         # a threshold chosen outside this run, e.g. on a crossval's out-of-source predictions (flag.oos_threshold):
         # val figures are still reported for it, but val did not choose it
         t = float(cfg.train.abstention_threshold)
-        kept = val_probs.max(1) >= t
+        kept = (val_probs.max(1) >= t) & (val_agree if val_agree is not None else True)
         meta["abstention"].update(
             threshold=t, chosen_on="given (train.abstention_threshold)", target_reached=None, flag_all=False,
             reason=None, best_unreached=None, val_coverage=float(kept.mean()),
@@ -611,8 +640,9 @@ def finish_run(
     if ab.get("flag_all"):
         log(f"WARNING: abstention: {ab['reason']}")
     else:
+        also = " or where the ensemble's members disagree" if ab.get("members_disagree") else ""
         log(
-            f"abstention: flag 'uncertain' below top probability {ab['threshold']:.3f} (on val: keeps "
+            f"abstention: flag 'uncertain' below top probability {ab['threshold']:.3f}{also} (on val: keeps "
             f"{ab['val_coverage']:.0%} at accuracy {ab['val_accuracy_accepted']:.3f})"
         )
     results: dict[str, Any] = {"best_epoch": best_epoch, "val": val_after, "calibration": meta["calibration"],
@@ -626,12 +656,11 @@ def finish_run(
     # report.html describes the test split (or val, calibrated on itself, when there is no test split)
     has_test = "test" in splits and len(splits["test"].labels) > 0
     rep_name, rep = ("test", splits["test"]) if has_test else ("val", va)
-    rep_logits = (
-        val_logits.numpy() if rep_name == "val" else batch_logits(model, rep.images, spec, device).numpy()
-    )
+    rep_out = (val_logits, val_agree) if rep_name == "val" else batch_outputs(model, rep.images, spec, device)
+    rep_logits, rep_agree = rep_out[0].numpy(), rep_out[1]
     tm = evaluate_split(
         model, spec, rep.images, rep.records, run, device=device, temperature=temperature,
-        abstention=meta["abstention"], logits=rep_logits, predictions=False,
+        abstention=meta["abstention"], logits=rep_logits, agree=rep_agree, predictions=False,
         title=f"xraydx run {run.name}: {rep_name} split",
         meta={"run": str(run), "data": cfg.data.path, "split": rep_name,
               "best epoch": best_epoch if best_epoch is not None else "none (an ensemble of finished runs)"},
@@ -663,7 +692,7 @@ def finish_run(
     if rep_name == "test":  # after the save: its rows name the final checkpoint's model_id
         write_split_predictions(
             run / "predictions.csv", rep.records, rep_logits, classes=CLASSES, temperature=temperature,
-            abstention=meta["abstention"], model_id=schema.model_id(best_path, meta),
+            abstention=meta["abstention"], model_id=schema.model_id(best_path, meta), agree=rep_agree,
         )  # fmt: skip
     atomic_write_json(run / "metrics.json", results)
     log(f"run folder: {run}")

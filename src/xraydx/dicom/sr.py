@@ -70,6 +70,7 @@ class ModelInfo:
     engine: str
     classes: tuple[str, ...]
     threshold: float | None = None
+    members: int = 0  # an ensemble whose rule also flags where its members disagree: how many; else 0
 
     @classmethod
     def from_predictor(cls, predictor: Any) -> ModelInfo:
@@ -85,6 +86,7 @@ class ModelInfo:
             model_id=getattr(predictor, "model_id", None) or model_id(predictor.checkpoint, meta),
             engine=str(predictor.engine),
             classes=tuple(predictor.classes), threshold=None if threshold is None else float(threshold),
+            members=int(predictor.n_members) if getattr(predictor, "members_rule", False) else 0,
         )  # fmt: skip
 
 
@@ -142,7 +144,10 @@ def build_sr(
     )  # fmt: skip
     note = RESEARCH_NOTE
     if model.threshold is not None:
-        note += f" Flagged as uncertain when the top probability is below {model.threshold:.3f}."
+        note += f" Flagged as uncertain when the top probability is below {model.threshold:.3f}"
+        note += (
+            f" or the ensemble's {model.members} networks pick different classes." if model.members else "."
+        )
     group[0].ContentSequence.append(
         hd.sr.TextContentItem(
             name=codes.DCM.Comment, value=note, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS
@@ -169,6 +174,8 @@ def _algorithm_parameters(model: ModelInfo) -> list[str]:
     params = [f"model_id={model.model_id}", f"engine={model.engine}"]
     if model.threshold is not None:
         params.append(f"abstention_threshold={model.threshold:.4f}")
+    if model.members:
+        params.append(f"flag_members_disagree={model.members}")
     return params
 
 

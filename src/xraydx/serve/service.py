@@ -371,16 +371,21 @@ class Service:
             warns.append(f"the heatmap could not be computed ({type(exc).__name__}: {exc})")
             return None
 
-    def uncertainty(self, confidence: float) -> tuple[bool | None, dict[str, Any]]:
-        """The abstention rule (``Predictor.uncertain``) applied to one prediction's top probability."""
-        uncertain = True if self.flag_all else self.predictor.uncertain([confidence])
+    def uncertainty(self, confidence: float, agree: bool | None = None) -> tuple[bool | None, dict[str, Any]]:
+        """The abstention rule (``Predictor.uncertain``) applied to one prediction's top probability and,
+        for an ensemble, its members' agreement."""
+        uncertain = True if self.flag_all else self.predictor.uncertain([confidence], agree)
         message = (
             "uncertain: refer to a radiologist"
             if uncertain
             else ("within the model's confidence rule" if uncertain is False else None)
         )
         out = {"threshold": self.threshold, "rule": self.abstention_note, "message": message,
-               "flag_all": self.flag_all}  # fmt: skip
+               "flag_all": self.flag_all, "members_agree": agree}  # fmt: skip
+        if uncertain and agree is False and self.predictor.members_rule and not self.flag_all:
+            out["message"] = (
+                "uncertain: the ensemble's networks pick different classes; refer to a radiologist"
+            )
         if self.flag_all:
             out["message"] = f"uncertain: every prediction of this model is flagged ({self.flag_all_reason})"
             out["reason"] = self.flag_all_reason
@@ -405,7 +410,7 @@ class Service:
         seen = await asyncio.wrap_future(self.worker.submit_call(lambda: self.check(dec, name)))
         checked, prepared = seen.checked, seen.checked.prepared
         t1 = time.perf_counter()
-        probs = await asyncio.wrap_future(self.worker.submit_probs(prepared))
+        probs, agree = await asyncio.wrap_future(self.worker.submit_scores(prepared))
         if not finite(probs):  # a damaged model: an error, never a class (the rule predict applies)
             raise ApiError(500, "non_finite_output", f"{name}: {NONFINITE}", name)
         t2 = time.perf_counter()
@@ -422,11 +427,11 @@ class Service:
         show = image or heatmap
         rendered = await anyio.to_thread.run_sync(render_png, dec.image) if show else None
         model_input = await anyio.to_thread.run_sync(render_png, prepared) if show else None
-        uncertain, uncertainty = self.uncertainty(float(probs[idx]))
+        uncertain, uncertainty = self.uncertainty(float(probs[idx]), agree)
         ex = checked.extra()
         row = schema.make_row(
             name, self.classes, [float(p) for p in probs], checked.status, model=self.model_id,
-            flag=self.predictor.flag(probs, checked.shift), ood_score=ex["ood_score"], ood_reason=ex["ood_reason"],
+            flag=self.predictor.flag(probs, checked.shift, agree), ood_score=ex["ood_score"], ood_reason=ex["ood_reason"],
             shift_score=ex["shift_score"], kind="serve",
         )  # fmt: skip
         t5 = time.perf_counter()

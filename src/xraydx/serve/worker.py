@@ -25,11 +25,15 @@ class Engine(Protocol):
         """Calibrated probabilities (N, C) for preprocessed uint8 images (N, S, S)."""
         ...
 
+    def probs_agree(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """:meth:`probs` and an ensemble's members' agreement per image ((N,) bool; None: one network)."""
+        ...
+
 
 @dataclass
 class _Job:
     fut: concurrent.futures.Future[Any]
-    kind: str  # "probs" and "heat" are batched; "call" runs alone; "stop" ends the thread
+    kind: str  # "probs", "scores" and "heat" are batched; "call" runs alone; "stop" ends the thread
     image: np.ndarray | None = None
     arg: Any = None
     call: Callable[[], Any] | None = None
@@ -77,6 +81,10 @@ class InferenceWorker:
 
     def submit_probs(self, image: np.ndarray) -> concurrent.futures.Future[np.ndarray]:
         return self._submit(_Job(concurrent.futures.Future(), "probs", image=image))
+
+    def submit_scores(self, image: np.ndarray) -> concurrent.futures.Future[tuple[np.ndarray, bool | None]]:
+        """(calibrated probabilities, whether an ensemble's members agree: None for one network)."""
+        return self._submit(_Job(concurrent.futures.Future(), "scores", image=image))
 
     def submit_heat(self, image: np.ndarray, class_idx: int) -> concurrent.futures.Future[np.ndarray]:
         if self.heat_fn is None:
@@ -129,6 +137,12 @@ class InferenceWorker:
             arr = np.stack([j.image for j in live])  # type: ignore[misc]
             if kind == "probs":
                 out = self.engine.probs(arr)
+            elif kind == "scores":
+                probs, agree = self.engine.probs_agree(arr)
+                out = [
+                    (np.asarray(p, dtype=np.float64), None if agree is None else bool(a))
+                    for p, a in zip(probs, agree if agree is not None else [None] * len(probs), strict=True)
+                ]
             else:
                 assert self.heat_fn is not None
                 out = self.heat_fn(arr, [int(j.arg) for j in live])
@@ -136,8 +150,10 @@ class InferenceWorker:
             for j in live:
                 j.fut.set_exception(exc)
             return
-        if kind == "probs":
+        if kind in ("probs", "scores"):
             self.batches += 1
             self.images += len(live)
         for j, p in zip(live, out, strict=True):
-            j.fut.set_result(np.asarray(p, dtype=np.float64 if kind == "probs" else np.float32))
+            j.fut.set_result(
+                p if kind == "scores" else np.asarray(p, dtype=np.float64 if kind == "probs" else np.float32)
+            )

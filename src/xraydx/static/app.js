@@ -218,6 +218,11 @@
       cls = "flag uncertain";
       text = "Uncertain: refer to a radiologist. Every prediction of this model is flagged (" +
         (r.uncertainty.reason || "its abstention target was not reached") + ").";
+    } else if (r.uncertain === true && r.uncertainty.members_agree === false &&
+               r.confidence >= r.uncertainty.threshold) {
+      cls = "flag uncertain";
+      text = "Uncertain: refer to a radiologist (the ensemble's networks pick different classes; highest" +
+        " probability " + fmt(r.confidence) + ")";
     } else if (r.uncertain === true) {
       cls = "flag uncertain";
       text = "Uncertain: refer to a radiologist (highest probability " + fmt(r.confidence) +
@@ -225,7 +230,8 @@
     } else if (r.uncertain === false) {
       cls = "flag confident";
       text = "Within the model's confidence rule (highest probability " + fmt(r.confidence) +
-        " \u2265 " + fmt(r.uncertainty.threshold) + ")";
+        " \u2265 " + fmt(r.uncertainty.threshold) +
+        (r.uncertainty.members_agree === true ? "; the ensemble's networks agree" : "") + ")";
     } else {
       text = "No uncertainty flag: this model has no abstention rule.";
     }
