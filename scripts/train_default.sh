@@ -68,6 +68,21 @@ $XRAYDX crossval ensemble "$RUNS"/R4-C-s{0,1,2,3} --name R4-C4 --runs-dir "$RUNS
 $XRAYDX crossval ensemble "$RUNS"/R4-C-s{0,1,2,3,4} --name R4-C5 --runs-dir "$RUNS"
 $XRAYDX crossval compare "$RUNS/R4-CCC" "$RUNS/R4-C5"
 $XRAYDX crossval compare "$RUNS/R4-C-s0,$RUNS/R4-C-s1,$RUNS/R4-C-s2,$RUNS/R4-C-s3,$RUNS/R4-C-s4" "$RUNS/R4-C5"
+# 3d. after the three-seed file shipped: twice the steps (C at 8 epochs), and C + a source-adversarial head
+#     (train.adversary=0.5, xraydx.dann), two seeds each, against C's five seeds and C's two-seed ensemble
+for s in 0 1; do
+    $XRAYDX crossval "${COMMON[@]}" --screen --folds "$FOLDS" "${C[@]}" --lung-mask mask --name R4-C8-s$s --seed $s \
+        --set train.epochs=8
+    $XRAYDX crossval "${COMMON[@]}" --screen --folds "$FOLDS" "${C[@]}" --lung-mask mask --name R4-D-s$s --seed $s \
+        --set train.adversary=0.5
+done
+C5="$RUNS/R4-C-s0,$RUNS/R4-C-s1,$RUNS/R4-C-s2,$RUNS/R4-C-s3,$RUNS/R4-C-s4"
+$XRAYDX crossval compare "$C5" "$RUNS/R4-C8-s0,$RUNS/R4-C8-s1"
+$XRAYDX crossval compare "$C5" "$RUNS/R4-D-s0,$RUNS/R4-D-s1"
+$XRAYDX crossval ensemble "$RUNS/R4-C8-s0" "$RUNS/R4-C8-s1" --name R4-C8C8 --runs-dir "$RUNS"
+$XRAYDX crossval ensemble "$RUNS/R4-D-s0" "$RUNS/R4-D-s1" --name R4-DD --runs-dir "$RUNS"
+$XRAYDX crossval compare "$RUNS/R4-CC" "$RUNS/R4-C8C8"
+$XRAYDX crossval compare "$RUNS/R4-CC" "$RUNS/R4-DD"
 # 4. the final training: recipe C at 224 px on everything, at three seeds (one core each; two can run in
 #    parallel), combined into one checkpoint: the mean of the three networks' calibrated probabilities
 #    (the fourth round's R4-CCC: seed averaging was the one change that raised both the pooled
