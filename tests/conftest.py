@@ -54,6 +54,28 @@ def tiny_config(data: Path | str, runs: Path, **train: object) -> object:
     return cfg
 
 
+def kill_in_validation(monkeypatch: pytest.MonkeyPatch, cfg: object, epoch: int) -> Path:
+    """Train ``cfg`` until a KeyboardInterrupt in epoch ``epoch``'s validation (as a killed run stops after
+    its last saved epoch); returns the run folder, to ``--resume``. The real validation is back afterwards."""
+    import xraydx.train as train_mod
+    from xraydx.train import run_training
+
+    real = train_mod.eval_logits
+    calls = {"n": 0}
+
+    def dies(*a: object, **k: object) -> object:
+        calls["n"] += 1
+        if calls["n"] == epoch:
+            raise KeyboardInterrupt
+        return real(*a, **k)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(train_mod, "eval_logits", dies)
+    with pytest.raises(KeyboardInterrupt):
+        run_training(cfg, progress=False)  # type: ignore[arg-type]
+    monkeypatch.setattr(train_mod, "eval_logits", real)
+    return Path(cfg.runs_dir) / cfg.name  # type: ignore[attr-defined]
+
+
 @pytest.fixture(scope="session")
 def trained_run(tmp_path_factory: pytest.TempPathFactory, sample_dir: Path) -> Path:
     """One tiny training run on the real sample, shared by the tests that need a checkpoint."""

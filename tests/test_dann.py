@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import tiny_config
+from conftest import kill_in_validation, tiny_config
 from xraydx.checkpoint import load_tensors
 from xraydx.config import Config, validate
 from xraydx.dann import WithAdversary, grad_reverse, ramp, source_ids
@@ -77,7 +77,6 @@ def test_bad_settings_are_refused(tmp_path: Path, sample_dir: Path) -> None:
 def test_training_with_the_head_logs_it_keeps_checkpoints_plain_and_resumes_it(
     tmp_path: Path, sample_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import xraydx.train as train_mod
     from xraydx.train import ADVERSARY_FILE, run_training
 
     def cfg(runs: Path) -> object:
@@ -91,20 +90,7 @@ def test_training_with_the_head_logs_it_keeps_checkpoints_plain_and_resumes_it(
     assert not any(k.startswith("adversary") for k in model.state_dict())
     assert meta["config"]["train"]["adversary"] == 0.5
 
-    real = train_mod.eval_logits
-    calls = {"n": 0}
-
-    def dies_in_epoch_2(*a: object, **k: object) -> object:
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt
-        return real(*a, **k)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(train_mod, "eval_logits", dies_in_epoch_2)
-    with pytest.raises(KeyboardInterrupt):
-        run_training(cfg(tmp_path / "b"), progress=False)  # type: ignore[arg-type]
-    monkeypatch.setattr(train_mod, "eval_logits", real)
-    run = tmp_path / "b" / "tiny"
+    run = kill_in_validation(monkeypatch, cfg(tmp_path / "b"), epoch=2)
     assert run_training(None, resume=run, progress=False) == run
     resumed = load_tensors(run / "checkpoints" / ADVERSARY_FILE)
     # the same head as the uninterrupted run's: it continued from its saved weights

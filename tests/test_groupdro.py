@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from conftest import tiny_config
+from conftest import kill_in_validation, tiny_config
 from xraydx.config import Config, validate
 from xraydx.errors import ConfigError
 from xraydx.groupdro import GroupDRO, group_ids
@@ -70,7 +70,6 @@ def _q(run: Path) -> list[float]:
 def test_training_with_group_dro_saves_its_weights_and_resume_continues_from_them(
     tmp_path: Path, sample_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import xraydx.train as train_mod
     from xraydx.train import run_training
 
     def cfg(runs: Path) -> object:
@@ -86,20 +85,7 @@ def test_training_with_group_dro_saves_its_weights_and_resume_continues_from_the
     assert len(q_full) == n_cells and sum(q_full) == pytest.approx(1.0)
     assert max(q_full) > 1.0 / n_cells + 1e-3  # the weights moved away from uniform
 
-    real = train_mod.eval_logits
-    calls = {"n": 0}
-
-    def dies_in_epoch_2(*a: object, **k: object) -> object:
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt
-        return real(*a, **k)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(train_mod, "eval_logits", dies_in_epoch_2)
-    with pytest.raises(KeyboardInterrupt):
-        run_training(cfg(tmp_path / "b"), progress=False)  # type: ignore[arg-type]
-    monkeypatch.setattr(train_mod, "eval_logits", real)
-    run = tmp_path / "b" / "tiny"
+    run = kill_in_validation(monkeypatch, cfg(tmp_path / "b"), epoch=2)
     assert run_training(None, resume=run, progress=False) == run
     assert _q(run) == pytest.approx(q_full, abs=1e-12)  # same weights as the uninterrupted run
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import tiny_config
+from conftest import kill_in_validation, tiny_config
 from xraydx.errors import EXIT_USAGE, OutputExistsError
 from xraydx.models import read_metadata
 from xraydx.train import run_training
@@ -58,24 +58,8 @@ def test_same_config_and_seed_give_the_same_metrics(
 def test_resume_after_an_interrupted_run_matches_an_uninterrupted_one(
     tmp_path: Path, sample_dir: Path, trained_run: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import xraydx.train as train_mod
-
-    real = train_mod.eval_logits
-    calls = {"n": 0}
-
-    def dies_in_epoch_3(*a: object, **k: object) -> object:
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt  # killed during epoch 3's validation
-        return real(*a, **k)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(train_mod, "eval_logits", dies_in_epoch_3)
-    cfg = tiny_config(sample_dir, tmp_path, epochs=3)
-    with pytest.raises(KeyboardInterrupt):
-        run_training(cfg, progress=False)
-    run = tmp_path / "tiny"
+    run = kill_in_validation(monkeypatch, tiny_config(sample_dir, tmp_path, epochs=3), epoch=3)
     assert len(_log(run)) == 2 and not (run / "metrics.json").exists()
-    monkeypatch.setattr(train_mod, "eval_logits", real)
     assert run_training(None, resume=run, progress=False) == run
     assert _strip_times(_log(run)) == _strip_times(_log(trained_run))
     assert (run / "metrics.json").is_file()
