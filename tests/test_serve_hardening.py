@@ -94,8 +94,10 @@ def test_health_reports_the_warm_up_prediction(client: TestClient) -> None:
 def test_health_is_503_when_the_warm_up_prediction_fails(checkpoint: Path) -> None:
     app = serve.create_app(checkpoint)
     svc = app.state.service
-    svc.predictor.probs = lambda batch: np.full((len(batch), 3), np.nan)  # a model that only gives NaN
-    svc.predictor.probs_agree = lambda batch: (np.full((len(batch), 3), np.nan), None)  # (what serve calls)
+    svc.predictor.probs_agree = lambda batch: (
+        np.full((len(batch), 3), np.nan),
+        None,
+    )  # a model that only gives NaN
     with TestClient(app, base_url=BASE) as c:
         r = c.get("/api/health")
     assert r.status_code == 503

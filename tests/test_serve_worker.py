@@ -22,12 +22,12 @@ class _RecordingEngine:
         self.entered = threading.Event()
         self.gate = threading.Event()
 
-    def probs(self, batch: np.ndarray) -> np.ndarray:
+    def probs_agree(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         self.entered.set()
         self.gate.wait(10)
         self.sizes.append(len(batch))
         v = batch.reshape(len(batch), -1)[:, 0].astype(np.float64)
-        return np.stack([v, -v, v * 0], axis=1)  # each row identifies its input
+        return np.stack([v, -v, v * 0], axis=1), v > 50  # each row identifies its input
 
 
 def test_worker_groups_queued_requests_and_keeps_order() -> None:
@@ -48,11 +48,11 @@ def test_worker_groups_queued_requests_and_keeps_order() -> None:
         call = w.submit_call(lambda: "exclusive")
         later = w.submit_probs(np.full((4, 4), 99, np.uint8))
         eng.gate.set()
-        assert first.result(10)[0] == 1
-        assert [int(f.result(10)[0]) for f in futs] == list(range(2, 12))
+        assert first.result(10)[0][0] == 1 and first.result(10)[1] is False
+        assert [int(f.result(10)[0][0]) for f in futs] == list(range(2, 12))
         assert [float(h.result(10)[0, 0]) for h in heats] == [0.0, 11.0, 22.0]
         assert call.result(10) == "exclusive"
-        assert later.result(10)[0] == 99
+        assert later.result(10)[0][0] == 99 and later.result(10)[1] is True  # agreement per image, as bool
     finally:
         w.stop()
     assert eng.sizes[0] == 1
@@ -66,7 +66,7 @@ def test_worker_delivers_engine_errors() -> None:
     class Failing:
         name = "fail"
 
-        def probs(self, batch: np.ndarray) -> np.ndarray:
+        def probs_agree(self, batch: np.ndarray) -> tuple[np.ndarray, None]:
             raise ValueError("engine broke")
 
     w = InferenceWorker(Failing(), max_batch=2)

@@ -70,9 +70,7 @@ class TrainConfig:
     dro_eta: float = 0.1  # Group DRO step size of the group weights (> 0)
     mixstyle: float = 0.0  # 0-1: probability per batch of MixStyle (xraydx.mixstyle); 0 = off
     mixstyle_alpha: float = 0.1  # MixStyle's Beta(alpha, alpha) mixing weights (> 0)
-    adversary: float = (
-        0.0  # >0: weight of the source-adversarial head (gradient reversal; xraydx.dann); 0 = off
-    )
+    adversary: float = 0.0  # >0: weight of the source head behind a gradient reversal (xraydx.dann); 0 = off
     augment_interpolation: str = "nearest"  # nearest (as torchvision; fused kernel on CPU) | bilinear
     patience: int = 5  # early stopping: epochs without a better val macro-F1
     seed: int = 0

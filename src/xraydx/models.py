@@ -323,7 +323,7 @@ class SeedEnsemble(nn.Module):
 
     def forward_members(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(the ensemble's output (B, C), as :meth:`forward`; each member's calibrated log-probabilities
-        (B, M, C)) from one pass: what the members' disagreement (:func:`xraydx.metrics.members_agree`) is read
+        (B, M, C)) from one pass: what the members' disagreement (:func:`xraydx.abstention.members_agree`) is read
         from."""
         logp = self._member_log_probs(self.forward_features(x))
         return torch.logsumexp(logp, 0) - math.log(len(self.members)), logp.transpose(0, 1)

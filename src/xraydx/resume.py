@@ -76,11 +76,12 @@ def _resume_weights_only(t: Trainer, steps_per_epoch: int) -> None:
     t.start_epoch = epoch + 1
     if t.bad_epochs >= t.cfg.train.patience and epoch < t.cfg.train.epochs:
         t.start_epoch = t.cfg.train.epochs + 1  # it had stopped early
+    head_fresh = t.adversary is not None and not _resume_adversary(t)
     t.log(
         f"resumed {t.run} after epoch {epoch} from last.safetensors WITHOUT optimiser state "
         f"(last.state.safetensors is missing): AdamW restarts from zero moments"
         f"{' and Group DRO from equal weights' if t.dro is not None else ''}"
-        f"{'' if t.adversary is None or _resume_adversary(t) else ' and the source head from scratch'}, so the result will differ "
+        f"{' and the source head from scratch' if head_fresh else ''}, so the result will differ "
         f"from an uninterrupted run (best val macro-F1 {t.best_f1:.4f} at epoch {t.best_epoch})"
     )
 

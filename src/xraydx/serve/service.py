@@ -410,7 +410,7 @@ class Service:
         seen = await asyncio.wrap_future(self.worker.submit_call(lambda: self.check(dec, name)))
         checked, prepared = seen.checked, seen.checked.prepared
         t1 = time.perf_counter()
-        probs, agree = await asyncio.wrap_future(self.worker.submit_scores(prepared))
+        probs, agree = await asyncio.wrap_future(self.worker.submit_probs(prepared))
         if not finite(probs):  # a damaged model: an error, never a class (the rule predict applies)
             raise ApiError(500, "non_finite_output", f"{name}: {NONFINITE}", name)
         t2 = time.perf_counter()

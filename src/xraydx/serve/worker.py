@@ -21,19 +21,16 @@ HeatFn = Callable[[np.ndarray, list[int]], np.ndarray]  # (N, S, S) uint8, class
 class Engine(Protocol):
     """What the worker runs batches of probabilities on (:class:`xraydx.predict.Predictor`, or a test's fake)."""
 
-    def probs(self, batch: np.ndarray) -> np.ndarray:
-        """Calibrated probabilities (N, C) for preprocessed uint8 images (N, S, S)."""
-        ...
-
     def probs_agree(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-        """:meth:`probs` and an ensemble's members' agreement per image ((N,) bool; None: one network)."""
+        """Calibrated probabilities (N, C) for preprocessed uint8 images (N, S, S), and an ensemble's members'
+        agreement per image ((N,) bool; None: one network)."""
         ...
 
 
 @dataclass
 class _Job:
     fut: concurrent.futures.Future[Any]
-    kind: str  # "probs", "scores" and "heat" are batched; "call" runs alone; "stop" ends the thread
+    kind: str  # "probs" and "heat" are batched; "call" runs alone; "stop" ends the thread
     image: np.ndarray | None = None
     arg: Any = None
     call: Callable[[], Any] | None = None
@@ -79,12 +76,9 @@ class InferenceWorker:
         self._q.put(job)
         return job.fut
 
-    def submit_probs(self, image: np.ndarray) -> concurrent.futures.Future[np.ndarray]:
-        return self._submit(_Job(concurrent.futures.Future(), "probs", image=image))
-
-    def submit_scores(self, image: np.ndarray) -> concurrent.futures.Future[tuple[np.ndarray, bool | None]]:
+    def submit_probs(self, image: np.ndarray) -> concurrent.futures.Future[tuple[np.ndarray, bool | None]]:
         """(calibrated probabilities, whether an ensemble's members agree: None for one network)."""
-        return self._submit(_Job(concurrent.futures.Future(), "scores", image=image))
+        return self._submit(_Job(concurrent.futures.Future(), "probs", image=image))
 
     def submit_heat(self, image: np.ndarray, class_idx: int) -> concurrent.futures.Future[np.ndarray]:
         if self.heat_fn is None:
@@ -136,8 +130,6 @@ class InferenceWorker:
         try:
             arr = np.stack([j.image for j in live])  # type: ignore[misc]
             if kind == "probs":
-                out = self.engine.probs(arr)
-            elif kind == "scores":
                 probs, agree = self.engine.probs_agree(arr)
                 out = [
                     (np.asarray(p, dtype=np.float64), None if agree is None else bool(a))
@@ -150,10 +142,8 @@ class InferenceWorker:
             for j in live:
                 j.fut.set_exception(exc)
             return
-        if kind in ("probs", "scores"):
+        if kind == "probs":
             self.batches += 1
             self.images += len(live)
         for j, p in zip(live, out, strict=True):
-            j.fut.set_result(
-                p if kind == "scores" else np.asarray(p, dtype=np.float64 if kind == "probs" else np.float32)
-            )
+            j.fut.set_result(p if kind == "probs" else np.asarray(p, dtype=np.float32))
