@@ -42,10 +42,21 @@ def _recipe(run: Path, m: dict) -> str:
     r = {"model": cfg["model"]["name"], "image_size": d["image_size"], "lung_mask": d["lung_mask"],
          "intensity": d["intensity"], "augment": t["augment"], "balance": t["balance"],
          "acquisition": t.get("acquisition", 0.0), "epochs": t["epochs"], "epoch_size": t.get("epoch_size", 0)}  # fmt: skip
-    return (
+    text = (
         f"{r['model']} {r['image_size']}px lung={r['lung_mask']} {r['intensity']} aug={r['augment']}"
         f" balance={r['balance']} acquisition={r['acquisition']} {r['epochs']}×{r['epoch_size'] or 'all'}"
     )
+    for key, name in (("mixstyle", "mixstyle"), ("adversary", "adversary")):
+        if t.get(key):
+            text += f" {name}={t[key]}"
+    if d.get("tta", "none") != "none":
+        text += f" tta={d['tta']}"
+    adapt = d.get("adapt_bn") or 0  # test-time BatchNorm adaptation (True in runs made before its weight)
+    if adapt:
+        text += f" adapt_bn={float(adapt):g}" + (
+            f" (first {d['adapt_bn_layers']})" if d.get("adapt_bn_layers") else ""
+        )
+    return text
 
 
 def _run_minutes(run: Path, m: dict) -> str:

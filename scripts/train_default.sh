@@ -83,6 +83,19 @@ $XRAYDX crossval ensemble "$RUNS/R4-C8-s0" "$RUNS/R4-C8-s1" --name R4-C8C8 --run
 $XRAYDX crossval ensemble "$RUNS/R4-D-s0" "$RUNS/R4-D-s1" --name R4-DD --runs-dir "$RUNS"
 $XRAYDX crossval compare "$RUNS/R4-CC" "$RUNS/R4-C8C8"
 $XRAYDX crossval compare "$RUNS/R4-CC" "$RUNS/R4-DD"
+# 3e. test-time BatchNorm adaptation (AdaBN, xraydx.bnadapt) to each held-out source: two more runs of C,
+#     then three prediction-only variants of their fold models (nothing retrained), each against them
+for s in 0 1; do
+    $XRAYDX crossval "${COMMON[@]}" --screen --folds "$FOLDS" "${C[@]}" --lung-mask mask --name R5-C-s$s --seed $s
+    $XRAYDX crossval --reuse-folds "$RUNS/R5-C-s$s" --runs-dir "$RUNS" --name R5-CA-s$s --set data.adapt_bn=1
+    $XRAYDX crossval --reuse-folds "$RUNS/R5-C-s$s" --runs-dir "$RUNS" --name R5-CH-s$s --set data.adapt_bn=0.5
+    $XRAYDX crossval --reuse-folds "$RUNS/R5-C-s$s" --runs-dir "$RUNS" --name R5-CE-s$s --set data.adapt_bn=1 \
+        --set data.adapt_bn_layers=18
+done
+$XRAYDX crossval ensemble "$RUNS/R5-C-s0" "$RUNS/R5-C-s1" --name R5-CC --runs-dir "$RUNS"
+for v in CA CH CE; do
+    $XRAYDX crossval compare "$RUNS/R5-C-s0,$RUNS/R5-C-s1" "$RUNS/R5-$v-s0,$RUNS/R5-$v-s1"
+done
 # 4. the final training: recipe C at 224 px on everything, at three seeds (one core each; two can run in
 #    parallel), combined into one checkpoint: the mean of the three networks' calibrated probabilities
 #    (the fourth round's R4-CCC: seed averaging was the one change that raised both the pooled

@@ -88,3 +88,31 @@ def trained_run(tmp_path_factory: pytest.TempPathFactory, sample_dir: Path) -> P
 @pytest.fixture(scope="session")
 def checkpoint(trained_run: Path) -> Path:
     return trained_run / "checkpoints" / "best.safetensors"
+
+
+# a tiny leave-source-out crossval (test_crossval, test_bnadapt)
+CV_FOLDS = "kermany;nihcxr8"
+CV_TINY = ["--model", "test_resnet", "--pretrained", "none", "--image-size", "64", "--epochs", "1",
+        "--set", "train.batch_size=16", "--set", "train.threads=1", "--set", "train.lr=3e-3"]  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def cv_run(tmp_path_factory: pytest.TempPathFactory, sample_dir: Path) -> Path:
+    """The command a user types: a tiny leave-source-out crossval over two of the sample's sources."""
+    runs = tmp_path_factory.mktemp("cv")
+    args = [
+        "crossval",
+        "--data",
+        str(sample_dir),
+        "--folds",
+        CV_FOLDS,
+        "--runs-dir",
+        str(runs),
+        "--name",
+        "cv",
+        "-q",
+    ]
+    from xraydx.cli import main
+
+    assert main([*args, *CV_TINY]) == 0
+    return runs / "cv"

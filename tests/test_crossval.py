@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import CV_TINY as TINY
 from conftest import tiny_config
 from xraydx.cli import main
 from xraydx.crossval import fold_manifest, parse_folds, run_crossval
@@ -18,36 +19,10 @@ from xraydx.crossval_metrics import flag_summary, shift_summary, shift_threshold
 from xraydx.data import CLASSES, discover
 from xraydx.errors import UsageError
 
-FOLDS = "kermany;nihcxr8"
-
 
 def _rows(path: Path) -> list[dict[str, str]]:
     with open(path, newline="", encoding="utf-8") as fh:
         return list(csv.DictReader(fh))
-
-
-TINY = ["--model", "test_resnet", "--pretrained", "none", "--image-size", "64", "--epochs", "1",
-        "--set", "train.batch_size=16", "--set", "train.threads=1", "--set", "train.lr=3e-3"]  # fmt: skip
-
-
-@pytest.fixture(scope="module")
-def cv_run(tmp_path_factory: pytest.TempPathFactory, sample_dir: Path) -> Path:
-    """The command a user types: a tiny leave-source-out crossval over two of the sample's sources."""
-    runs = tmp_path_factory.mktemp("cv")
-    args = [
-        "crossval",
-        "--data",
-        str(sample_dir),
-        "--folds",
-        FOLDS,
-        "--runs-dir",
-        str(runs),
-        "--name",
-        "cv",
-        "-q",
-    ]
-    assert main([*args, *TINY]) == 0
-    return runs / "cv"
 
 
 def test_no_image_is_predicted_by_a_model_trained_on_its_source(cv_run: Path, sample_dir: Path) -> None:

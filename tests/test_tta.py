@@ -100,20 +100,15 @@ def _rows(path: Path) -> list[dict[str, str]]:
 
 
 def test_crossval_reuses_another_runs_fold_models_with_tta(
-    tmp_path: Path, sample_dir: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, cv_run: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from test_crossval import FOLDS, TINY
-
     from xraydx.cli import main
 
-    runs = tmp_path / "runs"
-    base = ["crossval", "--data", str(sample_dir), "--folds", FOLDS, "--runs-dir", str(runs), "-q"]
-    assert main([*base, "--name", "cv", *TINY]) == 0
-    src = runs / "cv"
+    src = cv_run  # the shared tiny crossval (conftest)
     ckpts = {p: p.stat().st_mtime_ns for p in src.rglob("*.safetensors")}
     reuse = ["crossval", "--reuse-folds", str(src), "-q"]
-    assert main([*reuse, "--name", "cv-tta", "--set", "data.tta=affine"]) == 0
-    new = runs / "cv-tta"
+    assert main([*reuse, "--runs-dir", str(tmp_path), "--name", "cv-tta", "--set", "data.tta=affine"]) == 0
+    new = tmp_path / "cv-tta"
     assert not list(new.rglob("*.safetensors"))  # nothing trained: the fold models are the other run's
     assert {p: p.stat().st_mtime_ns for p in src.rglob("*.safetensors")} == ckpts
     a = {r["path"]: r for r in _rows(src / "predictions.csv")}
@@ -126,9 +121,9 @@ def test_crossval_reuses_another_runs_fold_models_with_tta(
     m = json.loads((new / "metrics.json").read_text())
     assert m["recipe"]["tta"] == "affine" and m["recipe"]["trained_from"] == str(src.resolve())
     # a setting that changes training cannot reuse the fold models; the other run's own name is taken
-    assert main([*reuse, "--name", "cv-lr", "--set", "train.lr=0.1"]) == 2
-    assert "train.lr" in capsys.readouterr().err and not (runs / "cv-lr").exists()
-    assert main([*reuse, "--set", "data.tta=affine"]) == 2  # no --name: the other run's own
+    assert main([*reuse, "--runs-dir", str(tmp_path), "--name", "cv-lr", "--set", "train.lr=0.1"]) == 2
+    assert "train.lr" in capsys.readouterr().err and not (tmp_path / "cv-lr").exists()
+    assert main([*reuse, "--set", "data.tta=affine"]) == 2  # no --name, no --runs-dir: the other run's own
     assert "already exists" in capsys.readouterr().err
     assert main(["crossval", "--reuse-folds", str(tmp_path), "--name", "x", "-q"]) == 2
     assert "not a crossval run folder" in capsys.readouterr().err

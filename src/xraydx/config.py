@@ -40,6 +40,8 @@ class DataConfig:
     lung_mask: str = "none"  # none | crop | mask (the dataset's lung masks, else the shipped segmenter)
     intensity: str = "none"  # none | equalize (per-image histogram equalisation)
     tta: str = "none"  # none | affine: test-time augmentation, the mean logits of 7 fixed views (xraydx.tta)
+    adapt_bn: float = 0.0  # 0-1, test time: weight of each site's own BatchNorm statistics (xraydx.bnadapt)
+    adapt_bn_layers: int = 0  # with adapt_bn: 0 = every BatchNorm layer; K = each network's first K only
     base_size: int = 0  # >0: resize the whole image to base_size² first (same resolution for every source)
     holdout_source: str = ""  # move this source's images to an 'external' split, evaluated at the end
     cache_dir: str = ""  # "" = <run folder's parent>/.cache ; decoded uint8 arrays live here
@@ -218,6 +220,8 @@ RANGES: dict[str, tuple[float | None, bool, float | None, bool]] = {
     "train.mixstyle": (0.0, True, 1.0, True),
     "train.mixstyle_alpha": (0.0, False, None, False),
     "train.adversary": (0.0, True, None, False),
+    "data.adapt_bn": (0.0, True, 1.0, True),
+    "data.adapt_bn_layers": (0, True, None, False),
 }
 
 

@@ -31,6 +31,10 @@ from its last checkpoint, a fold trained but not yet predicted is predicted.
 ``trained_from`` (``--reuse-folds RUN``): a new run folder that predicts with another run's fold models
 instead of training its own, for settings that change prediction only (:data:`PREDICTION_KEYS`, e.g.
 ``data.tta``: test-time augmentation); every other recipe setting must be the other run's.
+
+``data.adapt_bn`` (:mod:`xraydx.bnadapt`): before predicting, a copy of the fold model re-estimates its
+BatchNorm statistics on each held-out source's images (unlabelled), one source at a time, as a hospital
+would adapt to its own films; the source-shift score is computed with the fold model as trained.
 """
 
 from __future__ import annotations
@@ -52,7 +56,10 @@ from xraydx.fsutil import atomic_write_json, csv_unescape, printable_path
 
 PIPELINES = ("cached", "deployed")
 #: config keys a ``--reuse-folds`` run may change: they do not touch training
-PREDICTION_KEYS = ("name", "runs_dir", "data.tta", "data.cache_dir", "train.device", "train.threads")
+PREDICTION_KEYS = (
+    "name", "runs_dir", "data.tta", "data.adapt_bn", "data.adapt_bn_layers", "data.cache_dir",
+    "train.device", "train.threads",
+)  # fmt: skip
 FOLD_SEP = ";"
 JOIN = "+"
 
@@ -159,6 +166,8 @@ class CrossVal:
     ) -> None:  # fmt: skip
         if pipeline not in PIPELINES:
             raise UsageError(f"--oos-pipeline must be one of {', '.join(PIPELINES)}; got {pipeline!r}")
+        if pipeline == "deployed" and cfg.data.adapt_bn:
+            raise UsageError("data.adapt_bn: only with --oos-pipeline cached (it adapts per held-out source)")
         self.run, self.cfg, self.folds, self.progress, self.pipeline = run, cfg, folds, progress, pipeline
         self.fold_dir = run / "folds"
         #: another crossval run whose fold models this one predicts with (None: train its own)
@@ -329,16 +338,49 @@ class CrossVal:
         spec = Preprocessing.from_dict({**meta["preprocessing"], "tta": self.cfg.data.tta})
         cache = Path(self.fold_config(self.folds[0]).data.cache_dir)
         data, bad = load_split(held, spec, cache, "held-out", self.progress)
+        shift = self._shift_scores(ckpt.parent.parent, model, spec, cache, data.images, device)
         with torch.no_grad():
-            out, agree = batch_outputs(model, data.images, spec, device)
+            if self.cfg.data.adapt_bn:
+                out, agree = self._adapted_outputs(model, data, spec, device)
+            else:
+                out, agree = batch_outputs(model, data.images, spec, device)
         probs = softmax(out.numpy(), float(meta.get("calibration", {}).get("temperature", 1.0)))
         flags = rule_flags(probs, meta.get("abstention"), agree)
-        shift = self._shift_scores(ckpt.parent.parent, model, spec, cache, data.images, device)
         for r, reason in bad:
             yield Prediction(str(r.path), None, f"error: {reason}")
         for r, p, fl, sh in zip(data.records, probs, flags, shift, strict=True):
             extra = {"flag": UNCERTAIN_FLAG if fl else "", "shift_score": f"{sh:.4f}"}
             yield Prediction(str(r.path), [float(v) for v in p], "ok", extra)
+
+    def _adapted_outputs(self, model: Any, data: Any, spec: Any, device: Any) -> Any:
+        """:func:`batch_outputs` with a copy of ``model`` adapted (AdaBN) to each held-out source's images."""
+        import numpy as np
+        import torch
+
+        from xraydx.bnadapt import adapt_batchnorm
+        from xraydx.predict import batch_outputs
+
+        sources = np.array([r.source for r in data.records])
+        out = None
+        agree = None
+        for src in sorted(set(sources)):
+            idx = np.flatnonzero(sources == src)
+            adapted = copy.deepcopy(model)
+            w, k = float(self.cfg.data.adapt_bn), int(self.cfg.data.adapt_bn_layers)
+            n = adapt_batchnorm(
+                adapted, data.images[idx], spec, device, what=f"held-out source {src}", weight=w, first=k
+            )
+            self.log(f"adapted {n} BatchNorm layers to {len(idx)} images of {src} (weight {w:g})")
+            o, a = batch_outputs(adapted, data.images[idx], spec, device)
+            if out is None:
+                out = torch.empty((len(sources), o.shape[1]), dtype=o.dtype)
+            out[torch.from_numpy(idx)] = o
+            if a is not None:
+                agree = np.ones(len(sources), dtype=bool) if agree is None else agree
+                agree[idx] = a
+        if out is None:
+            out = torch.empty((0, len(CLASSES)))
+        return out, agree
 
     def _shift_scores(
         self, run: Path, model: Any, spec: Any, cache: Path, held_images: Any, device: Any
@@ -443,6 +485,7 @@ def _recipe(cfg: Config) -> dict[str, Any]:
         "intensity": cfg.data.intensity, "base_size": cfg.data.base_size, "epochs": cfg.train.epochs,
         "augment": cfg.train.augment, "balance": cfg.train.balance, "acquisition": cfg.train.acquisition,
         "epoch_size": cfg.train.epoch_size, "objective": cfg.train.objective, "tta": cfg.data.tta,
+        "adapt_bn": cfg.data.adapt_bn, "adapt_bn_layers": cfg.data.adapt_bn_layers,
     }  # fmt: skip
 
 

@@ -604,6 +604,14 @@ class Classifier:
             self.spec = Preprocessing.from_dict({**self.spec.to_dict(), "tta": _tta.check_mode(tta)})
         self.temperature = float((self.meta.get("calibration") or {}).get("temperature", 1.0))
 
+    def use_model(self, model: nn.Module) -> None:
+        """Classify with ``model`` from now on (same architecture and metadata: e.g. a copy whose
+        BatchNorm statistics were adapted, :mod:`xraydx.bnadapt`); torch engine only."""
+        if not isinstance(self.engine, TorchEngine):
+            raise ExportError(f"{self.source}: only the torch engine can swap its network")
+        self.model = model.to(self.device).eval()
+        self.engine = make_engine(classifier_network(model, self.meta), "torch", device=self.device)
+
     def logits(self, x: np.ndarray) -> np.ndarray:
         """float32 (B, 1, S, S) normalised images -> float32 (B, C) logits."""
         return self.engine.run(x)[0]

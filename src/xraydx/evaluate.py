@@ -156,6 +156,7 @@ def write_split_predictions(
 def evaluate_checkpoint(
     checkpoint: Path, data: str, split: str, out: Path, *, device: str = "auto", overwrite: bool = False,
     progress: bool = True, audit: bool = False, allow_changed_data: bool = False, masks: str = "segmenter",
+    adapt_bn: float = 0.0, adapt_bn_layers: int = 0,
 ) -> dict[str, Any]:  # fmt: skip
     """Evaluate on one split of a dataset; write metrics.json, report.html and predictions.csv into ``out``.
 
@@ -165,9 +166,18 @@ def evaluate_checkpoint(
 
     ``masks`` (for a lung_mask=crop|mask model): ``segmenter`` (default) crops every image with the shipped
     segmenter's mask, as predict and serve do, so the figures are those of the deployed pipeline;
-    ``dataset`` uses the dataset's own lung masks where it has them (the segmenter's elsewhere)."""
+    ``dataset`` uses the dataset's own lung masks where it has them (the segmenter's elsewhere).
+
+    ``adapt_bn`` > 0: the network's BatchNorm statistics are first adapted to the split's readable images
+    as one set (:func:`xraydx.bnadapt.adapt_predictor`, weight ``adapt_bn``, ``adapt_bn_layers``: each network's
+    first K layers only), as ``predict --adapt-bn`` adapts to its inputs: for a labelled folder of one
+    site. Not with ``audit`` (the audit would read the network as trained)."""
     if masks not in MASK_SOURCES:
         raise UsageError(f"--masks must be one of {', '.join(MASK_SOURCES)}; got {masks!r}")
+    if not 0.0 <= adapt_bn <= 1.0 or adapt_bn_layers < 0 or (adapt_bn_layers and not adapt_bn):
+        raise UsageError("--adapt-bn W: 0 < W <= 1 (0: off); --adapt-bn-layers K >= 0, only with --adapt-bn")
+    if adapt_bn and audit:
+        raise UsageError("--adapt-bn and --audit: the audit reads the network as trained; run them apart")
     refuse_overwrite(out / "metrics.json", overwrite)
     refuse_overwrite(out / "report.html", overwrite)
     pred = Predictor(checkpoint, device)
@@ -183,6 +193,10 @@ def evaluate_checkpoint(
     )  # fmt: skip
     bad = {i for i, _ in failures}
     keep = [i for i in range(len(recs)) if i not in bad]
+    if adapt_bn:
+        from xraydx.bnadapt import adapt_predictor
+
+        adapt_predictor(pred, arr[keep], adapt_bn, adapt_bn_layers, what=f"{data} [{split}]")
     audit_result = None
     if audit:
         from xraydx.audit import run_audit  # audit is a sibling runner (L4)
@@ -193,7 +207,9 @@ def evaluate_checkpoint(
         temperature=pred.temperature, abstention=pred.abstention, audit=audit_result,
         title=f"xraydx evaluation: {Path(str(data)).name} [{split}]",
         meta={"checkpoint": str(checkpoint), "data": str(data), "split": split, "split check": split_check,
-              "lung masks": _masks_text(uses_masks, masks)},  # fmt: skip
+              "lung masks": _masks_text(uses_masks, masks),
+              **({"BatchNorm adapted": f"to the split's {pred.adapted['images']} images (weight {adapt_bn:g})"}
+                 if pred.adapted else {})},  # fmt: skip
         failures=[(recs[i], r) for i, r in failures], model_id=pred.model_id, order=[str(r.path) for r in recs],
     )  # fmt: skip
     if audit_result is not None:
@@ -203,6 +219,7 @@ def evaluate_checkpoint(
     metrics["masks"] = masks if uses_masks else "none (the model uses no lung mask)"
     metrics["data"] = str(data)
     metrics["checkpoint"] = str(checkpoint)
+    metrics["adapted"] = pred.adapted  # None: the network as trained
     metrics["unreadable"] = [{"path": str(recs[i].path), "reason": r} for i, r in failures]
     atomic_write_json(out / "metrics.json", metrics)
     return metrics

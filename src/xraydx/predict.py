@@ -195,6 +195,10 @@ class Predictor:
         self._segmenter: Any = None
         self._ood: Any = None if ood else False  # xraydx.ood.OODGuard, loaded on first use; False: no check
         self.shift = load_shift_rule(self.checkpoint, self.model)  # xraydx.shift.ShiftRule or None
+        #: the network of the source-shift score: always the model as trained (not an adapted copy)
+        self.trained_model = self.model
+        #: after :func:`xraydx.bnadapt.adapt_predictor`: {"images", "layers", "weight", "first"}
+        self.adapted: dict[str, Any] | None = None
 
     # -- the abstention rule --
 
@@ -344,11 +348,12 @@ class Predictor:
 
     def _score_shift(self, ok: list[Checked]) -> None:
         """Each prepared image's source-shift score (xraydx.shift), where the checkpoint has a sidecar."""
-        if not ok or self.shift is None or self.model is None:
+        if not ok or self.shift is None or self.trained_model is None:
             return
         from xraydx.shift import batch_features
 
-        feats = batch_features(self.model, np.stack([c.prepared for c in ok]), self.spec, self.device)
+        prepared = np.stack([c.prepared for c in ok])
+        feats = batch_features(self.trained_model, prepared, self.spec, self.device)
         for c, sc in zip(ok, self.shift.score.score(feats), strict=True):
             c.shift = float(sc)
 

@@ -31,6 +31,13 @@ def add_parser(sub: SubParsers) -> None:
         "--masks", default="segmenter", choices=["segmenter", "dataset"],
         help="lung masks for a lung-crop model: the segmenter's, as predict/serve use (default), or the dataset's",
     )  # fmt: skip
+    ev.add_argument(
+        "--adapt-bn", type=float, default=0.0, metavar="W",
+        help="first adapt the network's BatchNorm statistics to the split's images (0 < W <= 1; a labelled "
+        "folder of one site: README, Predict)",
+    )  # fmt: skip
+    ev.add_argument("--adapt-bn-layers", type=int, default=0, metavar="K",
+                    help="with --adapt-bn: only each network's first K BatchNorm layers")  # fmt: skip
     add_quiet(ev)
     ev.set_defaults(func=run)
 
@@ -45,6 +52,7 @@ def run(args: argparse.Namespace) -> int:
     m = evaluate_checkpoint(
         ckpt, args.data, args.split, out, device=args.device, overwrite=args.overwrite, progress=not args.quiet,
         audit=args.audit, allow_changed_data=args.allow_changed_data, masks=args.masks,
+        adapt_bn=args.adapt_bn, adapt_bn_layers=args.adapt_bn_layers,
     )  # fmt: skip
     print(format_metrics(m, title=f"{args.data} [{args.split}] with {ckpt}"))
     if m.get("audit"):

@@ -30,6 +30,16 @@ def add_parser(sub: SubParsers) -> None:
         help="test-time augmentation: none, or affine (mean logits of 7 shifted/zoomed views, 7x the cost); "
         "default: the checkpoint's (the shipped model: none)",
     )  # fmt: skip
+    pr.add_argument(
+        "--adapt-bn", type=float, default=0.0, metavar="W",
+        help="test-time BatchNorm adaptation to these inputs first (0 < W <= 1: the weight of their own "
+        "statistics; one extra read of every file). Only for a representative mix of one site's cases: "
+        "on a folder of one class it hurts (README, Predict)",
+    )  # fmt: skip
+    pr.add_argument(
+        "--adapt-bn-layers", type=int, default=0, metavar="K",
+        help="with --adapt-bn: adapt only each network's first K BatchNorm layers (0: all)",
+    )  # fmt: skip
     pr.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     pr.add_argument(
         "--resume", action="store_true", help="carry on a killed run: skip paths already in --out"
@@ -68,9 +78,25 @@ def run(args: argparse.Namespace) -> int:
             f"{foreign[0]}); it was made from another input list (give the same inputs, or another --out)"
         )
     todo = [p for p in paths if str(p) not in skip]
+    if not 0.0 <= args.adapt_bn <= 1.0:
+        raise UsageError(f"--adapt-bn must be in (0, 1] (0: off); got {args.adapt_bn}")
+    if args.adapt_bn_layers < 0 or (args.adapt_bn_layers and not args.adapt_bn):
+        raise UsageError("--adapt-bn-layers K: K >= 0, and only with --adapt-bn W")
     pred = Predictor(checkpoint(args), args.device, engine=args.engine, tta=args.tta)
     if args.heatmaps and pred.model is None:
         raise UsageError("--heatmaps needs the PyTorch model (Grad-CAM): pass the .safetensors, not .onnx")
+    meta = {"checkpoint": str(pred.checkpoint), "architecture": pred.meta["architecture"]}
+    if args.adapt_bn:  # on every input (also those a --resume skips): the same statistics as the first run
+        from xraydx.bnadapt import adapt_predictor_to_files
+
+        meta["adapted"] = adapt_predictor_to_files(
+            pred, paths, args.adapt_bn, args.batch_size, not args.quiet, first=args.adapt_bn_layers
+        )
+        print(
+            f"xraydx: note: BatchNorm statistics adapted to {meta['adapted']['images']} of the inputs "
+            f"(weight {args.adapt_bn:g}); model_id {pred.model_id}",
+            file=sys.stderr,
+        )
     stream = pred.predict_files(todo, batch_size=args.batch_size, progress=not args.quiet, total=len(todo))
     if args.heatmaps:
         from xraydx.explain import with_heatmaps
@@ -88,8 +114,7 @@ def run(args: argparse.Namespace) -> int:
 
     counts = write_predictions(
         all_rows(), out, pred.classes, fmt=args.format, overwrite=args.overwrite, resume=args.resume,
-        meta={"checkpoint": str(pred.checkpoint), "architecture": pred.meta["architecture"]},
-        model_id=pred.model_id, kind="predict-heatmaps" if args.heatmaps else "predict",
+        meta=meta, model_id=pred.model_id, kind="predict-heatmaps" if args.heatmaps else "predict",
     )  # fmt: skip
     done = f" ({len(skip)} already done)" if skip else ""
     print(f"wrote {out}: {counts['ok']} predicted, {counts['error']} unreadable{done}", file=sys.stderr)
