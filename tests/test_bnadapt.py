@@ -36,7 +36,7 @@ def test_statistics_are_those_of_the_new_images_and_no_weight_moves() -> None:
     net = _net().eval()
     weights = {k: v.clone() for k, v in net.state_dict().items() if "running" not in k and "batches" not in k}
     new = _images(64, level=200)  # a brighter "site" than the statistics the layers hold (0 / 1)
-    assert adapt_batchnorm(net, new, SPEC, CPU, batch_size=32) == 2
+    assert adapt_batchnorm(net, new, SPEC, CPU, batch_size=32) == (2, 64)
     x = (torch.from_numpy(new).float()[:, None] / 255 - SPEC.mean) / SPEC.std
     conv = net[0](x)
     # equal batches: the mean of the batch means is the mean over the whole set
@@ -72,7 +72,7 @@ def test_only_the_first_layers_of_each_network_when_asked() -> None:
 
     net = _net()
     before = [m.running_mean.clone() for m in batchnorms(net)]
-    assert adapt_batchnorm(net, _images(64, level=200), SPEC, CPU, first=1) == 1
+    assert adapt_batchnorm(net, _images(64, level=200), SPEC, CPU, first=1) == (1, 64)
     assert not torch.equal(net[1].running_mean, before[0]) and torch.equal(net[5].running_mean, before[1])
     ens = nn.Module()
     ens.members = nn.ModuleList([_net(), _net()])  # an ensemble: the first K of each member

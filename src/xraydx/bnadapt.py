@@ -44,6 +44,17 @@ from xraydx.errors import UsageError
 MIN_IMAGES = 16
 
 
+def check_request(weight: float, first: int, engine: str = "torch") -> None:
+    """Refuse settings no adaptation can run with (before anything is loaded or read): ``weight`` 0 is
+    off, else it must be in (0, 1]; ``first`` >= 0 and only with a weight; the torch engine only."""
+    if not 0.0 <= weight <= 1.0:
+        raise UsageError(f"--adapt-bn must be in (0, 1] (0: off); got {weight}")
+    if first < 0 or (first and not weight):
+        raise UsageError("--adapt-bn-layers K: K >= 0, and only with --adapt-bn W")
+    if weight and engine != "torch":
+        raise UsageError("--adapt-bn needs the PyTorch engine (--engine torch) and a .safetensors checkpoint")
+
+
 def batchnorms(model: nn.Module, first: int = 0) -> list[nn.modules.batchnorm._BatchNorm]:
     """The BatchNorm layers of ``model`` in forward order; ``first`` > 0: only the first ``first`` of each
     network (of each member of an ensemble)."""
@@ -91,10 +102,10 @@ def adapt_batchnorm(
     what: str = "these images",
     weight: float = 1.0,
     first: int = 0,
-) -> int:
+) -> tuple[int, int]:
     """Re-estimate ``model``'s BatchNorm statistics (in place) on preprocessed uint8 (N, S, S) ``images``
     (one array, or an iterable of such arrays: a stream, never held at once) normalised by ``spec`` (its
-    ``mean`` / ``std``); returns the number of layers adapted. ``model`` is left in eval mode, with its
+    ``mean`` / ``std``); returns (the number of layers adapted, the number of images). ``model`` is left in eval mode, with its
     statistics as they were where this raises. ``weight``: the share of the new statistics (1: theirs
     only; see the module). ``first`` > 0: only each network's first ``first`` BatchNorm layers (the early,
     "style" layers; the later ones keep the training statistics). Refuses a model without BatchNorm and
@@ -144,7 +155,7 @@ def adapt_batchnorm(
                 m.running_var.copy_(var)  # type: ignore[union-attr]
                 m.num_batches_tracked.copy_(nb)  # type: ignore[union-attr]
         model.eval()
-    return len(layers)
+    return len(layers), n
 
 
 def adapt_predictor(
@@ -158,27 +169,19 @@ def adapt_predictor(
     each network's first K BatchNorm layers. Torch engine only."""
     import copy
 
-    if pred.model is None or pred.engine != "torch":
-        raise UsageError("--adapt-bn needs the PyTorch engine and a .safetensors checkpoint (--engine torch)")
+    check_request(weight, first, pred.engine if pred.model is not None else "onnx")
     if pred.adapted is not None:
         raise UsageError("this predictor is already adapted; load the checkpoint again to adapt anew")
-    counted = [0]
-
-    def counting() -> Iterator[np.ndarray]:
-        for batch in [images] if isinstance(images, np.ndarray) else images:
-            counted[0] += len(batch)
-            yield batch
-
     adapted = copy.deepcopy(pred.model)
-    layers = adapt_batchnorm(
-        adapted, counting(), pred.spec, pred.device, batch_size=max(2, batch_size), weight=weight,
+    layers, n = adapt_batchnorm(
+        adapted, images, pred.spec, pred.device, batch_size=max(2, batch_size), weight=weight,
         what=what, first=first,
     )  # fmt: skip
     pred.classifier.use_model(adapted)
     pred.model = adapted
     name, digest = pred.model_id.rsplit("-", 1)
     pred.model_id = f"{name}+adabn{weight:g}{f'l{first}' if first else ''}-{digest}"
-    pred.adapted = {"images": counted[0], "layers": layers, "weight": float(weight), "first": int(first)}
+    pred.adapted = {"images": n, "layers": layers, "weight": float(weight), "first": int(first)}
     return pred.adapted
 
 
@@ -225,6 +228,7 @@ def adapt_predictor_to_files(
 __all__ = [
     "MIN_IMAGES",
     "adapt_batchnorm",
+    "check_request",
     "adapt_predictor",
     "adapt_predictor_to_files",
     "batchnorms",

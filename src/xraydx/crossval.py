@@ -361,13 +361,13 @@ class CrossVal:
         from xraydx.predict import batch_outputs
 
         sources = np.array([r.source for r in data.records])
+        w, k = float(self.cfg.data.adapt_bn), int(self.cfg.data.adapt_bn_layers)
         out = None
         agree = None
         for src in sorted(set(sources)):
             idx = np.flatnonzero(sources == src)
             adapted = copy.deepcopy(model)
-            w, k = float(self.cfg.data.adapt_bn), int(self.cfg.data.adapt_bn_layers)
-            n = adapt_batchnorm(
+            n, _ = adapt_batchnorm(
                 adapted, data.images[idx], spec, device, what=f"held-out source {src}", weight=w, first=k
             )
             self.log(f"adapted {n} BatchNorm layers to {len(idx)} images of {src} (weight {w:g})")

@@ -174,8 +174,9 @@ def evaluate_checkpoint(
     site. Not with ``audit`` (the audit would read the network as trained)."""
     if masks not in MASK_SOURCES:
         raise UsageError(f"--masks must be one of {', '.join(MASK_SOURCES)}; got {masks!r}")
-    if not 0.0 <= adapt_bn <= 1.0 or adapt_bn_layers < 0 or (adapt_bn_layers and not adapt_bn):
-        raise UsageError("--adapt-bn W: 0 < W <= 1 (0: off); --adapt-bn-layers K >= 0, only with --adapt-bn")
+    from xraydx.bnadapt import check_request
+
+    check_request(adapt_bn, adapt_bn_layers)
     if adapt_bn and audit:
         raise UsageError("--adapt-bn and --audit: the audit reads the network as trained; run them apart")
     refuse_overwrite(out / "metrics.json", overwrite)

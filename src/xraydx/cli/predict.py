@@ -78,12 +78,9 @@ def run(args: argparse.Namespace) -> int:
             f"{foreign[0]}); it was made from another input list (give the same inputs, or another --out)"
         )
     todo = [p for p in paths if str(p) not in skip]
-    if not 0.0 <= args.adapt_bn <= 1.0:
-        raise UsageError(f"--adapt-bn must be in (0, 1] (0: off); got {args.adapt_bn}")
-    if args.adapt_bn_layers < 0 or (args.adapt_bn_layers and not args.adapt_bn):
-        raise UsageError("--adapt-bn-layers K: K >= 0, and only with --adapt-bn W")
-    if args.adapt_bn and args.engine != "torch":  # before any export or image read
-        raise UsageError("--adapt-bn needs the PyTorch engine (--engine torch) and a .safetensors checkpoint")
+    from xraydx.bnadapt import check_request
+
+    check_request(args.adapt_bn, args.adapt_bn_layers, args.engine)  # before any export or image read
     pred = Predictor(checkpoint(args), args.device, engine=args.engine, tta=args.tta)
     if args.heatmaps and pred.model is None:
         raise UsageError("--heatmaps needs the PyTorch model (Grad-CAM): pass the .safetensors, not .onnx")
