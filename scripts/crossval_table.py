@@ -49,6 +49,8 @@ def _recipe(run: Path, m: dict) -> str:
     for key, name in (("mixstyle", "mixstyle"), ("adversary", "adversary")):
         if t.get(key):
             text += f" {name}={t[key]}"
+    if t.get("probe", "none") != "none":
+        text += f" probe={t['probe']}"
     if d.get("tta", "none") != "none":
         text += f" tta={d['tta']}"
     adapt = d.get("adapt_bn") or 0  # test-time BatchNorm adaptation (True in runs made before its weight)

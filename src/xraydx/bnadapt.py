@@ -28,7 +28,7 @@ carry the image's "style" (exposure, detector, processing), the late ones its cl
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from itertools import chain
 from pathlib import Path
 from typing import Any
@@ -102,13 +102,15 @@ def adapt_batchnorm(
     what: str = "these images",
     weight: float = 1.0,
     first: int = 0,
+    prepare: Callable[[np.ndarray], torch.Tensor] | None = None,
 ) -> tuple[int, int]:
     """Re-estimate ``model``'s BatchNorm statistics (in place) on preprocessed uint8 (N, S, S) ``images``
     (one array, or an iterable of such arrays: a stream, never held at once) normalised by ``spec`` (its
     ``mean`` / ``std``); returns (the number of layers adapted, the number of images). ``model`` is left in eval mode, with its
     statistics as they were where this raises. ``weight``: the share of the new statistics (1: theirs
     only; see the module). ``first`` > 0: only each network's first ``first`` BatchNorm layers (the early,
-    "style" layers; the later ones keep the training statistics). Refuses a model without BatchNorm and
+    "style" layers; the later ones keep the training statistics). ``prepare``: how a uint8 batch becomes
+    the network's input (default: normalised by ``spec``). Refuses a model without BatchNorm and
     fewer than :data:`MIN_IMAGES` images."""
     if not 0.0 < weight <= 1.0:
         raise UsageError(
@@ -135,7 +137,12 @@ def adapt_batchnorm(
     try:
         n = 0
         for batch in rebatch(images, batch_size):
-            model(torch.from_numpy(normalise(batch, spec.mean, spec.std)).to(device))  # type: ignore[attr-defined]
+            x = (
+                prepare(batch)
+                if prepare
+                else torch.from_numpy(normalise(batch, spec.mean, spec.std)).to(device)
+            )  # type: ignore[attr-defined]
+            model(x)
             n += len(batch)
         if n < MIN_IMAGES:
             raise UsageError(

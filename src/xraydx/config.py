@@ -73,6 +73,7 @@ class TrainConfig:
     mixstyle: float = 0.0  # 0-1: probability per batch of MixStyle (xraydx.mixstyle); 0 = off
     mixstyle_alpha: float = 0.1  # MixStyle's Beta(alpha, alpha) mixing weights (> 0)
     adversary: float = 0.0  # >0: weight of the source head behind a gradient reversal (xraydx.dann); 0 = off
+    probe: str = "none"  # none | lp-ft (linear probe, then fine-tune all) | lp (probe, then the head alone); xraydx.probe
     augment_interpolation: str = "nearest"  # nearest (as torchvision; fused kernel on CPU) | bilinear
     patience: int = 5  # early stopping: epochs without a better val macro-F1
     seed: int = 0
@@ -193,6 +194,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.pretrained": PRETRAINED_MODES,
     "train.balance": BALANCE_MODES,
     "train.objective": OBJECTIVES,
+    "train.probe": ("none", "lp-ft", "lp"),
     "train.augment": AUGMENT_PRESETS,
     "train.augment_interpolation": AUGMENT_INTERPOLATIONS,
 }

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,18 +37,32 @@ __all__ = [
 
 
 def batch_features(
-    model: nn.Module, images: np.ndarray, spec: Any, device: torch.device, batch_size: int = 64
+    model: nn.Module,
+    images: np.ndarray,
+    spec: Any,
+    device: torch.device,
+    batch_size: int = 64,
+    normalize: bool = True,
+    prepare: Callable[[np.ndarray], torch.Tensor] | None = None,
 ) -> np.ndarray:
-    """L2-normalised penultimate features (N, D) of a timm classifier for preprocessed uint8 (N, S, S)."""
+    """Penultimate features (N, D) of a timm classifier for preprocessed uint8 (N, S, S), L2-normalised
+    unless ``normalize`` is False (then what the classifier's linear head reads). ``prepare``: how a uint8
+    batch becomes the network's input (default: normalised by ``spec``; e.g. augmented as in training)."""
     if not (hasattr(model, "forward_features") and hasattr(model, "forward_head")):
         raise TypeError(f"{type(model).__name__}: no forward_features/forward_head (not a timm classifier)")
     model.eval()
     out = []
     with torch.no_grad():
         for i in range(0, len(images), batch_size):
-            x = torch.from_numpy(normalise(images[i : i + batch_size], spec.mean, spec.std)).to(device)
+            batch = images[i : i + batch_size]
+            x = (
+                prepare(batch)
+                if prepare
+                else torch.from_numpy(normalise(batch, spec.mean, spec.std)).to(device)
+            )
             f = model.forward_head(model.forward_features(x), pre_logits=True)  # type: ignore[operator]
-            out.append(torch.nn.functional.normalize(f.float().flatten(1), dim=1).cpu().numpy())
+            f = f.float().flatten(1)
+            out.append((torch.nn.functional.normalize(f, dim=1) if normalize else f).cpu().numpy())
     return np.concatenate(out) if out else np.zeros((0, 0), dtype=np.float32)
 
 

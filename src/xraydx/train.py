@@ -11,7 +11,7 @@ import io as _io
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -23,10 +23,9 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from xraydx import __version__, mixstyle, schema
+from xraydx import __version__, mixstyle, probe
 from xraydx.acqaug import AcquisitionAugment
 from xraydx.cache import BatchBuffers, iter_batches, load_many
-from xraydx.calibration import calibrate
 from xraydx.checkpoint import save as save_checkpoint
 from xraydx.config import Config
 from xraydx.config import parse_overrides as parse_overrides  # moved to config; importable here as before
@@ -38,13 +37,13 @@ from xraydx.device import Dist, available_cpus, broadcast_obj, init_distributed
 from xraydx.device import gather_concat as gather_concat  # moved to device; importable here as before
 from xraydx.device import resolve_device as resolve_device  # moved to device; importable here as before
 from xraydx.errors import TrainError
-from xraydx.evaluate import evaluate_split, write_split_predictions
-from xraydx.fsutil import atomic_write_bytes, atomic_write_json, csv_writer, printable_path
+from xraydx.finish import finish_run
+from xraydx.fsutil import atomic_write_bytes, csv_writer, printable_path
 from xraydx.groupdro import GroupDRO, group_ids
-from xraydx.metrics import compute_metrics, confidence_intervals, format_metrics
+from xraydx.metrics import compute_metrics
 from xraydx.models import check_model, count_parameters, create_model, normalization_for
 from xraydx.optim import make_optimizer, save_train_state, write_log
-from xraydx.predict import batch_logits, batch_outputs
+from xraydx.predict import batch_logits
 from xraydx.resume import resume_where_it_stopped
 from xraydx.runchecks import best_on_disk, check_leaks, new_run_dir, refuse_divergence
 from xraydx.transforms import AugmentSpec, BatchAugment, Preprocessing
@@ -347,6 +346,28 @@ def setup(cfg: Config, d: Dist, device: torch.device, resume: Path | None, progr
             f"MixStyle after {', '.join(mixstyle.stages(model))}: p={cfg.train.mixstyle},"
             f" alpha={cfg.train.mixstyle_alpha}"
         )
+    aug_spec = AugmentSpec.preset(cfg.train.augment)
+    # each augmented batch is consumed (forward + backward) before the next is made, so on a CPU the fused
+    # kernel may write every batch into the same buffer
+    augment = (
+        BatchAugment(aug_spec, cfg.train.augment_interpolation, reuse_output=device.type == "cpu")
+        if aug_spec
+        else None
+    )
+    acquisition = AcquisitionAugment(cfg.train.acquisition) if cfg.train.acquisition > 0 else None
+    if cfg.train.probe != "none":
+        linear_probe(
+            cfg,
+            d,
+            model,
+            tr,
+            va,
+            spec,
+            device,
+            log,
+            fit=resume is None or not (run / "checkpoints" / "last.safetensors").is_file(),
+            views=training_views(spec, augment, acquisition, device, cfg.train.seed),
+        )
     log(
         f"model {cfg.model.name} ({count_parameters(model) / 1e6:.2f} M params, pretrained={cfg.model.pretrained})"
         f" on {device}{f' x{d.world} ranks' if d.active else ''}; train {len(tr.labels)}, val {len(va.labels)},"
@@ -375,15 +396,6 @@ def setup(cfg: Config, d: Dist, device: torch.device, resume: Path | None, progr
         adversary if adversary is not None else model, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay, total_steps=steps_per_epoch * cfg.train.epochs,
         warmup_steps=int(cfg.train.warmup_epochs * steps_per_epoch),
     )  # fmt: skip
-    aug_spec = AugmentSpec.preset(cfg.train.augment)
-    # each augmented batch is consumed (forward + backward) before the next is made, so on a CPU the fused
-    # kernel may write every batch into the same buffer
-    augment = (
-        BatchAugment(aug_spec, cfg.train.augment_interpolation, reuse_output=device.type == "cpu")
-        if aug_spec
-        else None
-    )
-    acquisition = AcquisitionAugment(cfg.train.acquisition) if cfg.train.acquisition > 0 else None
     t = Trainer(cfg, d, device, run, log, manifest, spec, splits, model, train_model, opt, sched, augment,
                 acquisition, weight, adversary=adversary, sources=sources, source_names=source_names,
                 total_steps=steps_per_epoch * cfg.train.epochs)  # fmt: skip
@@ -398,6 +410,55 @@ def setup(cfg: Config, d: Dist, device: torch.device, resume: Path | None, progr
     return t
 
 
+def training_views(
+    spec: Preprocessing, augment: BatchAugment | None, acquisition: AcquisitionAugment | None,
+    device: torch.device, seed: int,
+) -> Callable[[np.ndarray], torch.Tensor]:  # fmt: skip
+    """uint8 (N, S, S) -> the network's input as a training epoch makes it (acquisition cues randomised,
+    augmented, normalised), seeded; each batch is consumed before the next is made (as in training)."""
+    gen = torch.Generator().manual_seed(seed * 104_729 + 1)
+
+    def views(batch: np.ndarray) -> torch.Tensor:
+        xb = torch.from_numpy(np.array(batch, dtype=np.uint8)[:, None]).to(device)
+        if acquisition is not None:
+            xb = acquisition(xb, gen)
+        if augment is not None:
+            return augment(xb, gen, norm=(spec.mean, spec.std))
+        return xb.float().div_(255.0).sub_(spec.mean).div_(spec.std)
+
+    return views
+
+
+def linear_probe(
+    cfg: Config, d: Dist, model: nn.Module, tr: SplitData, va: SplitData, spec: Preprocessing,
+    device: torch.device, log: Callable[[str], None], fit: bool, views: Callable[[np.ndarray], torch.Tensor],
+) -> None:  # fmt: skip
+    """``train.probe``: the head fitted on the frozen features (rank 0; DDP hands its weights to every rank)
+    unless a resumed checkpoint will replace them; with ``lp`` the rest of the network frozen."""
+    try:
+        probe.linear_head(model)
+    except TypeError as exc:
+        raise TrainError(f"train.probe={cfg.train.probe}: {exc}") from exc
+    if fit and d.main:
+        w = sampling_weights(tr.labels, [r.source for r in tr.records], cfg.train.balance)
+        if w is None and cfg.train.balance == "loss":
+            w = 1.0 / np.bincount(tr.labels, minlength=len(CLASSES)).astype(np.float64)[tr.labels]
+        info = probe.fit_probe(
+            model, tr.images, tr.labels, w, va.images, va.labels, spec, device, len(CLASSES), prepare=views
+        )
+        log(
+            f"linear probe ({cfg.train.probe}): logistic regression on {info['features']} frozen features, C={info['C']}"
+            f" (val macro-F1 by C: {info['val_macro_f1_by_C']}; BatchNorm statistics of {info['batchnorm_layers']} layers"
+            f" re-estimated on the augmented training images first), augmented train accuracy {info['train_accuracy']:.3f},"
+            f" {info['seconds']:.0f}s"
+        )
+    if cfg.train.probe == "lp":
+        n = probe.freeze_backbone(model)
+        log(
+            f"linear probe (lp): {n / 1e6:.2f} M parameters frozen, BatchNorm statistics kept; the head alone trains"
+        )
+
+
 def train_one_epoch(t: Trainer, epoch: int, progress: bool) -> torch.Tensor:
     """One pass over this rank's share of the epoch; (loss sum, correct, seen) summed over ranks."""
     cfg, spec, device, tr = t.cfg, t.spec, t.device, t.splits["train"]
@@ -407,6 +468,8 @@ def train_one_epoch(t: Trainer, epoch: int, progress: bool) -> torch.Tensor:
     bs = cfg.train.batch_size
     use_amp = device.type == "cuda" and cfg.train.amp
     t.train_model.train()
+    if cfg.train.probe == "lp":
+        probe.hold_statistics(t.model)
     loss_sum, correct, seen, pos = 0.0, 0, 0, 0
     adv_right, adv_counts = 0, torch.zeros(len(t.source_names), dtype=torch.long)
     # one batch gathered ahead in a thread; pinned memory + non_blocking copies on CUDA; on a CPU into
@@ -556,143 +619,3 @@ def eval_logits(
         if len(ix):
             out[torch.as_tensor(ix)] = lg
     return out
-
-
-def _deployed_metrics(
-    cfg: Config,
-    spec: Preprocessing,
-    records: Sequence[Record],
-    model: nn.Module,
-    device: torch.device,
-    t: float,
-) -> dict[str, Any]:
-    """Test metrics with every lung mask made by the shipped segmenter, as predict and serve make them."""
-    cache_dir = Path(cfg.data.cache_dir) if cfg.data.cache_dir else Path(cfg.runs_dir) / ".cache"
-    sd, _ = load_split(
-        [replace(r, mask=None) for r in records], spec, cache_dir, "test (segmenter masks)", False
-    )
-    probs = torch.softmax(batch_logits(model, sd.images, spec, device) / t, 1).numpy()
-    m = compute_metrics(sd.labels, probs, CLASSES)
-    m["ci"] = confidence_intervals(sd.labels, probs, CLASSES)
-    m["masks"] = "segmenter (as deployed)"
-    return m
-
-
-def finish_run(
-    run: Path,
-    cfg: Config,
-    spec: Preprocessing,
-    manifest: Manifest,
-    splits: dict[str, SplitData],
-    device: torch.device,
-    log: Any,
-    best_epoch: int | None,
-    extra: dict[str, Any] | None = None,
-) -> None:
-    """Calibrate the best checkpoint on val, choose its abstention threshold on val, evaluate it on test,
-    write metrics.json (with ``extra``'s keys), report.html and predictions.csv. ``best_epoch`` None: the
-    checkpoint was not trained by this run (an ensemble of finished runs, :mod:`xraydx.train_ensemble`)."""
-    from xraydx.metrics import choose_abstention
-    from xraydx.models import load_checkpoint, read_metadata
-
-    best_path = run / "checkpoints" / "best.safetensors"
-    model, meta = load_checkpoint(best_path, device)
-    va = splits["val"]
-    # an ensemble's rule also flags where its members disagree (val_agree: None for one network)
-    val_logits, val_agree = batch_outputs(model, va.images, spec, device)
-    temperature, check = 1.0, None
-    if cfg.train.calibrate:
-        check = calibrate(val_logits.numpy(), va.labels)  # T = 1 where scaling makes held-out NLL worse
-        temperature = check["temperature"]
-    val_before = compute_metrics(va.labels, torch.softmax(val_logits, 1).numpy(), CLASSES)
-    val_after = compute_metrics(va.labels, torch.softmax(val_logits / temperature, 1).numpy(), CLASSES)
-    meta = read_metadata(best_path)
-    meta["calibration"] = {
-        "method": "temperature" if cfg.train.calibrate and temperature != 1.0 else "none",
-        "temperature": temperature,
-        "fit_on": "val",
-        "val_nll_before": val_before["nll"],
-        "val_nll_after": val_after["nll"],
-        "val_ece_before": val_before["ece"],
-        "val_ece_after": val_after["ece"],
-        **(check or {}),
-    }
-    if check is not None and val_after["ece"] > val_before["ece"] + 1e-9:
-        check["warnings"].append(
-            f"temperature scaling made val ECE worse ({val_before['ece']:.3f} -> {val_after['ece']:.3f})"
-        )
-    for w in (check or {}).get("warnings", []):
-        log(f"WARNING: {w}")
-    meta["val_metrics"] = val_after
-    val_probs = torch.softmax(val_logits / temperature, 1).numpy()
-    meta["abstention"] = choose_abstention(va.labels, val_probs, agree=val_agree)
-    if cfg.train.abstention_threshold > 0:
-        # a threshold chosen outside this run, e.g. on a crossval's out-of-source predictions (flag.oos_threshold):
-        # val figures are still reported for it, but val did not choose it
-        t = float(cfg.train.abstention_threshold)
-        kept = (val_probs.max(1) >= t) & (val_agree if val_agree is not None else True)
-        meta["abstention"].update(
-            threshold=t, chosen_on="given (train.abstention_threshold)", target_reached=None, flag_all=False,
-            reason=None, best_unreached=None, val_coverage=float(kept.mean()),
-            val_accuracy_accepted=float((val_probs.argmax(1) == va.labels)[kept].mean()) if kept.any() else 0.0,
-        )  # fmt: skip
-    ab = meta["abstention"]
-    if ab.get("flag_all"):
-        log(f"WARNING: abstention: {ab['reason']}")
-    else:
-        also = " or where the ensemble's members disagree" if ab.get("members_disagree") else ""
-        log(
-            f"abstention: flag 'uncertain' below top probability {ab['threshold']:.3f}{also} (on val: keeps "
-            f"{ab['val_coverage']:.0%} at accuracy {ab['val_accuracy_accepted']:.3f})"
-        )
-    results: dict[str, Any] = {"best_epoch": best_epoch, "val": val_after, "calibration": meta["calibration"],
-                               "abstention": meta["abstention"], **(extra or {})}  # fmt: skip
-    which = "ensemble" if best_epoch is None else f"best epoch {best_epoch}"
-
-    def log_table(m: dict[str, Any], title: str) -> None:
-        for line in format_metrics(m, title=title).splitlines():
-            log(line)  # one log line each: log() escapes a newline (a file name's) as \x0a
-
-    # report.html describes the test split (or val, calibrated on itself, when there is no test split)
-    has_test = "test" in splits and len(splits["test"].labels) > 0
-    rep_name, rep = ("test", splits["test"]) if has_test else ("val", va)
-    rep_out = (val_logits, val_agree) if rep_name == "val" else batch_outputs(model, rep.images, spec, device)
-    rep_logits, rep_agree = rep_out[0].numpy(), rep_out[1]
-    tm = evaluate_split(
-        model, spec, rep.images, rep.records, run, device=device, temperature=temperature,
-        abstention=meta["abstention"], logits=rep_logits, agree=rep_agree, predictions=False,
-        title=f"xraydx run {run.name}: {rep_name} split",
-        meta={"run": str(run), "data": cfg.data.path, "split": rep_name,
-              "best epoch": best_epoch if best_epoch is not None else "none (an ensemble of finished runs)"},
-    )  # fmt: skip
-    if rep_name == "test":
-        results["test"] = tm
-        meta["test_metrics"] = {k: v for k, v in tm.items() if k not in ("roc_curves", "coverage_curve")}
-        log_table(tm, f"test split ({which}, temperature {temperature:.3f})")
-        if spec.lung_mask != "none" and any(r.mask is not None for r in rep.records):
-            dep = _deployed_metrics(cfg, spec, rep.records, model, device, temperature)
-            results["test_deployed"] = meta["test_metrics_deployed"] = dep
-            log(
-                "note: this run cropped with the dataset's lung masks; predict, serve and evaluate crop with the "
-                f"shipped segmenter's. Test with the dataset's masks: accuracy {tm['accuracy']:.3f}, macro-F1 "
-                f"{tm['macro_f1']:.3f}; with the segmenter's (as deployed): accuracy {dep['accuracy']:.3f}, "
-                f"macro-F1 {dep['macro_f1']:.3f} (metrics.json test_deployed)"
-            )
-    else:
-        results["val_report"] = tm
-    if "external" in splits and len(splits["external"].labels):
-        ex = splits["external"]
-        probs = torch.softmax(batch_logits(model, ex.images, spec, device) / temperature, 1).numpy()
-        xm = compute_metrics(ex.labels, probs, CLASSES)
-        xm["ci"] = confidence_intervals(ex.labels, probs, CLASSES)  # 95%, as for the test split
-        xm["source"] = cfg.data.holdout_source
-        results["external"] = meta["external_metrics"] = xm
-        log_table(xm, f"held-out source {cfg.data.holdout_source!r} (never seen in training)")
-    save_checkpoint(best_path, model, meta)
-    if rep_name == "test":  # after the save: its rows name the final checkpoint's model_id
-        write_split_predictions(
-            run / "predictions.csv", rep.records, rep_logits, classes=CLASSES, temperature=temperature,
-            abstention=meta["abstention"], model_id=schema.model_id(best_path, meta), agree=rep_agree,
-        )  # fmt: skip
-    atomic_write_json(run / "metrics.json", results)
-    log(f"run folder: {run}")

@@ -5,7 +5,7 @@ images in train, val and test). The result is a new run folder laid out as a tra
 ``checkpoints/best.safetensors`` holds every member's weights (:class:`xraydx.models.SeedEnsemble`:
 the mean of the members' calibrated probabilities) and is used wherever a checkpoint is (predict,
 evaluate, explain, export, serve, the DICOM node). The ensemble is then finished exactly as a training
-run is (:func:`xraydx.train.finish_run`): temperature and abstention threshold chosen on val, the test
+run is (:func:`xraydx.finish.finish_run`): temperature and abstention threshold chosen on val, the test
 split evaluated, ``metrics.json``, ``report.html`` and ``predictions.csv`` written, plus an ``ensemble``
 block in ``metrics.json`` with every member's own figures.
 
@@ -26,10 +26,11 @@ from xraydx.config import Config
 from xraydx.data.membership import split_membership
 from xraydx.device import Dist, resolve_device
 from xraydx.errors import TrainError, UsageError
+from xraydx.finish import finish_run
 from xraydx.fsutil import printable_path
 from xraydx.models import SeedEnsemble, load_checkpoint, read_metadata
 from xraydx.runchecks import new_run_dir
-from xraydx.train import _open_run, finish_run, load_data
+from xraydx.train import _open_run, load_data
 
 #: what must be equal in every member's checkpoint metadata, and how to say it is not
 ALIKE = {
