@@ -96,6 +96,23 @@ $XRAYDX crossval ensemble "$RUNS/R5-C-s0" "$RUNS/R5-C-s1" --name R5-CC --runs-di
 for v in CA CH CE; do
     $XRAYDX crossval compare "$RUNS/R5-C-s0,$RUNS/R5-C-s1" "$RUNS/R5-$v-s0,$RUNS/R5-$v-s1"
 done
+# 3f. a linear probe before fine-tuning (LP-FT, train.probe=lp-ft) and the linear probe alone on the frozen
+#     pretrained network (train.probe=lp with lr 0: the probe's head as fitted), two seeds each, against R5-C;
+#     and C with the strong augmentation preset (never screened before)
+for s in 0 1; do
+    $XRAYDX crossval "${COMMON[@]}" --screen --folds "$FOLDS" "${C[@]}" --lung-mask mask --name R6-P-s$s --seed $s \
+        --set train.probe=lp-ft
+    $XRAYDX crossval "${COMMON[@]}" --screen --folds "$FOLDS" "${C[@]}" --lung-mask mask --name R6-L-s$s --seed $s \
+        --set train.probe=lp --set train.lr=0 --set train.epochs=1
+    $XRAYDX crossval "${COMMON[@]}" --screen --folds "$FOLDS" "${C[@]}" --lung-mask mask --name R6-S-s$s --seed $s \
+        --augment strong
+done
+$XRAYDX crossval ensemble "$RUNS/R6-P-s0" "$RUNS/R6-P-s1" --name R6-PP --runs-dir "$RUNS"
+$XRAYDX crossval ensemble "$RUNS/R5-C-s0" "$RUNS/R5-C-s1" "$RUNS/R6-P-s0" "$RUNS/R6-P-s1" --name R6-CCPP --runs-dir "$RUNS"
+for v in P L S; do
+    $XRAYDX crossval compare "$RUNS/R5-C-s0,$RUNS/R5-C-s1" "$RUNS/R6-$v-s0,$RUNS/R6-$v-s1"
+done
+$XRAYDX crossval compare "$RUNS/R5-CC" "$RUNS/R6-CCPP"
 # 4. the final training: recipe C at 224 px on everything, at three seeds (one core each; two can run in
 #    parallel), combined into one checkpoint: the mean of the three networks' calibrated probabilities
 #    (the fourth round's R4-CCC: seed averaging was the one change that raised both the pooled
