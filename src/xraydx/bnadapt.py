@@ -137,11 +137,10 @@ def adapt_batchnorm(
     try:
         n = 0
         for batch in rebatch(images, batch_size):
-            x = (
-                prepare(batch)
-                if prepare
-                else torch.from_numpy(normalise(batch, spec.mean, spec.std)).to(device)
-            )  # type: ignore[attr-defined]
+            if prepare is None:
+                x = torch.from_numpy(normalise(batch, spec.mean, spec.std)).to(device)  # type: ignore[attr-defined]
+            else:
+                x = prepare(batch)
             model(x)
             n += len(batch)
         if n < MIN_IMAGES:

@@ -25,6 +25,7 @@ from xraydx.constants import (
     LUNG_MASK_MODES,
     OBJECTIVES,
     PRETRAINED_MODES,
+    PROBE_MODES,
     TTA_MODES,
 )
 from xraydx.errors import ConfigError, ServeError
@@ -194,7 +195,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.pretrained": PRETRAINED_MODES,
     "train.balance": BALANCE_MODES,
     "train.objective": OBJECTIVES,
-    "train.probe": ("none", "lp-ft", "lp"),
+    "train.probe": PROBE_MODES,
     "train.augment": AUGMENT_PRESETS,
     "train.augment_interpolation": AUGMENT_INTERPOLATIONS,
 }

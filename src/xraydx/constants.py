@@ -33,6 +33,8 @@ PRETRAINED_MODES: tuple[str, ...] = ("offline", "timm", "none")
 BALANCE_MODES: tuple[str, ...] = ("loss", "sampler", "class_source", "none")
 #: train.objective: the mean loss, or Group DRO over (class, source) cells (xraydx.groupdro)
 OBJECTIVES: tuple[str, ...] = ("erm", "group_dro")
+#: train.probe: no probe, a linear probe then fine-tuning everything, or the head alone (xraydx.probe)
+PROBE_MODES: tuple[str, ...] = ("none", "lp-ft", "lp")
 ENGINES: tuple[str, ...] = ("torch", "onnx")
 SEGMENTER_ENCODERS: tuple[str, ...] = ("mobilenetv2_100", "tf_efficientnet_lite0")
 

@@ -8,8 +8,9 @@ of what transfers. Two modes:
 
 - ``lp-ft``: the classifier's linear head is set to a multinomial logistic regression (scikit-learn)
   fitted on the frozen network's penultimate features of the training images, augmented as the
-  training epochs augment them (one view each), each image weighted as the training epochs draw it (``train.balance``), its L2 strength
-  chosen on the val split's macro-F1; then the whole network trains as usual.
+  training epochs augment them (one view each), each image weighted as the training epochs draw it
+  (``train.balance``), its L2 strength chosen on the val split's macro-F1; then the whole network
+  trains as usual.
 - ``lp``: the same probe, then only the head trains; every other weight is frozen and every BatchNorm
   layer keeps its pretrained statistics, so nothing a hospital's films look like is learned beyond what
   the pretrained features already show.
@@ -18,8 +19,9 @@ First the BatchNorm layers' statistics are re-estimated on the (augmented) train
 (:mod:`xraydx.bnadapt`), so the features the probe is fitted on are the ones the network computes on
 chest X-rays in training (with ImageNet's statistics, or on images without the training augmentation,
 they are not, and a head fitted on them starts fine-tuning with a loss above chance's, whose large
-gradients are what LP-FT is meant to avoid); ``lp`` keeps these statistics. The probe is fitted on standardised features and
-folded back into the head's weight and bias, so the network computes exactly the probe's logits.
+gradients are what LP-FT is meant to avoid); ``lp`` keeps these statistics. The probe is fitted on
+standardised features and folded back into the head's weight and bias, so the network computes exactly
+the probe's logits.
 """
 
 from __future__ import annotations
@@ -35,9 +37,8 @@ from torch import nn
 from xraydx.bnadapt import adapt_batchnorm, batchnorms
 from xraydx.shift import batch_features
 
-__all__ = ["C_GRID", "PROBES", "fit_probe", "freeze_backbone", "hold_statistics", "linear_head"]
+__all__ = ["C_GRID", "fit_probe", "freeze_backbone", "hold_statistics", "linear_head"]
 
-PROBES = ("none", "lp-ft", "lp")
 C_GRID = (0.01, 0.1, 1.0, 10.0)  # inverse L2 strengths tried (on standardised features)
 
 
@@ -129,6 +130,5 @@ def freeze_backbone(model: nn.Module) -> int:
 
 def hold_statistics(model: nn.Module) -> None:
     """BatchNorm layers back in eval mode (their pretrained statistics used and kept) after ``.train()``."""
-    for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            m.eval()
+    for m in batchnorms(model):
+        m.eval()

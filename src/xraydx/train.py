@@ -410,21 +410,30 @@ def setup(cfg: Config, d: Dist, device: torch.device, resume: Path | None, progr
     return t
 
 
+def training_input(
+    xb: torch.Tensor, gen: torch.Generator, spec: Preprocessing, augment: BatchAugment | None,
+    acquisition: AcquisitionAugment | None,
+) -> torch.Tensor:  # fmt: skip
+    """A uint8 (B, 1, S, S) batch as a training epoch feeds it to the network: acquisition cues
+    randomised, augmented, normalised (the training loop and the linear probe's views)."""
+    if acquisition is not None:
+        xb = acquisition(xb, gen)
+    if augment is not None:
+        return augment(xb, gen, norm=(spec.mean, spec.std))
+    return xb.float().div_(255.0).sub_(spec.mean).div_(spec.std)
+
+
 def training_views(
     spec: Preprocessing, augment: BatchAugment | None, acquisition: AcquisitionAugment | None,
     device: torch.device, seed: int,
 ) -> Callable[[np.ndarray], torch.Tensor]:  # fmt: skip
-    """uint8 (N, S, S) -> the network's input as a training epoch makes it (acquisition cues randomised,
-    augmented, normalised), seeded; each batch is consumed before the next is made (as in training)."""
+    """uint8 (N, S, S) -> :func:`training_input`, seeded; each batch is consumed before the next is made
+    (as in training)."""
     gen = torch.Generator().manual_seed(seed * 104_729 + 1)
 
     def views(batch: np.ndarray) -> torch.Tensor:
         xb = torch.from_numpy(np.array(batch, dtype=np.uint8)[:, None]).to(device)
-        if acquisition is not None:
-            xb = acquisition(xb, gen)
-        if augment is not None:
-            return augment(xb, gen, norm=(spec.mean, spec.std))
-        return xb.float().div_(255.0).sub_(spec.mean).div_(spec.std)
+        return training_input(xb, gen, spec, augment, acquisition)
 
     return views
 
@@ -479,12 +488,7 @@ def train_one_epoch(t: Trainer, epoch: int, progress: bool) -> torch.Tensor:
         desc=f"epoch {epoch}", leave=False, disable=not progress, unit="b",
     )  # fmt: skip
     for xb, yb in batches:
-        if t.acquisition is not None:
-            xb = t.acquisition(xb, gen)
-        if t.augment:
-            x = t.augment(xb, gen, norm=(spec.mean, spec.std))
-        else:
-            x = xb.float().div_(255.0).sub_(spec.mean).div_(spec.std)
+        x = training_input(xb, gen, spec, t.augment, t.acquisition)
         if device.type == "cuda" and cfg.train.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         batch_idx = np.sort(order[pos : pos + len(yb)])  # the batch's records, as iter_batches gathers them
