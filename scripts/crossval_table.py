@@ -51,6 +51,8 @@ def _recipe(run: Path, m: dict) -> str:
             text += f" {name}={t[key]}"
     if t.get("probe", "none") != "none":
         text += f" probe={t['probe']}"
+    if t.get("average", "none") != "none":
+        text += f" average={t['average']} from {t.get('average_start', 0.5):g}"
     if d.get("tta", "none") != "none":
         text += f" tta={d['tta']}"
     adapt = d.get("adapt_bn") or 0  # test-time BatchNorm adaptation (True in runs made before its weight)

@@ -113,6 +113,21 @@ for v in P L S; do
     $XRAYDX crossval compare "$RUNS/R5-C-s0,$RUNS/R5-C-s1" "$RUNS/R6-$v-s0,$RUNS/R6-$v-s1"
 done
 $XRAYDX crossval compare "$RUNS/R5-CC" "$RUNS/R6-CCPP"
+# 3g. dense weight averaging (train.average=swa: the mean of the weights after every step of the second half,
+#     its BatchNorm statistics re-estimated), two seeds; C without the acquisition augmentation; the third seed
+#     of the strong augmentation preset; each against all seven runs of C
+SEVEN="$RUNS/R4-C-s0,$RUNS/R4-C-s1,$RUNS/R4-C-s2,$RUNS/R4-C-s3,$RUNS/R4-C-s4,$RUNS/R5-C-s0,$RUNS/R5-C-s1"
+for s in 0 1; do
+    $XRAYDX crossval "${COMMON[@]}" --screen --folds "$FOLDS" "${C[@]}" --lung-mask mask --name R7-W-s$s --seed $s \
+        --set train.average=swa
+done
+$XRAYDX crossval "${COMMON[@]}" --screen --folds "$FOLDS" "${C[@]}" --lung-mask mask --name R7-Cn-s0 --seed 0 \
+    --set train.acquisition=0
+$XRAYDX crossval "${COMMON[@]}" --screen --folds "$FOLDS" "${C[@]}" --lung-mask mask --name R6-S-s2 --seed 2 \
+    --augment strong
+$XRAYDX crossval compare "$SEVEN" "$RUNS/R7-W-s0,$RUNS/R7-W-s1"
+$XRAYDX crossval compare "$SEVEN" "$RUNS/R7-Cn-s0"
+$XRAYDX crossval compare "$SEVEN" "$RUNS/R6-S-s0,$RUNS/R6-S-s1,$RUNS/R6-S-s2"
 # 4. the final training: recipe C at 224 px on everything, at three seeds (one core each; two can run in
 #    parallel), combined into one checkpoint: the mean of the three networks' calibrated probabilities
 #    (the fourth round's R4-CCC: seed averaging was the one change that raised both the pooled

@@ -76,6 +76,36 @@ def kill_in_validation(monkeypatch: pytest.MonkeyPatch, cfg: object, epoch: int)
     return Path(cfg.runs_dir) / cfg.name  # type: ignore[attr-defined]
 
 
+def epoch_rows(run: Path) -> list[dict[str, str]]:
+    """A training run's log.csv rows without the timings (two runs that trained alike compare equal)."""
+    import csv
+
+    with open(run / "log.csv") as fh:
+        return [{k: v for k, v in r.items() if k != "seconds"} for r in csv.DictReader(fh)]
+
+
+def val_macro_f1(run: Path, checkpoint: str, sample_dir: Path, tmp_path: Path) -> float:
+    """The val macro-F1 of one of ``run``'s checkpoints, computed here in one process (a tiny run on the sample)."""
+    import torch
+
+    from xraydx.checkpoint import load_tensors, read_metadata
+    from xraydx.data import discover
+    from xraydx.errors import TrainError
+    from xraydx.metrics import compute_metrics
+    from xraydx.models import create_model
+    from xraydx.predict import batch_logits
+    from xraydx.train import load_split
+    from xraydx.transforms import Preprocessing
+
+    spec = Preprocessing.from_dict(read_metadata(run / "checkpoints" / checkpoint)["preprocessing"])
+    va, bad = load_split(discover(sample_dir).split("val"), spec, tmp_path / "cache", "val", False)
+    assert not bad
+    model = create_model(TINY_MODEL, 3, in_chans=1, pretrained="none")
+    model.load_state_dict(load_tensors(run / "checkpoints" / checkpoint, TrainError))
+    probs = torch.softmax(batch_logits(model.eval(), va.images, spec, torch.device("cpu")), 1).numpy()
+    return float(compute_metrics(va.labels, probs, ["covid", "non_covid", "normal"])["macro_f1"])
+
+
 @pytest.fixture(scope="session")
 def trained_run(tmp_path_factory: pytest.TempPathFactory, sample_dir: Path) -> Path:
     """One tiny training run on the real sample, shared by the tests that need a checkpoint."""

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import shutil
 from pathlib import Path
 
@@ -10,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import TINY_MODEL, kill_in_validation, tiny_config
+from conftest import TINY_MODEL, epoch_rows, kill_in_validation, tiny_config
 from xraydx.checkpoint import load_tensors
 from xraydx.errors import ConfigError, TrainError
 from xraydx.train import run_training
@@ -57,11 +56,6 @@ def test_the_head_computes_the_fitted_logistic_regression(sample_dir: Path, tmp_
     assert (logits.argmax(1) == ytr).mean() == pytest.approx(info["train_accuracy"], abs=1e-4)
 
 
-def _rows(run: Path) -> list[dict[str, str]]:
-    with open(run / "log.csv") as fh:
-        return [{k: v for k, v in r.items() if k != "seconds"} for r in csv.DictReader(fh)]
-
-
 def test_lp_trains_the_head_alone_and_resumes_frozen(
     sample_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -89,7 +83,7 @@ def test_lp_ft_fine_tunes_everything_and_a_killed_run_resumes_without_probing_ag
     run = kill_in_validation(monkeypatch, tiny_config(sample_dir, tmp_path / "b", epochs=2, probe="lp-ft"), 2)
     first = load_tensors(run / "checkpoints" / "last.safetensors", TrainError)
     assert run_training(None, resume=run, progress=False) == run
-    assert _rows(run) == _rows(whole)  # the resumed run repeats the uninterrupted one
+    assert epoch_rows(run) == epoch_rows(whole)  # the resumed run repeats the uninterrupted one
     assert (run / "train.log").read_text().count("logistic regression") == 1  # not fitted again on resume
     second = load_tensors(run / "checkpoints" / "last.safetensors", TrainError)
     assert not torch.equal(first["conv1.0.weight"], second["conv1.0.weight"])  # the backbone trains too

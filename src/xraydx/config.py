@@ -19,6 +19,7 @@ import yaml
 from xraydx.constants import (
     AUGMENT_INTERPOLATIONS,
     AUGMENT_PRESETS,
+    AVERAGE_MODES,
     BALANCE_MODES,
     ENGINES,
     INTENSITY_MODES,
@@ -75,6 +76,9 @@ class TrainConfig:
     mixstyle_alpha: float = 0.1  # MixStyle's Beta(alpha, alpha) mixing weights (> 0)
     adversary: float = 0.0  # >0: weight of the source head behind a gradient reversal (xraydx.dann); 0 = off
     probe: str = "none"  # none | lp-ft (linear probe, then fine-tune all) | lp (probe, then the head alone); xraydx.probe
+    average: str = "none"  # none | swa (mean of the weights after every step) | ema; xraydx.weightavg
+    average_start: float = 0.5  # share of the run's steps before the averaging begins, in [0, 1)
+    ema_decay: float = 0.99  # train.average=ema: the moving average's decay, in (0, 1)
     augment_interpolation: str = "nearest"  # nearest (as torchvision; fused kernel on CPU) | bilinear
     patience: int = 5  # early stopping: epochs without a better val macro-F1
     seed: int = 0
@@ -196,6 +200,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "train.balance": BALANCE_MODES,
     "train.objective": OBJECTIVES,
     "train.probe": PROBE_MODES,
+    "train.average": AVERAGE_MODES,
     "train.augment": AUGMENT_PRESETS,
     "train.augment_interpolation": AUGMENT_INTERPOLATIONS,
 }
@@ -223,6 +228,8 @@ RANGES: dict[str, tuple[float | None, bool, float | None, bool]] = {
     "train.mixstyle": (0.0, True, 1.0, True),
     "train.mixstyle_alpha": (0.0, False, None, False),
     "train.adversary": (0.0, True, None, False),
+    "train.average_start": (0.0, True, 1.0, False),
+    "train.ema_decay": (0.0, False, 1.0, False),
     "data.adapt_bn": (0.0, True, 1.0, True),
     "data.adapt_bn_layers": (0, True, None, False),
 }

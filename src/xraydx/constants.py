@@ -35,6 +35,8 @@ BALANCE_MODES: tuple[str, ...] = ("loss", "sampler", "class_source", "none")
 OBJECTIVES: tuple[str, ...] = ("erm", "group_dro")
 #: train.probe: no probe, a linear probe then fine-tuning everything, or the head alone (xraydx.probe)
 PROBE_MODES: tuple[str, ...] = ("none", "lp-ft", "lp")
+#: train.average: no weight averaging, the mean of the weights (SWA, dense as SWAD), or their EMA (xraydx.weightavg)
+AVERAGE_MODES: tuple[str, ...] = ("none", "swa", "ema")
 ENGINES: tuple[str, ...] = ("torch", "onnx")
 SEGMENTER_ENCODERS: tuple[str, ...] = ("mobilenetv2_100", "tf_efficientnet_lite0")
 

@@ -487,6 +487,7 @@ def _recipe(cfg: Config) -> dict[str, Any]:
         "epoch_size": cfg.train.epoch_size, "objective": cfg.train.objective, "tta": cfg.data.tta,
         "adapt_bn": cfg.data.adapt_bn, "adapt_bn_layers": cfg.data.adapt_bn_layers,
         "mixstyle": cfg.train.mixstyle, "adversary": cfg.train.adversary, "probe": cfg.train.probe,
+        "average": cfg.train.average, "average_start": cfg.train.average_start,
     }  # fmt: skip
 
 

@@ -22,6 +22,7 @@ from xraydx.checkpoint import load_tensors
 from xraydx.errors import TrainError
 from xraydx.models import read_metadata
 from xraydx.optim import load_train_state
+from xraydx.weightavg import RAW_FILE
 
 if TYPE_CHECKING:
     from xraydx.train import Trainer
@@ -55,6 +56,7 @@ def _resume_weights_only(t: Trainer, steps_per_epoch: int) -> None:
     try:
         epoch = int(read_metadata(last)["epoch"])
         t.model.load_state_dict(load_tensors(last, TrainError))
+        _resume_average(t, last)
     except (KeyError, TypeError, ValueError, RuntimeError) as exc:
         raise TrainError(f"{last}: cannot resume from it ({str(exc)[:200]})") from exc
     rows = _read_log(t.run / "log.csv")
@@ -113,6 +115,24 @@ def _resume_adversary(t: Trainer) -> bool:
     return True
 
 
+def _resume_average(t: Trainer, last: Path) -> None:
+    """train.average: where ``last`` holds the weight average (its metadata counts the steps in it), the
+    average from it and the weights being trained from RAW_FILE; else (the average had not begun) nothing."""
+    if t.average is None:
+        return
+    steps = int((read_metadata(last).get("average") or {}).get("steps", 0))
+    if steps == 0:
+        return
+    raw = t.ckdir / RAW_FILE
+    if not raw.is_file():
+        raise TrainError(
+            f"{raw}: missing, and {last.name} holds the weight average of {steps} steps, not the weights being"
+            " trained; cannot resume without it"
+        )
+    t.average.load(t.model.state_dict(), steps)  # last.safetensors was loaded into the model: the average
+    t.model.load_state_dict(load_tensors(raw, TrainError, "the weights being trained"))
+
+
 def _resume_full(t: Trainer) -> None:
     """Model, optimiser, schedule and bookkeeping as they were after the last finished epoch."""
     from safetensors import SafetensorError
@@ -120,6 +140,7 @@ def _resume_full(t: Trainer) -> None:
     try:  # safetensors only: a planted pickle is refused here, never unpickled
         t.model.load_state_dict(load_file(str(t.ckdir / "last.safetensors"), device=str(t.device)))
         info = load_train_state(t.ckdir / "last.state.safetensors", t.opt, t.sched)
+        _resume_average(t, t.ckdir / "last.safetensors")
     except (SafetensorError, OSError, RuntimeError, KeyError, ValueError) as exc:
         raise TrainError(
             f"{t.ckdir}: cannot resume from last.safetensors / last.state.safetensors ({str(exc)[:200]})"

@@ -47,6 +47,7 @@ from xraydx.predict import batch_logits
 from xraydx.resume import resume_where_it_stopped
 from xraydx.runchecks import best_on_disk, check_leaks, new_run_dir, refuse_divergence
 from xraydx.transforms import AugmentSpec, BatchAugment, Preprocessing
+from xraydx.weightavg import BN_IMAGES, RAW_FILE, WeightAverage
 
 ADVERSARY_FILE = "last.adversary.safetensors"  # the source head (train.adversary), for --resume
 LOG_COLUMNS = [
@@ -224,6 +225,7 @@ class Trainer:
     adversary: WithAdversary | None = None  # train.adversary > 0: the classifier with its source head
     sources: torch.Tensor | None = None  # the source id of each train record (for the source head)
     source_names: list[str] = field(default_factory=list)
+    average: WeightAverage | None = None  # train.average: the running average of the weights
     total_steps: int = 0
     start_epoch: int = 1
     best_f1: float = -1.0
@@ -405,6 +407,14 @@ def setup(cfg: Config, d: Dist, device: torch.device, resume: Path | None, progr
         log(
             f"objective: Group DRO over {len(t.group_names)} (class, source) cells, step size {cfg.train.dro_eta}"
         )
+    if cfg.train.average != "none":
+        t.average = WeightAverage(
+            model, cfg.train.average, int(cfg.train.average_start * t.total_steps), cfg.train.ema_decay
+        )
+        log(
+            f"{t.average.describe()} of {t.total_steps}; validated and checkpointed from the first epoch that"
+            f" ends with an average, its BatchNorm statistics re-estimated on up to {BN_IMAGES} of the epoch's draws"
+        )
     if resume is not None:
         resume_where_it_stopped(t, steps_per_epoch)
     return t
@@ -517,6 +527,8 @@ def train_one_epoch(t: Trainer, epoch: int, progress: bool) -> torch.Tensor:
         loss.backward()
         t.opt.step()
         t.sched.step()
+        if t.average is not None:
+            t.average.step(t.model, t.sched.last_epoch)
         loss_sum += float(loss.detach()) * len(yb)
         correct += int((logits.argmax(1) == yb).sum())
         seen += len(yb)
@@ -529,19 +541,39 @@ def train_one_epoch(t: Trainer, epoch: int, progress: bool) -> torch.Tensor:
     return stats
 
 
-def validate(t: Trainer) -> tuple[dict[str, Any], float]:
-    """Val metrics (uncalibrated) and val loss of the model as it is now."""
+def evaluated_model(t: Trainer, epoch: int) -> nn.Module:
+    """The network this epoch validates and checkpoints: the weight average once it holds a step (its
+    BatchNorm statistics first re-estimated on the epoch's draws, the same on every rank), else the
+    trained one."""
+    a = t.average
+    if a is None or a.count == 0:
+        return t.model
+    tr = t.splits["train"]
+    order = epoch_order(len(tr.labels), tr.labels, t.cfg, epoch, Dist(), [r.source for r in tr.records])
+    views = training_views(t.spec, t.augment, t.acquisition, t.device, t.cfg.train.seed * 1_000 + epoch)
+    n = a.refresh_statistics(tr.images[np.sort(order[:BN_IMAGES])], t.spec, t.device, views)
+    t.log(
+        f"weight average of {a.count} steps"
+        + (f": BatchNorm statistics re-estimated on {n} of epoch {epoch}'s training draws" if n else "")
+    )
+    return a.module
+
+
+def validate(t: Trainer, model: nn.Module | None = None) -> tuple[dict[str, Any], float]:
+    """Val metrics (uncalibrated) and val loss of ``model`` (default: the one training) as it is now."""
     va = t.splits["val"]
-    val_logits = eval_logits(t.model, va.images, t.spec, t.device, t.d)
+    val_logits = eval_logits(t.model if model is None else model, va.images, t.spec, t.device, t.d)
     vm = compute_metrics(va.labels, torch.softmax(val_logits, 1).numpy(), CLASSES)
     return vm, float(F.cross_entropy(val_logits, torch.from_numpy(va.labels)))
 
 
 def end_epoch(
-    t: Trainer, epoch: int, stats: torch.Tensor, vm: dict[str, Any], val_loss: float, t0: float
-) -> bool:
-    """Best/patience bookkeeping, the log row, checkpoints and train state; True when stopping early."""
-    cfg = t.cfg
+    t: Trainer, epoch: int, stats: torch.Tensor, vm: dict[str, Any], val_loss: float, t0: float,
+    net: nn.Module | None = None,
+) -> bool:  # fmt: skip
+    """Best/patience bookkeeping, the log row, checkpoints (of ``net``, the network validated: default
+    the one training) and train state; True when stopping early."""
+    cfg, net = t.cfg, t.model if net is None else net
     improved = vm["macro_f1"] > t.best_f1 + 1e-6
     if improved:
         t.best_f1, t.best_epoch, t.bad_epochs = vm["macro_f1"], epoch, 0
@@ -558,10 +590,15 @@ def end_epoch(
     t.rows.append(row)
     stopped = t.bad_epochs >= cfg.train.patience and epoch < cfg.train.epochs
     if t.d.main:
-        meta = build_meta(cfg, t.spec, t.manifest, {"epoch": epoch, "val_metrics": vm})
+        extra: dict[str, Any] = {"epoch": epoch, "val_metrics": vm}
+        if t.average is not None:
+            extra["average"] = {"mode": t.average.mode, "steps": t.average.count if net is not t.model else 0}
+        meta = build_meta(cfg, t.spec, t.manifest, extra)
         if improved and best_on_disk(t.ckdir / "best.safetensors") < epoch:  # never an earlier epoch over it
-            save_checkpoint(t.ckdir / "best.safetensors", t.model, meta)
-        save_checkpoint(t.ckdir / "last.safetensors", t.model, meta)
+            save_checkpoint(t.ckdir / "best.safetensors", net, meta)
+        save_checkpoint(t.ckdir / "last.safetensors", net, meta)
+        if net is not t.model:  # last.safetensors holds the average: the weights being trained, for --resume
+            save_checkpoint(t.ckdir / RAW_FILE, t.model, {"kind": "trained-weights", "epoch": epoch})
         info = {"epoch": epoch, "best_f1": t.best_f1, "best_epoch": t.best_epoch, "bad_epochs": t.bad_epochs,
                 "rows": t.rows, "stopped": stopped}  # fmt: skip
         if t.dro is not None:
@@ -594,9 +631,10 @@ def _run(cfg: Config, d: Dist, device: torch.device, resume: Path | None, progre
     for epoch in epochs_bar:
         t0 = time.perf_counter()
         stats = train_one_epoch(t, epoch, progress)
-        vm, val_loss = validate(t)
+        net = evaluated_model(t, epoch)
+        vm, val_loss = validate(t, net)
         refuse_divergence(t.run, t.cfg, epoch, float(stats[0] / max(1.0, float(stats[2]))), val_loss)
-        if end_epoch(t, epoch, stats, vm, val_loss, t0):
+        if end_epoch(t, epoch, stats, vm, val_loss, t0, net):
             break
     epochs_bar.close()
     if d.active:
