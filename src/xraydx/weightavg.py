@@ -25,6 +25,7 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from xraydx.bnadapt import adapt_batchnorm, batchnorms
+from xraydx.constants import AVERAGE_MODES
 
 __all__ = ["BN_IMAGES", "RAW_FILE", "WeightAverage"]
 
@@ -38,7 +39,7 @@ class WeightAverage:
     """The running average of ``model``'s weights (a copy; ``model`` itself is never changed)."""
 
     def __init__(self, model: nn.Module, mode: str, start_step: int, decay: float = 0.99) -> None:
-        if mode not in ("swa", "ema"):
+        if mode == "none" or mode not in AVERAGE_MODES:
             raise ValueError(f"weight averaging: unknown mode {mode!r} (swa or ema)")
         self.mode, self.start_step, self.decay = mode, max(0, int(start_step)), decay
         avg_fn = get_ema_multi_avg_fn(decay) if mode == "ema" else None
