@@ -53,6 +53,8 @@ def _recipe(run: Path, m: dict) -> str:
         text += f" probe={t['probe']}"
     if t.get("average", "none") != "none":
         text += f" average={t['average']} from {t.get('average_start', 0.5):g}"
+    if t.get("schedule", "cosine") != "cosine":
+        text += f" schedule={t['schedule']}"
     if d.get("tta", "none") != "none":
         text += f" tta={d['tta']}"
     adapt = d.get("adapt_bn") or 0  # test-time BatchNorm adaptation (True in runs made before its weight)

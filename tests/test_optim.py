@@ -47,6 +47,20 @@ def test_lr_lambda_warms_up_then_decays_to_the_floor(floor: float) -> None:
     assert lr_lambda(10, 0)(0) == pytest.approx(0.5 * (1 + math.cos(0)) * (1 - 0.01) + 0.01)
 
 
+def test_lr_lambda_constant_and_hold_schedules() -> None:
+    cosine = lr_lambda(100, 10)
+    const = lr_lambda(100, 10, schedule="constant")
+    assert [const(s) for s in (0, 9)] == pytest.approx([0.1, 1.0])  # the same warmup
+    assert all(const(s) == 1.0 for s in range(10, 200))
+    hold = lr_lambda(100, 10, schedule="hold", hold_step=60)
+    assert [hold(s) for s in range(61)] == pytest.approx([cosine(s) for s in range(61)])
+    assert cosine(60) < 0.5 and all(hold(s) == pytest.approx(cosine(60)) for s in range(60, 200))
+    held_early = lr_lambda(100, 10, schedule="hold", hold_step=0)  # held from the warmup's end
+    assert held_early(50) == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="schedule must be one of"):
+        lr_lambda(100, 10, schedule="step")
+
+
 def test_make_optimizer_state_round_trip(tmp_path: Path) -> None:
     torch.manual_seed(0)
     net = _net()

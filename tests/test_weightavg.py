@@ -85,12 +85,25 @@ def test_resuming_without_the_trained_weights_is_refused(
         run_training(None, resume=run, progress=False)
 
 
+def test_the_hold_schedule_keeps_the_learning_rate_where_the_averaging_starts(
+    sample_dir: Path, tmp_path: Path
+) -> None:
+    # 8 steps per epoch, 24 in all; the cosine is held from step 9 (0.4 of 24) on, as SWA averages
+    cfg = tiny_config(sample_dir, tmp_path, epochs=3, average="swa", average_start=0.4, schedule="hold")
+    run = run_training(cfg, progress=False)
+    lrs = [float(r["lr"]) for r in epoch_rows(run)]
+    base = cfg.train.lr
+    assert lrs[1] == lrs[2] and lrs[0] > lrs[1] and 0.0 < lrs[1] < base
+    assert "learning-rate schedule after the warmup: hold" in (run / "train.log").read_text()
+
+
 @pytest.mark.parametrize(
     ("key", "value", "message"),
     [
         ("average", "mean", "train.average must be one of none, swa, ema"),
         ("average_start", 1.0, r"train.average_start must be in \[0, 1\)"),
         ("ema_decay", 1.0, r"train.ema_decay must be in \(0, 1\)"),
+        ("schedule", "step", "train.schedule must be one of cosine, constant, hold"),
     ],
 )
 def test_bad_averaging_settings_are_refused_before_anything_runs(

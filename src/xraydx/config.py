@@ -27,6 +27,7 @@ from xraydx.constants import (
     OBJECTIVES,
     PRETRAINED_MODES,
     PROBE_MODES,
+    SCHEDULES,
     TTA_MODES,
 )
 from xraydx.errors import ConfigError, ServeError
@@ -79,6 +80,7 @@ class TrainConfig:
     average: str = "none"  # none | swa (mean of the weights after every step) | ema; xraydx.weightavg
     average_start: float = 0.5  # share of the run's steps before the averaging begins, in [0, 1)
     ema_decay: float = 0.99  # train.average=ema: the moving average's decay, in (0, 1)
+    schedule: str = "cosine"  # after warmup: cosine | constant (SWAD) | hold (cosine until average_start's step, then held)
     augment_interpolation: str = "nearest"  # nearest (as torchvision; fused kernel on CPU) | bilinear
     patience: int = 5  # early stopping: epochs without a better val macro-F1
     seed: int = 0
@@ -201,6 +203,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "train.objective": OBJECTIVES,
     "train.probe": PROBE_MODES,
     "train.average": AVERAGE_MODES,
+    "train.schedule": SCHEDULES,
     "train.augment": AUGMENT_PRESETS,
     "train.augment_interpolation": AUGMENT_INTERPOLATIONS,
 }

@@ -37,6 +37,9 @@ OBJECTIVES: tuple[str, ...] = ("erm", "group_dro")
 PROBE_MODES: tuple[str, ...] = ("none", "lp-ft", "lp")
 #: train.average: no weight averaging, the mean of the weights (SWA, dense as SWAD), or their EMA (xraydx.weightavg)
 AVERAGE_MODES: tuple[str, ...] = ("none", "swa", "ema")
+#: train.schedule after the warmup (xraydx.optim): cosine decay, constant (SWAD), or the cosine held from
+#: train.average_start's step on (SWA)
+SCHEDULES: tuple[str, ...] = ("cosine", "constant", "hold")
 ENGINES: tuple[str, ...] = ("torch", "onnx")
 SEGMENTER_ENCODERS: tuple[str, ...] = ("mobilenetv2_100", "tf_efficientnet_lite0")
 

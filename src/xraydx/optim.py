@@ -4,7 +4,10 @@
 - AdamW over two parameter groups: weight decay on matrices and convolution kernels, none on biases
   and normalisation weights (parameters with at most one dimension); frozen parameters left out.
 - A per-step multiplier of the base learning rate: linear warmup ``(step + 1) / warmup`` for
-  ``warmup`` steps, then cosine decay from 1 to ``floor`` at ``total`` steps (and ``floor`` after).
+  ``warmup`` steps, then (``schedule``, ``train.schedule``) ``cosine``: cosine decay from 1 to ``floor`` at
+  ``total`` steps (and ``floor`` after); ``constant``: 1 (SWAD's schedule for dense weight averaging,
+  Cha et al. 2021); ``hold``: the cosine until step ``hold``, then held at its value there (the SWA
+  schedule, Izmailov et al. 2018: anneal, then average at a constant rate).
 - ``log.csv``: one row per epoch, rewritten whole (atomically) after every epoch.
 - The optimiser and scheduler state for ``--resume``: safetensors tensors plus JSON (never pickled).
 """
@@ -23,6 +26,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+from xraydx.constants import SCHEDULES
 from xraydx.fsutil import CsvDictWriter, atomic_write_text, atomic_write_with
 
 __all__ = [
@@ -45,14 +49,25 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def lr_lambda(total_steps: int, warmup_steps: int, floor: float = 0.01) -> Callable[[int], float]:
-    """Multiplier of the base learning rate at ``step``: linear warmup, then cosine down to ``floor``."""
+def lr_lambda(
+    total_steps: int, warmup_steps: int, floor: float = 0.01, *, schedule: str = "cosine", hold_step: int = 0
+) -> Callable[[int], float]:
+    """Multiplier of the base learning rate at ``step``: linear warmup, then ``schedule`` (module doc)."""
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}; got {schedule!r}")
+
+    def cosine(step: int) -> float:
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return floor + (1.0 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
     def f(step: int) -> float:
         if step < warmup_steps:
             return (step + 1) / max(1, warmup_steps)
-        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        return floor + (1.0 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+        if schedule == "constant":
+            return 1.0
+        if schedule == "hold":
+            return cosine(min(step, max(hold_step, warmup_steps)))
+        return cosine(step)
 
     return f
 
@@ -65,10 +80,13 @@ def make_optimizer(
     total_steps: int,
     warmup_steps: int,
     floor: float = 0.01,
+    schedule: str = "cosine",
+    hold_step: int = 0,
 ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
-    """AdamW over :func:`param_groups` and its per-step warmup + cosine schedule."""
+    """AdamW over :func:`param_groups` and its per-step warmup + ``schedule`` (:func:`lr_lambda`)."""
     opt = torch.optim.AdamW(param_groups(model, weight_decay), lr=lr)
-    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(total_steps, warmup_steps, floor))
+    f = lr_lambda(total_steps, warmup_steps, floor, schedule=schedule, hold_step=hold_step)
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, f)
 
 
 def write_log(path: Path, rows: Sequence[dict[str, Any]], columns: Sequence[str] | None = None) -> None:

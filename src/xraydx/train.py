@@ -394,13 +394,17 @@ def setup(cfg: Config, d: Dist, device: torch.device, resume: Path | None, progr
     steps_per_epoch = math.ceil(
         math.ceil((cfg.train.epoch_size or len(tr.labels)) / d.world) / cfg.train.batch_size
     )
+    total_steps = steps_per_epoch * cfg.train.epochs
     opt, sched = make_optimizer(
-        adversary if adversary is not None else model, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay, total_steps=steps_per_epoch * cfg.train.epochs,
-        warmup_steps=int(cfg.train.warmup_epochs * steps_per_epoch),
+        adversary if adversary is not None else model, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay, total_steps=total_steps,
+        warmup_steps=int(cfg.train.warmup_epochs * steps_per_epoch), schedule=cfg.train.schedule,
+        hold_step=int(cfg.train.average_start * total_steps),
     )  # fmt: skip
+    if cfg.train.schedule != "cosine":
+        log(f"learning-rate schedule after the warmup: {cfg.train.schedule}")
     t = Trainer(cfg, d, device, run, log, manifest, spec, splits, model, train_model, opt, sched, augment,
                 acquisition, weight, adversary=adversary, sources=sources, source_names=source_names,
-                total_steps=steps_per_epoch * cfg.train.epochs)  # fmt: skip
+                total_steps=total_steps)  # fmt: skip
     if cfg.train.objective == "group_dro":
         t.groups, t.group_names = group_ids(tr.labels.tolist(), [r.source for r in tr.records], CLASSES)
         t.dro = GroupDRO(len(t.group_names), cfg.train.dro_eta, device, distributed=d.active)
