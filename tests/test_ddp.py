@@ -5,23 +5,17 @@ from __future__ import annotations
 import csv
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from orthanc_server import free_port
 
 from conftest import ROOT, TINY_MODEL, sample_images, val_macro_f1
 from xraydx.models import load_checkpoint, read_metadata
 from xraydx.predict import Predictor
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _torchrun_train(tmp_path: Path, sample_dir: Path, epochs: int, *extra: str) -> Path:
@@ -29,7 +23,7 @@ def _torchrun_train(tmp_path: Path, sample_dir: Path, epochs: int, *extra: str) 
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master-addr", "127.0.0.1",
-        "--master-port", str(_free_port()), "-m", "xraydx", "train", "--data", str(sample_dir),
+        "--master-port", str(free_port()), "-m", "xraydx", "train", "--data", str(sample_dir),
         "--model", TINY_MODEL, "--pretrained", "none", "--image-size", "64", "--epochs", str(epochs),
         "--runs-dir", str(tmp_path / "runs"), "--name", "ddp", "-q", *extra,
     ]  # fmt: skip
