@@ -128,6 +128,20 @@ $XRAYDX crossval "${COMMON[@]}" --screen --folds "$FOLDS" "${C[@]}" --lung-mask 
 $XRAYDX crossval compare "$SEVEN" "$RUNS/R7-W-s0,$RUNS/R7-W-s1"
 $XRAYDX crossval compare "$SEVEN" "$RUNS/R7-Cn-s0"
 $XRAYDX crossval compare "$SEVEN" "$RUNS/R6-S-s0,$RUNS/R6-S-s1,$RUNS/R6-S-s2"
+# 3h. the average's window and schedule (eighth round): an EMA of the same window; averaging from a quarter of
+#     the run (two seeds); that with a constant rate after the warmup (SWAD's schedule); each against the
+#     seventh round's SWA run of the same seed (paired: the same draws)
+$XRAYDX crossval "${COMMON[@]}" --screen --folds "$FOLDS" "${C[@]}" --lung-mask mask --name R8-E-s0 --seed 0 \
+    --set train.average=ema
+for s in 0 1; do
+    $XRAYDX crossval "${COMMON[@]}" --screen --folds "$FOLDS" "${C[@]}" --lung-mask mask --name R8-W25-s$s --seed $s \
+        --set train.average=swa --set train.average_start=0.25
+    $XRAYDX crossval compare "$RUNS/R7-W-s$s" "$RUNS/R8-W25-s$s"
+done
+$XRAYDX crossval "${COMMON[@]}" --screen --folds "$FOLDS" "${C[@]}" --lung-mask mask --name R8-W25K-s0 --seed 0 \
+    --set train.average=swa --set train.average_start=0.25 --set train.schedule=constant
+$XRAYDX crossval compare "$RUNS/R7-W-s0" "$RUNS/R8-E-s0"
+$XRAYDX crossval compare "$RUNS/R8-W25-s0" "$RUNS/R8-W25K-s0"
 # 4. the final training (seventh round): recipe C with dense weight averaging (train.average=swa, step 3g) at
 #    224 px on everything, at three seeds (one core each; two can run in
 #    parallel), combined into one checkpoint: the mean of the three networks' calibrated probabilities
