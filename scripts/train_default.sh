@@ -138,8 +138,12 @@ for s in 0 1; do
         --set train.average=swa --set train.average_start=0.25
     $XRAYDX crossval compare "$RUNS/R7-W-s$s" "$RUNS/R8-W25-s$s"
 done
-$XRAYDX crossval "${COMMON[@]}" --screen --folds "$FOLDS" "${C[@]}" --lung-mask mask --name R8-W25K-s0 --seed 0 \
-    --set train.average=swa --set train.average_start=0.25 --set train.schedule=constant
+for s in 0 1 2; do
+    $XRAYDX crossval "${COMMON[@]}" --screen --folds "$FOLDS" "${C[@]}" --lung-mask mask --name R8-W25K-s$s --seed $s \
+        --set train.average=swa --set train.average_start=0.25 --set train.schedule=constant
+done
+$XRAYDX crossval ensemble "$RUNS/R8-W25K-s0" "$RUNS/R8-W25K-s1" "$RUNS/R8-W25K-s2" --name R8-KKK --runs-dir "$RUNS"
+$XRAYDX crossval compare "$RUNS/R7-WWW" "$RUNS/R8-KKK"
 $XRAYDX crossval compare "$RUNS/R7-W-s0" "$RUNS/R8-E-s0"
 $XRAYDX crossval compare "$RUNS/R8-W25-s0" "$RUNS/R8-W25K-s0"
 # 4. the final training (seventh round): recipe C with dense weight averaging (train.average=swa, step 3g) at
