@@ -395,10 +395,11 @@ def setup(cfg: Config, d: Dist, device: torch.device, resume: Path | None, progr
         math.ceil((cfg.train.epoch_size or len(tr.labels)) / d.world) / cfg.train.batch_size
     )
     total_steps = steps_per_epoch * cfg.train.epochs
+    average_step = int(cfg.train.average_start * total_steps)  # where the averaging starts (and `hold` holds)
     opt, sched = make_optimizer(
         adversary if adversary is not None else model, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay, total_steps=total_steps,
         warmup_steps=int(cfg.train.warmup_epochs * steps_per_epoch), schedule=cfg.train.schedule,
-        hold_step=int(cfg.train.average_start * total_steps),
+        hold_step=average_step,
     )  # fmt: skip
     if cfg.train.schedule != "cosine":
         log(f"learning-rate schedule after the warmup: {cfg.train.schedule}")
@@ -412,9 +413,7 @@ def setup(cfg: Config, d: Dist, device: torch.device, resume: Path | None, progr
             f"objective: Group DRO over {len(t.group_names)} (class, source) cells, step size {cfg.train.dro_eta}"
         )
     if cfg.train.average != "none":
-        t.average = WeightAverage(
-            model, cfg.train.average, int(cfg.train.average_start * t.total_steps), cfg.train.ema_decay
-        )
+        t.average = WeightAverage(model, cfg.train.average, average_step, cfg.train.ema_decay)
         log(
             f"{t.average.describe()} of {t.total_steps}; validated and checkpointed from the first epoch that"
             f" ends with an average, its BatchNorm statistics re-estimated on up to {BN_IMAGES} of the epoch's draws"
