@@ -157,7 +157,8 @@ done
 $XRAYDX crossval compare "$RUNS/R8-W25K-s0,$RUNS/R8-W25K-s1,$RUNS/R8-W25K-s2,$RUNS/R8-W25K-s3" "$RUNS/R9-K8-s0,$RUNS/R9-K8-s1"
 $XRAYDX crossval compare "$RUNS/R8-W25K-s0" "$RUNS/R9-K8-s0"
 # 4. the final training (eighth round): recipe C with dense weight averaging from a quarter of the run at a
-#    constant rate (train.average=swa, average_start=0.25, schedule=constant; steps 3g, 3h) at 224 px on everything, at three seeds (one core each; two can run in
+#    constant rate (train.average=swa, average_start=0.25, schedule=constant; steps 3g, 3h) at 224 px on
+#    everything, at three seeds (one core each; two can run in
 #    parallel), combined into one checkpoint: the mean of the three networks' calibrated probabilities
 #    (the fourth round's R4-CCC: seed averaging was the one change that raised both the pooled
 #    out-of-source figure and the worst unseen normal site). Its abstention threshold is chosen on its
