@@ -49,6 +49,10 @@ def _recipe(run: Path, m: dict) -> str:
     for key, name in (("mixstyle", "mixstyle"), ("adversary", "adversary")):
         if t.get(key):
             text += f" {name}={t[key]}"
+    if t.get("objective", "erm") != "erm":
+        text += f" objective={t['objective']}"
+    if t.get("mixup"):
+        text += f" mixup={t['mixup']:g} (mixup α {t.get('mixup_alpha', 0):g}, cutmix α {t.get('cutmix_alpha', 0):g})"
     if t.get("probe", "none") != "none":
         text += f" probe={t['probe']}"
     if t.get("average", "none") != "none":

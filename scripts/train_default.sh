@@ -156,6 +156,19 @@ for s in 0 1; do
 done
 $XRAYDX crossval compare "$RUNS/R8-W25K-s0,$RUNS/R8-W25K-s1,$RUNS/R8-W25K-s2,$RUNS/R8-W25K-s3" "$RUNS/R9-K8-s0,$RUNS/R9-K8-s1"
 $XRAYDX crossval compare "$RUNS/R8-W25K-s0" "$RUNS/R9-K8-s0"
+# 3j. tenth round: Group DRO over (class, source) cells, and Mixup / CutMix, each on the shipped recipe, two
+#     seeds each, against the shipped recipe's four seeds
+for s in 0 1; do
+    $XRAYDX crossval "${COMMON[@]}" --screen --folds "$FOLDS" "${C[@]}" --lung-mask mask --name R10-D-s$s --seed $s \
+        --set train.average=swa --set train.average_start=0.25 --set train.schedule=constant \
+        --set train.objective=group_dro --set train.dro_eta=0.1
+    $XRAYDX crossval "${COMMON[@]}" --screen --folds "$FOLDS" "${C[@]}" --lung-mask mask --name R10-M-s$s --seed $s \
+        --set train.average=swa --set train.average_start=0.25 --set train.schedule=constant \
+        --set train.mixup=1.0 --set train.mixup_alpha=0.4 --set train.cutmix_alpha=1.0
+done
+K4="$RUNS/R8-W25K-s0,$RUNS/R8-W25K-s1,$RUNS/R8-W25K-s2,$RUNS/R8-W25K-s3"
+$XRAYDX crossval compare "$K4" "$RUNS/R10-D-s0,$RUNS/R10-D-s1"
+$XRAYDX crossval compare "$K4" "$RUNS/R10-M-s0,$RUNS/R10-M-s1"
 # 4. the final training (eighth round): recipe C with dense weight averaging from a quarter of the run at a
 #    constant rate (train.average=swa, average_start=0.25, schedule=constant; steps 3g, 3h) at 224 px on
 #    everything, at three seeds (one core each; two can run in

@@ -75,6 +75,9 @@ class TrainConfig:
     dro_eta: float = 0.1  # Group DRO step size of the group weights (> 0)
     mixstyle: float = 0.0  # 0-1: probability per batch of MixStyle (xraydx.mixstyle); 0 = off
     mixstyle_alpha: float = 0.1  # MixStyle's Beta(alpha, alpha) mixing weights (> 0)
+    mixup: float = 0.0  # 0-1: probability per batch of Mixup / CutMix (xraydx.mixup, timm's); 0 = off
+    mixup_alpha: float = 0.2  # Mixup's Beta(alpha, alpha); 0 = CutMix only
+    cutmix_alpha: float = 0.0  # CutMix's Beta(alpha, alpha); 0 = Mixup only (both > 0: one or the other)
     adversary: float = 0.0  # >0: weight of the source head behind a gradient reversal (xraydx.dann); 0 = off
     probe: str = "none"  # none | lp-ft (linear probe, then fine-tune all) | lp (probe, then the head alone); xraydx.probe
     average: str = "none"  # none | swa (mean of the weights after every step) | ema; xraydx.weightavg
@@ -230,6 +233,9 @@ RANGES: dict[str, tuple[float | None, bool, float | None, bool]] = {
     "train.dro_eta": (0.0, False, None, False),
     "train.mixstyle": (0.0, True, 1.0, True),
     "train.mixstyle_alpha": (0.0, False, None, False),
+    "train.mixup": (0.0, True, 1.0, True),
+    "train.mixup_alpha": (0.0, True, None, False),
+    "train.cutmix_alpha": (0.0, True, None, False),
     "train.adversary": (0.0, True, None, False),
     "train.average_start": (0.0, True, 1.0, False),
     "train.ema_decay": (0.0, False, 1.0, False),
@@ -271,6 +277,10 @@ def validate(cfg: Config) -> None:
         raise ConfigError(
             f"model.in_chans must be 1 (images are read as one gray channel; the pretrained RGB stem is"
             f" summed into it); got {cfg.model.in_chans}"
+        )
+    if cfg.train.mixup > 0 and cfg.train.mixup_alpha + cfg.train.cutmix_alpha <= 0:
+        raise ConfigError(
+            f"train.mixup={cfg.train.mixup} needs train.mixup_alpha > 0 or train.cutmix_alpha > 0; both are 0"
         )
     if not cfg.model.name.strip():
         raise ConfigError("model.name must name a timm architecture (e.g. mobilenetv2_100); got ''")

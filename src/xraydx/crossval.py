@@ -488,7 +488,8 @@ def _recipe(cfg: Config) -> dict[str, Any]:
         "adapt_bn": cfg.data.adapt_bn, "adapt_bn_layers": cfg.data.adapt_bn_layers,
         "mixstyle": cfg.train.mixstyle, "adversary": cfg.train.adversary, "probe": cfg.train.probe,
         "average": cfg.train.average, "average_start": cfg.train.average_start,
-        "schedule": cfg.train.schedule,
+        "schedule": cfg.train.schedule, "mixup": cfg.train.mixup, "mixup_alpha": cfg.train.mixup_alpha,
+        "cutmix_alpha": cfg.train.cutmix_alpha,
     }  # fmt: skip
 
 

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from xraydx import __version__, mixstyle, probe
+from xraydx import __version__, mixstyle, mixup, probe
 from xraydx.acqaug import AcquisitionAugment
 from xraydx.cache import BatchBuffers, iter_batches, load_many
 from xraydx.checkpoint import save as save_checkpoint
@@ -226,6 +226,7 @@ class Trainer:
     sources: torch.Tensor | None = None  # the source id of each train record (for the source head)
     source_names: list[str] = field(default_factory=list)
     average: WeightAverage | None = None  # train.average: the running average of the weights
+    mix: mixup.BatchMixup | None = None  # train.mixup: Mixup / CutMix of each batch
     total_steps: int = 0
     start_epoch: int = 1
     best_f1: float = -1.0
@@ -412,6 +413,9 @@ def setup(cfg: Config, d: Dist, device: torch.device, resume: Path | None, progr
         log(
             f"objective: Group DRO over {len(t.group_names)} (class, source) cells, step size {cfg.train.dro_eta}"
         )
+    t.mix = mixup.from_config(cfg.train, len(CLASSES))
+    if t.mix is not None:
+        log(f"batch mixing: {t.mix.describe()}")
     if cfg.train.average != "none":
         t.average = WeightAverage(model, cfg.train.average, average_step, cfg.train.ema_decay)
         log(
@@ -500,8 +504,15 @@ def train_one_epoch(t: Trainer, epoch: int, progress: bool) -> torch.Tensor:
         iter_batches(tr.images, tr.labels, order, bs, device, reuse=t.buffers), total=math.ceil(len(order) / bs),
         desc=f"epoch {epoch}", leave=False, disable=not progress, unit="b",
     )  # fmt: skip
+    if t.mix is not None:
+        t.mix.seed_epoch(cfg.train.seed, epoch)
+    # with train.mixup the targets are soft and carry the label smoothing themselves
+    smoothing = cfg.train.label_smoothing if t.mix is None else 0.0
     for xb, yb in batches:
         x = training_input(xb, gen, spec, t.augment, t.acquisition)
+        target = yb
+        if t.mix is not None:
+            x, target = t.mix(x, yb)
         if device.type == "cuda" and cfg.train.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         batch_idx = np.sort(order[pos : pos + len(yb)])  # the batch's records, as iter_batches gathers them
@@ -510,16 +521,11 @@ def train_one_epoch(t: Trainer, epoch: int, progress: bool) -> torch.Tensor:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
             out = t.train_model(x)
             logits, adv = out if t.adversary is not None else (out, None)
-            if t.dro is None:
-                loss = F.cross_entropy(
-                    logits.float(), yb, weight=t.class_weight, label_smoothing=cfg.train.label_smoothing
-                )
-            else:
-                per = F.cross_entropy(
-                    logits.float(), yb, weight=t.class_weight, label_smoothing=cfg.train.label_smoothing,
-                    reduction="none",
-                )  # fmt: skip
-                loss = t.dro.loss(per, t.groups[batch_idx])
+            per = F.cross_entropy(
+                logits.float(), target, weight=t.class_weight, label_smoothing=smoothing,
+                reduction="none" if t.dro is not None else "mean",
+            )  # fmt: skip
+            loss = per if t.dro is None else t.dro.loss(per, t.groups[batch_idx])
             if adv is not None and t.sources is not None:  # the source head, through the gradient reversal
                 sb = t.sources[batch_idx]
                 loss = loss + F.cross_entropy(adv.float(), sb.to(device))
