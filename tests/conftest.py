@@ -94,7 +94,7 @@ def val_macro_f1(run: Path, checkpoint: str, sample_dir: Path, tmp_path: Path) -
     from xraydx.metrics import compute_metrics
     from xraydx.models import create_model
     from xraydx.predict import batch_logits
-    from xraydx.train import load_split
+    from xraydx.trainset import load_split
     from xraydx.transforms import Preprocessing
 
     spec = Preprocessing.from_dict(read_metadata(run / "checkpoints" / checkpoint)["preprocessing"])

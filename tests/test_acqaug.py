@@ -11,7 +11,7 @@ from conftest import sample_images
 from xraydx.acqaug import AcquisitionAugment
 from xraydx.config import Config, ConfigError, validate
 from xraydx.device import Dist
-from xraydx.train import epoch_order, sampling_weights
+from xraydx.trainset import epoch_order, sampling_weights
 
 
 def _batch(n: int = 16, size: int = 96) -> torch.Tensor:

@@ -241,7 +241,7 @@ def test_compact_drops_unreadable_without_losing_indices(tmp_path: Path) -> None
 
 def test_load_split_uses_the_memmap(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from xraydx.data import discover
-    from xraydx.train import load_split
+    from xraydx.trainset import load_split
 
     monkeypatch.setenv("XRAYDX_MEMMAP_BYTES", "0")
     man = discover(str(sample_images("train")[0].parents[2]))

@@ -17,7 +17,7 @@ from xraydx.train import run_training
 
 def _split(sample_dir: Path, tmp_path: Path, name: str) -> tuple[np.ndarray, np.ndarray]:
     from xraydx.data import discover
-    from xraydx.train import load_split
+    from xraydx.trainset import load_split
     from xraydx.transforms import Preprocessing
 
     recs = discover(sample_dir).split(name)

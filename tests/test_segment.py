@@ -195,7 +195,7 @@ def test_train_and_predict_mask_images_the_same_way(tmp_path: Path, seg: LungSeg
     """Records without masks: train's load_split and Predictor.prepare both use the shipped segmenter."""
     from xraydx.data import discover
     from xraydx.predict import Predictor
-    from xraydx.train import load_split
+    from xraydx.trainset import load_split
 
     spec = Preprocessing(size=64, lung_mask=mode)
     recs = [r for r in discover(Path(sample_images("test")[0]).parents[2]).records if r.split == "test"][:3]
@@ -220,7 +220,7 @@ def test_checkpoint_records_its_segmenter_and_predict_warns_on_another(
     Predictor whose installed segmenter differs warns (crops and predictions would shift)."""
     from xraydx.data import discover
     from xraydx.predict import Predictor
-    from xraydx.train import _segmenter_info
+    from xraydx.trainset import _segmenter_info
 
     man = discover(Path(sample_images("test")[0]).parents[2])
     info = _segmenter_info(Preprocessing(size=64, lung_mask="crop"), man)

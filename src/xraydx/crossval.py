@@ -329,7 +329,7 @@ class CrossVal:
         from xraydx.metrics import rule_flags, softmax
         from xraydx.models import load_checkpoint
         from xraydx.predict import UNCERTAIN_FLAG, Prediction, batch_outputs
-        from xraydx.train import load_split
+        from xraydx.trainset import load_split
         from xraydx.transforms import Preprocessing
 
         device = resolve_device(self.cfg.train.device)
@@ -388,7 +388,7 @@ class CrossVal:
         """The source-shift score (:mod:`xraydx.shift`) of the held-out images under this fold's model:
         k-NN feature distance to the fold's training images, in units of its validation quantile."""
         from xraydx.shift import ShiftScore, batch_features
-        from xraydx.train import load_split
+        from xraydx.trainset import load_split
 
         recs = Manifest.from_csv(run / "manifest.csv").records
         feats = {}

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
@@ -24,10 +24,8 @@ from xraydx.evaluate import evaluate_split, write_split_predictions
 from xraydx.fsutil import atomic_write_json
 from xraydx.metrics import compute_metrics, confidence_intervals, format_metrics
 from xraydx.predict import batch_logits, batch_outputs
+from xraydx.trainset import SplitData, load_split
 from xraydx.transforms import Preprocessing
-
-if TYPE_CHECKING:
-    from xraydx.train import SplitData
 
 __all__ = ["finish_run"]
 
@@ -41,8 +39,6 @@ def _deployed_metrics(
     t: float,
 ) -> dict[str, Any]:
     """Test metrics with every lung mask made by the shipped segmenter, as predict and serve make them."""
-    from xraydx.train import load_split
-
     cache_dir = Path(cfg.data.cache_dir) if cfg.data.cache_dir else Path(cfg.runs_dir) / ".cache"
     sd, _ = load_split(
         [replace(r, mask=None) for r in records], spec, cache_dir, "test (segmenter masks)", False

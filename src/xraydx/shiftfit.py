@@ -15,6 +15,7 @@ from xraydx.device import resolve_device
 from xraydx.errors import OutputExistsError, UsageError
 from xraydx.fsutil import printable_path
 from xraydx.shift import ShiftScore, batch_features, model_digest, save_sidecar, sidecar_path
+from xraydx.trainset import load_split
 
 __all__ = ["crossval_threshold", "fit_shift"]
 
@@ -49,7 +50,6 @@ def fit_shift(
 ) -> dict[str, Any]:  # fmt: skip
     """Bank = the train split's features, scale = the val split's ``quantile``; returns the sidecar's doc."""
     from xraydx.models import load_checkpoint
-    from xraydx.train import load_split
     from xraydx.transforms import Preprocessing
 
     if threshold is not None and crossval is not None:
