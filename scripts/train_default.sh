@@ -166,9 +166,14 @@ for s in 0 1; do
         --set train.average=swa --set train.average_start=0.25 --set train.schedule=constant \
         --set train.mixup=1.0 --set train.mixup_alpha=0.4 --set train.cutmix_alpha=1.0
 done
+for s in 0 1; do   # (c): the lung field at one scale (masked, then cut to the lungs' box)
+    $XRAYDX crossval "${COMMON[@]}" --screen --folds "$FOLDS" "${C[@]}" --lung-mask crop_mask --name R10-X-s$s \
+        --seed $s --set train.average=swa --set train.average_start=0.25 --set train.schedule=constant
+done
 K4="$RUNS/R8-W25K-s0,$RUNS/R8-W25K-s1,$RUNS/R8-W25K-s2,$RUNS/R8-W25K-s3"
 $XRAYDX crossval compare "$K4" "$RUNS/R10-D-s0,$RUNS/R10-D-s1"
 $XRAYDX crossval compare "$K4" "$RUNS/R10-M-s0,$RUNS/R10-M-s1"
+$XRAYDX crossval compare "$K4" "$RUNS/R10-X-s0,$RUNS/R10-X-s1"
 # 4. the final training (eighth round): recipe C with dense weight averaging from a quarter of the run at a
 #    constant rate (train.average=swa, average_start=0.25, schedule=constant; steps 3g, 3h) at 224 px on
 #    everything, at three seeds (one core each; two can run in

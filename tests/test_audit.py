@@ -61,6 +61,8 @@ def test_aligned_lungs_follow_the_lung_crop() -> None:
     assert none.mean() == pytest.approx(0.6 * 0.6, abs=0.03)
     crop = aligned_lungs(mask, (100, 200), Preprocessing(size=50, lung_mask="crop"))
     assert crop.mean() > 0.7  # the crop keeps the lung box and a small margin
+    both = aligned_lungs(mask, (100, 200), Preprocessing(size=50, lung_mask="crop_mask"))
+    assert np.array_equal(both, crop)  # crop_mask cuts the same box
     small = aligned_lungs(mask[::2, ::2], (100, 200), Preprocessing(size=50))  # masks of another size
     assert (small == none).mean() > 0.97
 

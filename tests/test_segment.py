@@ -190,7 +190,7 @@ def _tiny_classifier(tmp_path: Path, lung_mask: str) -> Path:
     return path
 
 
-@pytest.mark.parametrize("mode", ["crop", "mask"])
+@pytest.mark.parametrize("mode", ["crop", "mask", "crop_mask"])
 def test_train_and_predict_mask_images_the_same_way(tmp_path: Path, seg: LungSegmenter, mode: str) -> None:
     """Records without masks: train's load_split and Predictor.prepare both use the shipped segmenter."""
     from xraydx.data import discover

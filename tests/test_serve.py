@@ -724,13 +724,14 @@ def test_cli_missing_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixture[st
     assert "not found" in capsys.readouterr().err
 
 
-def test_lung_mask_model_without_or_with_segmenter(checkpoint: Path, tmp_path: Path) -> None:
-    """A model trained with lung_mask=crop needs the lung segmenter: without one the answer is a clear 503
+@pytest.mark.parametrize("mode", ["crop", "crop_mask"])
+def test_lung_mask_model_without_or_with_segmenter(checkpoint: Path, tmp_path: Path, mode: str) -> None:
+    """A model trained with lung_mask=crop (or crop_mask) needs the lung segmenter: without one the answer is a clear 503
     (the server's limitation, not the file's), with one the heatmap is drawn on the cropped model input."""
     from xraydx.models import read_metadata
 
-    pre = {**read_metadata(checkpoint)["preprocessing"], "lung_mask": "crop"}
-    ckpt = _checkpoint_with(checkpoint, tmp_path / "crop.safetensors", preprocessing=pre)
+    pre = {**read_metadata(checkpoint)["preprocessing"], "lung_mask": mode}
+    ckpt = _checkpoint_with(checkpoint, tmp_path / f"{mode}.safetensors", preprocessing=pre)
     with TestClient(serve.create_app(ckpt), raise_server_exceptions=False, base_url="http://127.0.0.1") as c:
         r = c.post("/api/predict?heatmap=true", files=upload(sample_images("test", "covid")[0]))
     if r.status_code == 503:

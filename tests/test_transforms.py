@@ -45,6 +45,32 @@ def test_masks_line_up_across_sizes() -> None:
     assert cropped.shape[1] == pytest.approx(box[3] - box[2], abs=2)
 
 
+def test_crop_mask_is_the_mask_cut_to_the_crop_box() -> None:
+    """crop_mask: everything outside the dilated lungs black, then the same box as crop; the lung field
+    fills the input at one scale whatever the film's field of view."""
+    rng = np.random.default_rng(0)
+    img = rng.integers(1, 255, (200, 160), dtype=np.uint8)
+    mask = np.zeros((200, 160), np.uint8)
+    mask[40:160, 20:60] = 255  # two 'lungs' with a gap between them
+    mask[40:160, 100:140] = 255
+    both = apply_lung_mask(img, mask, "crop_mask")
+    cropped = apply_lung_mask(img, mask, "crop")
+    masked = apply_lung_mask(img, mask, "mask")
+    box = mask_bbox(mask > 0)
+    assert box is not None and both.shape == cropped.shape
+    top, bottom, left, right = box
+    assert np.array_equal(both, masked[top:bottom, left:right])
+    assert (both == 0).any() and both[60 - top, 40 - left] == img[60, 40]  # the gap is black, the lungs kept
+    assert both[60 - top, 80 - left] == 0  # the mediastinum between the lungs, beyond the dilation
+    # a smaller and a larger view of the same chest give the same input (the scale is the lungs')
+    spec = Preprocessing(size=64, lung_mask="crop_mask")
+    big = np.kron(img, np.ones((2, 2), np.uint8))
+    a = preprocess(img, spec, mask)
+    b = preprocess(big, spec, np.kron(mask, np.ones((2, 2), np.uint8)))
+    assert np.abs(a.astype(int) - b.astype(int)).mean() < 8
+    assert np.array_equal(apply_lung_mask(img, np.zeros_like(mask), "crop_mask"), img)  # empty: unchanged
+
+
 def test_empty_mask_keeps_the_image() -> None:
     img = _img(100, 100)
     assert np.array_equal(apply_lung_mask(img, np.zeros((100, 100), np.uint8), "mask"), img)

@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from xraydx.constants import AUDIT_BORDER, AUDIT_CORNER
+from xraydx.constants import AUDIT_BORDER, AUDIT_CORNER, CROPPING_MODES
 from xraydx.data import checkpoint_split
 from xraydx.errors import AuditError
 from xraydx.fsutil import file_sha256
@@ -95,7 +95,7 @@ def aligned_lungs(mask: np.ndarray, image_shape: tuple[int, int], spec: Preproce
     m = _fg(mask).astype(np.uint8) * 255
     if m.shape != tuple(image_shape):
         m = resize_uint8(m, image_shape)
-    if spec.lung_mask == "crop":
+    if spec.lung_mask in CROPPING_MODES:
         m = apply_lung_mask(m, m, "crop")
     return resize_uint8(m, spec.size) > 127
 

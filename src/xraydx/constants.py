@@ -21,7 +21,9 @@ ALL_SPLITS: tuple[str, ...] = (*SPLITS, "external")
 
 # ---- mode vocabularies (config values and CLI choices) -------------------------------------------
 
-LUNG_MASK_MODES: tuple[str, ...] = ("none", "crop", "mask")
+LUNG_MASK_MODES: tuple[str, ...] = ("none", "crop", "mask", "crop_mask")
+#: the lung-mask modes that cut the image to the lungs' box (the model's input is that box, stretched)
+CROPPING_MODES: tuple[str, ...] = ("crop", "crop_mask")
 INTENSITY_MODES: tuple[str, ...] = ("none", "equalize")
 #: test-time augmentation (xraydx.tta): none | affine (the mean logits of 7 fixed shifted / scaled views)
 TTA_MODES: tuple[str, ...] = ("none", "affine")

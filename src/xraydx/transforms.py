@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps
 
-from xraydx.constants import AUGMENT_INTERPOLATIONS, INTENSITY_MODES, LUNG_MASK_MODES
+from xraydx.constants import AUGMENT_INTERPOLATIONS, CROPPING_MODES, INTENSITY_MODES, LUNG_MASK_MODES
 
 CROP_MARGIN = 0.08  # of the lung box's size, each side
 MASK_DILATE = 0.02  # of the image size, so the pleura and costophrenic angles stay visible
@@ -78,7 +78,9 @@ def mask_bbox(mask: np.ndarray, margin: float = CROP_MARGIN) -> tuple[int, int, 
 
 
 def apply_lung_mask(img: np.ndarray, mask: np.ndarray, mode: str) -> np.ndarray:
-    """Crop to the lungs' box (``crop``) or black out everything outside the (dilated) lungs (``mask``).
+    """Crop to the lungs' box (``crop``), black out everything outside the (dilated) lungs (``mask``), or
+    both (``crop_mask``: blacked out, then cut to the same box as ``crop``, so every input is the lung field
+    at one scale whatever the film's field of view or the patient's size).
 
     The mask may have any size: it is resized to the image first, so masks made at one resolution line
     up with images at another.
@@ -93,15 +95,16 @@ def apply_lung_mask(img: np.ndarray, mask: np.ndarray, mode: str) -> np.ndarray:
     fg = m > 127 if m.dtype == np.uint8 and m.max() > 1 else m > 0
     if not fg.any():
         return img  # an empty mask says nothing about where the lungs are: keep the image as it is
-    if mode == "crop":
+    if mode != "crop":
+        k = max(1, int(round(MASK_DILATE * max(img.shape))))
+        dil = F.max_pool2d(torch.from_numpy(fg.astype(np.float32))[None, None], 2 * k + 1, 1, k)[0, 0].numpy()
+        img = np.where(dil > 0, img, 0).astype(np.uint8)
+    if mode in CROPPING_MODES:
         box = mask_bbox(fg)
         assert box is not None
-        t, b, left, r = box
-        return np.ascontiguousarray(img[t:b, left:r])
-    k = max(1, int(round(MASK_DILATE * max(img.shape))))
-    t = torch.from_numpy(fg.astype(np.float32))[None, None]
-    dil = F.max_pool2d(t, kernel_size=2 * k + 1, stride=1, padding=k)[0, 0].numpy() > 0
-    return np.where(dil, img, 0).astype(np.uint8)
+        top, bottom, left, right = box
+        return np.ascontiguousarray(img[top:bottom, left:right])
+    return img
 
 
 def equalize(img: np.ndarray) -> np.ndarray:

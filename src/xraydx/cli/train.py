@@ -29,7 +29,7 @@ TRAIN_FLAGS = {
     "batch_size": ("train.batch_size", int, "batch size (per process)"),
     "lr": ("train.lr", float, "peak learning rate"),
     "image_size": ("data.image_size", int, "input size in pixels"),
-    "lung_mask": ("data.lung_mask", str, "none | crop | mask"),
+    "lung_mask": ("data.lung_mask", str, "none | crop | mask | crop_mask"),
     "intensity": ("data.intensity", str, "none | equalize"),
     "base_size": (
         "data.base_size",

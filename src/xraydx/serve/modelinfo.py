@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from xraydx.constants import CROPPING_MODES
 from xraydx.transforms import Preprocessing, mask_bbox, resize_uint8
 
 #: keys whose string values name files or folders (reduced to the last component)
@@ -59,10 +60,10 @@ def public_data_summary(summary: Any, data_path: Any = None) -> Any:
 def crop_box(
     shape: tuple[int, ...], mask: np.ndarray | None, spec: Preprocessing
 ) -> tuple[int, int, int, int] | None:
-    """(top, bottom, left, right) in an image of ``shape`` of the lung box that ``lung_mask=crop``
-    preprocessing cuts out (transforms.apply_lung_mask's rule, at the base resolution where the spec has
+    """(top, bottom, left, right) in an image of ``shape`` of the lung box that ``lung_mask=crop`` (or
+    ``crop_mask``) preprocessing cuts out (transforms.apply_lung_mask's rule, at the base resolution where the spec has
     one), or None where the model does not crop or the mask is empty."""
-    if spec.lung_mask != "crop" or mask is None:
+    if spec.lung_mask not in CROPPING_MODES or mask is None:
         return None
     h, w = int(shape[0]), int(shape[1])
     work = (spec.base_size, spec.base_size) if spec.base_size else (h, w)

@@ -18,7 +18,7 @@ import numpy as np
 
 from xraydx import explain, schema
 from xraydx.config import ServeConfig
-from xraydx.constants import WEIGHTS_DIR
+from xraydx.constants import CROPPING_MODES, WEIGHTS_DIR
 from xraydx.engines import PROBE_GLOB
 from xraydx.errors import CheckpointError
 from xraydx.frontal import view_reason_of_bytes
@@ -290,7 +290,7 @@ class Service:
         if isinstance(checked, str):
             raise ApiError(422, "cannot_preprocess", f"{name}: {checked}", name)
         box = None
-        if self.spec.lung_mask == "crop":
+        if self.spec.lung_mask in CROPPING_MODES:
             mask = checked.ood.mask if checked.ood is not None else None
             if mask is None:
                 mask = self.predictor.lung_mask(dec.image)
@@ -343,7 +343,7 @@ class Service:
 
     def heatmap_payload(self, prepared: np.ndarray, heat: np.ndarray, class_idx: int) -> dict[str, Any]:
         """The heat map as PNGs for the response (runs in a worker thread, off the inference thread)."""
-        crop = self.spec.lung_mask == "crop"
+        crop = self.spec.lung_mask in CROPPING_MODES
         return {
             "class": self.classes[class_idx],
             "overlay_png": _png_b64(self.explain.overlay_png(prepared, heat)),
