@@ -89,7 +89,7 @@ class Pipeline:
 def cached_epoch(arr: np.ndarray, bs: int, aug: Any, norm: tuple[float, float], seed: list[int]) -> Any:
     """An epoch of the training loop's data path: iter_batches (the loop's gatherer) -> BatchAugment with the
     normalisation folded in, as xraydx.train calls it (aug None: float + normalise only)."""
-    from xraydx.cache import BatchBuffers, iter_batches
+    from xraydx.batches import BatchBuffers, iter_batches
 
     labels = np.zeros(len(arr), dtype=np.int64)
     dev = torch.device("cpu")
@@ -192,7 +192,7 @@ def profile_stages(paths: list[Path], size: int, bs: int) -> list[dict[str, Any]
     import torch.nn.functional as F
     from torchvision import transforms as T
 
-    from xraydx.cache import gather_batch
+    from xraydx.batches import gather_batch
     from xraydx.io import read_image
     from xraydx.transforms import (
         AugmentSpec,

@@ -52,7 +52,7 @@ def measure(
     full_epoch: bool = False,
 ) -> dict[str, Any]:
     """Per-step times of the end-to-end training step and of the model-only ceiling (interleaved)."""
-    from xraydx.cache import BatchBuffers, iter_batches
+    from xraydx.batches import BatchBuffers, iter_batches
     from xraydx.config import TrainConfig
     from xraydx.models import create_model
     from xraydx.optim import param_groups

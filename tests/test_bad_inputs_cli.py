@@ -358,11 +358,11 @@ def _no_decoding(monkeypatch: pytest.MonkeyPatch) -> None:
     import xraydx.cache
     import xraydx.io
     import xraydx.predict
-    import xraydx.train
+    import xraydx.trainset
 
     for mod in (xraydx.io, xraydx.predict, xraydx.cache):
         monkeypatch.setattr(mod, "read_image", refuse)
-    monkeypatch.setattr(xraydx.train, "load_many", refuse)
+    monkeypatch.setattr(xraydx.trainset, "load_many", refuse)
     uvicorn = pytest.importorskip("uvicorn")
     monkeypatch.setattr(uvicorn, "run", refuse)
 

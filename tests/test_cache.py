@@ -16,7 +16,8 @@ from PIL import Image
 
 import xraydx.cache as cache_mod
 from conftest import sample_images
-from xraydx.cache import ENTRY_SUFFIX, ImageCache, iter_batches, load_many, settings_key
+from xraydx.batches import BatchBuffers, gather_batch, iter_batches
+from xraydx.cache import ENTRY_SUFFIX, ImageCache, load_many, settings_key
 from xraydx.io import read_image
 from xraydx.transforms import Preprocessing, preprocess
 
@@ -290,7 +291,7 @@ def test_iter_batches_reuse_recycles_a_ring_of_buffers(prefetch: int) -> None:
         ptrs.add(x.data_ptr())
         n += len(y)
     assert n == 53 and len(ptrs) == prefetch + 2
-    kept = cache_mod.BatchBuffers()  # kept across epochs (as train does): the same memory every epoch
+    kept = BatchBuffers()  # kept across epochs (as train does): the same memory every epoch
     epochs = [
         {
             x.data_ptr()
@@ -302,4 +303,4 @@ def test_iter_batches_reuse_recycles_a_ring_of_buffers(prefetch: int) -> None:
     ]
     assert epochs[0] == epochs[1] and len(epochs[0]) == prefetch + 2
     with pytest.raises(ValueError, match="out must be"):
-        cache_mod.gather_batch(images, np.arange(4), out=torch.empty((3, 1, 8, 8), dtype=torch.uint8))
+        gather_batch(images, np.arange(4), out=torch.empty((3, 1, 8, 8), dtype=torch.uint8))

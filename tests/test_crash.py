@@ -201,7 +201,8 @@ def _csv_line(values: list[str]) -> str:
 @pytest.mark.parametrize("tail", TORN_TAILS)
 def test_resume_repairs_every_torn_partial_file(tail: str, tmp_path: Path) -> None:
     """write_predictions(resume=True) on whatever a kill can leave in <out>.partial."""
-    from xraydx.predict import Prediction, csv_columns, done_paths, prediction_row, write_predictions
+    from xraydx.predict import Prediction
+    from xraydx.predwrite import csv_columns, done_paths, prediction_row, write_predictions
 
     out = tmp_path / "p.csv"
     partial = tmp_path / "p.csv.partial"
@@ -239,7 +240,8 @@ def test_resume_repairs_every_torn_partial_file(tail: str, tmp_path: Path) -> No
 
 def test_resume_refuses_a_file_with_other_columns(tmp_path: Path) -> None:
     from xraydx.fsutil import OutputExistsError
-    from xraydx.predict import Prediction, write_predictions
+    from xraydx.predict import Prediction
+    from xraydx.predwrite import write_predictions
 
     out = tmp_path / "p.csv"
     out.write_text("path,score\n/data/a.png,0.5\n")
@@ -316,7 +318,7 @@ NON_ATOMIC_ALLOWED = {
         ".to_csv(self.fold_dir",
     ): "Manifest.to_csv: temp file + rename (test_manifest_to_csv_is_atomic)",
     (
-        "predict.py",
+        "predwrite.py",
         'open(partial, "a"',
     ): "--resume stream: fsynced row by row, torn last row dropped on resume",
     (

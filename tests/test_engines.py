@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 import xraydx.engines as engines
+import xraydx.onnxio as onnxio
 from conftest import SAMPLE, sample_images
 from xraydx.cli import main
 from xraydx.constants import DEFAULT_CHECKPOINT
@@ -78,7 +79,7 @@ def test_the_probe_fails_a_network_that_is_off() -> None:
     """The parity probe catches a feature network whose outputs are off by a little (not noise-level)."""
     seg = lung_segmenter("torch")
     _, feats = segmenter_networks(seg)
-    onnx = engines.OnnxEngine(engines.export_onnx(feats))
+    onnx = onnxio.OnnxEngine(engines.export_onnx(feats))
     x = probe_images(feats)
     assert len(x) == 8
     assert check_parity(feats, onnx, x)["passed"]
@@ -101,7 +102,7 @@ def test_exported_once_then_loaded_from_the_cache(monkeypatch: pytest.MonkeyPatc
     first = engines.onnx_engine(full)
     cached = engines.cache_path(full)
     assert cached is not None and cached.is_file() and cached.parent == tmp_path / "onnx"
-    assert engines.read_onnx_doc(cached)["onnx"]["parity"]["passed"] is True
+    assert onnxio.read_onnx_doc(cached)["onnx"]["parity"]["passed"] is True
 
     def no_export(*a: object, **k: object) -> bytes:
         raise AssertionError("exported again")
@@ -117,8 +118,8 @@ def test_a_failed_probe_is_an_error_and_caches_nothing(
 ) -> None:
     monkeypatch.setenv("XRAYDX_CACHE_DIR", str(tmp_path))
     _, feats = segmenter_networks(lung_segmenter("torch"))
-    real = engines.OnnxEngine.run
-    monkeypatch.setattr(engines.OnnxEngine, "run", lambda self, x: [o + 0.1 for o in real(self, x)])
+    real = onnxio.OnnxEngine.run
+    monkeypatch.setattr(onnxio.OnnxEngine, "run", lambda self, x: [o + 0.1 for o in real(self, x)])
     with pytest.raises(ExportError, match="disagrees with PyTorch"):
         engines.onnx_engine(feats)
     assert not (tmp_path / "onnx").exists() or not list((tmp_path / "onnx").iterdir())

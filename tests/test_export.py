@@ -91,17 +91,18 @@ def test_parity_failure_writes_nothing(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     import xraydx.engines as engines
+    import xraydx.onnxio as onnxio
 
     graph = onnx_file[0].read_bytes()  # skip re-tracing: the same graph (its metadata is replaced anyway)
     monkeypatch.setattr(engines, "export_onnx", lambda net, opset=17: graph)
-    real = engines.OnnxEngine.run
+    real = onnxio.OnnxEngine.run
 
-    def off_by_a_bit(self: engines.OnnxEngine, x: np.ndarray) -> list[np.ndarray]:
+    def off_by_a_bit(self: onnxio.OnnxEngine, x: np.ndarray) -> list[np.ndarray]:
         out = real(self, x)
         out[0][:, 0] += 0.5
         return out
 
-    monkeypatch.setattr(engines.OnnxEngine, "run", off_by_a_bit)
+    monkeypatch.setattr(onnxio.OnnxEngine, "run", off_by_a_bit)
     out = tmp_path / "bad.onnx"
     rc = main(["export", "--checkpoint", str(checkpoint), "--out", str(out)])
     assert rc == 1 and not out.exists()

@@ -33,14 +33,12 @@ from xraydx.io import (
     MAX_FILE_BYTES,
     MAX_PIXELS,
     MIN_SIDE,
-    SUPPORTED_SUFFIXES,
     ImageReadError,
     image_info,
-    is_image_path,
     read_image,
     read_image_bytes,
-    sniff_format,
 )
+from xraydx.io_formats import SUPPORTED_SUFFIXES, is_image_path, sniff_format
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -142,7 +142,8 @@ def test_guard_refuses_statistics_of_another_segmenter(tmp_path: Path, guard: OO
 
 def test_predict_marks_non_cxrs(tmp_path: Path) -> None:
     from xraydx.models import create_model, save_checkpoint
-    from xraydx.predict import Predictor, write_predictions
+    from xraydx.predict import Predictor
+    from xraydx.predwrite import write_predictions
     from xraydx.transforms import Preprocessing
 
     ck = tmp_path / "clf.safetensors"

@@ -181,8 +181,8 @@ def test_the_ensembles_rule_flags_where_its_members_disagree_on_every_path(
 ) -> None:
     from xraydx import serve
     from xraydx.constants import UNCERTAIN_FLAG
-    from xraydx.engines import read_onnx_metadata
     from xraydx.metrics import rule_flags
+    from xraydx.onnxio import read_onnx_metadata
     from xraydx.predict import batch_outputs
     from xraydx.transforms import Preprocessing
 

@@ -15,7 +15,7 @@ from badfiles import WALK_CASES, printable, write_walk_cases
 
 from conftest import sample_images
 from xraydx.cli import EXIT_OK, EXIT_PARTIAL, EXIT_USAGE, main
-from xraydx.io import is_image_path
+from xraydx.io_formats import is_image_path
 from xraydx.predict import expand_inputs
 
 

@@ -2,7 +2,7 @@
 
 Used where the next items can be made while the current one is consumed: decoding image files ahead of
 inference (:func:`xraydx.predict.decode_ahead`) and gathering training batches ahead of the model
-(:func:`xraydx.cache.iter_batches`). Items come out in order; an exception raised while making one is
+(:func:`xraydx.batches.iter_batches`). Items come out in order; an exception raised while making one is
 raised in the consumer at that point; closing (or abandoning) the iterator stops the thread.
 """
 

@@ -284,7 +284,7 @@ class CrossVal:
         ``xraydx predict`` makes (the one preprocessing function, the shipped segmenter's lung box);
         ``deployed``: every file through ``Predictor.predict_files`` (read, segment, OOD guard, classify),
         slower, and the guard's ``not_cxr`` status counts in the flag."""
-        from xraydx.predict import write_predictions
+        from xraydx.predwrite import write_predictions
 
         out = self.fold_dir / f.name / "oos_predictions.csv"
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -429,7 +429,8 @@ class CrossVal:
 
     def finish(self) -> dict[str, Any]:
         from xraydx.fsutil import CsvDictWriter, atomic_open
-        from xraydx.report import crossval_page, write_html
+        from xraydx.report import write_html
+        from xraydx.report_crossval import crossval_page
 
         rows = self.pooled_rows()
         with atomic_open(self.run / "predictions.csv", "w", encoding="utf-8", newline="") as fh:

@@ -12,8 +12,8 @@ network             outputs                                                what 
 ==================  =====================================================  ==========================
 
 An :class:`Engine` runs one network: ``run(x) -> [outputs]`` (float32 numpy in, float32 numpy out,
-in the order above). :class:`TorchEngine` is eager PyTorch; :class:`OnnxEngine` is onnxruntime (all
-graph optimisations, intra-op threads = the CPUs this process may use, no spin-waiting). :func:`make_engine` gives
+in the order above). :class:`TorchEngine` is eager PyTorch; :class:`~xraydx.onnxio.OnnxEngine` is onnxruntime
+(:mod:`xraydx.onnxio`: the session, and the metadata of an ONNX file). :func:`make_engine` gives
 either for a :class:`Network`; with ``onnx`` the network is exported once per checkpoint and cached
 (see :func:`onnx_cache_dir`: ``<kind>-<sha256 of the checkpoint>-<export settings>.onnx``), so the
 second run only loads the file.
@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import os
 import threading
 import warnings
@@ -54,33 +53,27 @@ from torch import nn
 from xraydx import tta as _tta
 from xraydx.abstention import members_agree
 from xraydx.constants import ENGINES, WEIGHTS_DIR
-from xraydx.device import available_cpus
 from xraydx.errors import ExportError
 from xraydx.fsutil import file_sha256
 from xraydx.io import ImageReadError, read_image
+from xraydx.onnxio import (
+    META_KEY,
+    OnnxEngine,
+    is_onnx_file,
+    read_onnx_doc,
+    read_onnx_metadata,
+    require_onnx,
+    with_metadata,
+)
 
 DEFAULT_OPSET = 17
 PARITY_TOLERANCE = 1e-4
-META_KEY = "xraydx"
 INPUT_NAME = "image"
 PROBE_GLOB = "probe__*.png"  # real chest X-rays shipped in weights/ (8 of data/sample/test)
 EXPORT_VERSION = 2  # bump when the exported graphs change, so cached files are made again (2: member_logp)
 PARITY_BATCH = 16
 
 Readout = Callable[[list[np.ndarray]], dict[str, np.ndarray]]
-
-
-def require_onnx() -> tuple[Any, Any]:
-    """(onnx, onnxruntime), or an ExportError saying how to install them."""
-    try:
-        import onnx
-        import onnxruntime
-    except ImportError as exc:
-        raise ExportError(
-            f"ONNX support needs the optional packages onnx and onnxruntime ({exc.name} is missing):"
-            " pip install 'xraydx[export]'"
-        ) from exc
-    return onnx, onnxruntime
 
 
 # ---- networks ----------------------------------------------------------------------------------------
@@ -247,42 +240,6 @@ class TorchEngine:
         return [o.float().cpu().numpy() for o in (y if isinstance(y, (tuple, list)) else (y,))]
 
 
-class OnnxEngine:
-    """onnxruntime on one exported network (CPU; CUDA where asked for and available)."""
-
-    name = "onnx"
-
-    def __init__(
-        self, data: bytes, *, source: str = "<bytes>", threads: int = 0, device: str | torch.device = "cpu"
-    ) -> None:
-        _, ort = require_onnx()
-        opts = ort.SessionOptions()
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        opts.intra_op_num_threads = int(threads) if threads else available_cpus()
-        opts.inter_op_num_threads = 1
-        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        opts.log_severity_level = 3
-        # no busy-waiting between runs: three sessions, a decode thread and torch's post-processing share
-        # the cores (measured on 2 shared cores: 27% less CPU, same or better wall time; docs/performance.md)
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
-        providers = ["CPUExecutionProvider"]
-        if torch.device(device).type == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
-            providers.insert(0, "CUDAExecutionProvider")
-        self.source = source
-        try:
-            self.session = ort.InferenceSession(data, sess_options=opts, providers=providers)
-        except Exception as exc:  # onnxruntime raises its own types for every way a model is unusable
-            raise ExportError(f"{source}: onnxruntime cannot load the model ({exc})") from exc
-        self.input_name = self.session.get_inputs()[0].name
-
-    def run(self, x: np.ndarray) -> list[np.ndarray]:
-        x = np.ascontiguousarray(x, dtype=np.float32)
-        if x.ndim != 4:
-            raise ValueError(f"expected (B, 1, S, S) float32 input, got shape {x.shape}")
-        return list(self.session.run(None, {self.input_name: x}))
-
-
 def run_batched(engine: Engine, x: np.ndarray, batch_size: int = 64) -> list[np.ndarray]:
     """``engine.run`` over ``x`` in chunks of ``batch_size``, outputs concatenated."""
     parts = [engine.run(x[i : i + batch_size]) for i in range(0, len(x), batch_size)]
@@ -291,7 +248,7 @@ def run_batched(engine: Engine, x: np.ndarray, batch_size: int = 64) -> list[np.
     return [np.concatenate([p[k] for p in parts]) for k in range(len(parts[0]))]
 
 
-# ---- export and the ONNX file's metadata ---------------------------------------------------------
+# ---- export ----------------------------------------------------------------------------------------
 
 
 def export_onnx(net: Network, *, opset: int = DEFAULT_OPSET) -> bytes:
@@ -317,64 +274,6 @@ def export_onnx(net: Network, *, opset: int = DEFAULT_OPSET) -> bytes:
     except Exception as exc:
         raise ExportError(f"the exported ONNX model does not pass onnx.checker: {exc}") from exc
     return data
-
-
-def with_metadata(data: bytes, doc: dict[str, Any], description: str = "") -> bytes:
-    """ONNX bytes with ``doc`` stored as JSON in ``metadata_props[META_KEY]`` (replacing what was there)."""
-    onnx, _ = require_onnx()
-    proto = onnx.load_from_string(data)
-    del proto.metadata_props[:]
-    entry = proto.metadata_props.add()
-    entry.key, entry.value = META_KEY, json.dumps(doc, default=str)
-    proto.producer_name = "xraydx"
-    proto.producer_version = str(doc.get("tool_version", ""))
-    proto.doc_string = description
-    return proto.SerializeToString()
-
-
-def read_onnx_doc(source: str | Path | bytes) -> dict[str, Any]:
-    """The xraydx metadata stored in an exported model (an ExportError naming the file otherwise)."""
-    onnx, _ = require_onnx()
-    name = "<bytes>" if isinstance(source, bytes) else str(source)
-    try:
-        proto = onnx.load_from_string(source) if isinstance(source, bytes) else onnx.load(str(source))
-    except FileNotFoundError as exc:
-        raise ExportError(f"{name}: ONNX model not found") from exc
-    except Exception as exc:
-        raise ExportError(f"{name}: not a readable ONNX model ({exc})") from exc
-    props = {p.key: p.value for p in proto.metadata_props}
-    if META_KEY not in props:
-        raise ExportError(f"{name}: an ONNX model, but not one exported by xraydx (no '{META_KEY}' metadata)")
-    try:
-        return dict(json.loads(props[META_KEY]))
-    except json.JSONDecodeError as exc:
-        raise ExportError(f"{name}: the xraydx metadata is not valid JSON ({exc})") from exc
-
-
-def read_onnx_metadata(source: str | Path | bytes) -> dict[str, Any]:
-    """The metadata of an exported *classifier* (classes, preprocessing, architecture, ... and ``onnx``)."""
-    meta = read_onnx_doc(source)
-    name = "<bytes>" if isinstance(source, bytes) else str(source)
-    for key in ("classes", "preprocessing", "architecture"):
-        if key not in meta:
-            raise ExportError(f"{name}: the xraydx metadata has no {key!r}")
-    from xraydx.checkpoint import validate_classifier_meta
-
-    validate_classifier_meta(meta, name)  # the same rule as for a .safetensors checkpoint
-    return meta
-
-
-def is_onnx_file(p: Path) -> bool:
-    """A ``.onnx`` name, or content that is not safetensors (8-byte length, then '{') but starts like an
-    ONNX protobuf (field 1, ir_version, as a varint)."""
-    if p.suffix.lower() == ".onnx":
-        return True
-    try:
-        with open(p, "rb") as fh:
-            head = fh.read(9)
-    except OSError:
-        return False
-    return head[8:9] != b"{" and head[:1] == b"\x08"
 
 
 # ---- parity ------------------------------------------------------------------------------------------

@@ -353,7 +353,8 @@ def _section(e: dict[str, Any]) -> str:
 
 def combine(runs: Sequence[Path | str], name: str, runs_dir: Path | str = "runs") -> Path:
     """Combine the crossval runs ``runs`` into the new run folder ``runs_dir/name``; returns it."""
-    from xraydx.report import crossval_page, write_html
+    from xraydx.report import write_html
+    from xraydx.report_crossval import crossval_page
 
     out = Path(runs_dir) / name
     if out.exists() and (not out.is_dir() or any(out.iterdir())):

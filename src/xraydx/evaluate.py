@@ -30,7 +30,8 @@ from xraydx.errors import DatasetError, UsageError
 from xraydx.explain import GradCAM
 from xraydx.fsutil import atomic_write_json, refuse_overwrite
 from xraydx.metrics import evaluation_summary, rule_flags, softmax
-from xraydx.predict import Prediction, Predictor, batch_outputs, write_predictions
+from xraydx.predict import Prediction, Predictor, batch_outputs
+from xraydx.predwrite import write_predictions
 from xraydx.render import gray_png, heat_overlay_png
 from xraydx.report import render_report, write_html
 from xraydx.transforms import Preprocessing

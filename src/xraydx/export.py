@@ -30,18 +30,17 @@ from torch import nn
 from xraydx.engines import (
     DEFAULT_OPSET,
     INPUT_NAME,
-    META_KEY,
     PARITY_TOLERANCE,
     Classifier,
     classifier_network,
     export_checked,
     export_onnx,
     probe_images,
-    read_onnx_metadata,
 )
-from xraydx.engines import with_metadata as _with_doc
 from xraydx.errors import ExportError
 from xraydx.models import load_checkpoint
+from xraydx.onnxio import META_KEY, read_onnx_metadata
+from xraydx.onnxio import with_metadata as _with_doc
 
 __all__ = [
     "DEFAULT_OPSET",

@@ -54,7 +54,7 @@ def view_reason(ds: Any) -> str | None:
 
 
 def _is_dicom(head: bytes) -> bool:
-    from xraydx.io import sniff_format
+    from xraydx.io_formats import sniff_format
 
     return sniff_format(head) == "dicom"
 

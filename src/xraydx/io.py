@@ -6,7 +6,8 @@ Every reader in this module returns a 2-D ``numpy.uint8`` array of shape ``(H, W
 
 Design rules
 ------------
-* The format is decided by sniffing the content (magic bytes), never by the file name.
+* The format is decided by sniffing the content (magic bytes), never by the file name
+  (:func:`xraydx.io_formats.sniff_format`; that module also holds the suffix check for walking folders).
   Supported: PNG, JPEG, BMP, TIFF (via Pillow) and DICOM (via pydicom: ``DICM`` at offset 128,
   or a data set without that preamble, as older PACS exports write, read with pydicom's ``force``).
 * Sizes are checked from the header *before* any pixel data is decoded: more than
@@ -56,19 +57,18 @@ escape the readers; a non-path argument to :func:`read_image` (or non-bytes to
 
 from __future__ import annotations
 
-import codecs
 import io
 import os
 import re
 import stat
 import struct
-from collections.abc import Callable
 from typing import Any, BinaryIO
 
 import numpy as np
 from PIL import Image, ImageFile, UnidentifiedImageError
 
 from xraydx.errors import XraydxError
+from xraydx.io_formats import HEAD_BYTES, sniff_format, unrecognised_reason
 from xraydx.pixels import DEFAULT_WINDOW_PERCENTILES, dicom_gray, to_uint8
 
 __all__ = [
@@ -77,27 +77,18 @@ __all__ = [
     "MAX_FILE_BYTES",
     "MAX_PIXELS",
     "MIN_SIDE",
-    "SUPPORTED_SUFFIXES",
     "ImageReadError",
     "image_info",
-    "is_image_path",
     "read_image",
     "read_image_bytes",
-    "sniff_file",
-    "sniff_format",
 ]
 
-SUPPORTED_SUFFIXES: frozenset[str] = frozenset(
-    {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm", ".dicom"}
-)
 MAX_PIXELS: int = 64_000_000
 MIN_SIDE: int = 32
 MAX_ASPECT: float = 4.0
 MAX_FILE_BYTES: int = 256 * 1024 * 1024
 
-_HEAD_BYTES = 16384  # enough for every magic number and for a DICOM file meta group
 _PIL_FORMATS: dict[str, str] = {"png": "PNG", "jpeg": "JPEG", "bmp": "BMP", "tiff": "TIFF"}
-_BMP_DIB_SIZES = frozenset({12, 16, 40, 52, 56, 64, 108, 124})
 _DEFLATED_TS = b"1.2.840.10008.1.2.1.99"
 
 # Transfer syntax UID prefix -> pip package(s) providing a pydicom decoder for it.
@@ -128,154 +119,6 @@ class ImageReadError(XraydxError):
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (type(self), (self.path, self.reason))
-
-
-# --------------------------------------------------------------------------------------------
-# Sniffing
-# --------------------------------------------------------------------------------------------
-
-
-def is_image_path(path: str | os.PathLike[str]) -> bool:
-    """Whether ``path`` has a supported image suffix (case-insensitive).
-
-    Files without a suffix are not considered images here; :func:`read_image` itself ignores
-    the name and sniffs the content.
-    """
-    suffix = os.path.splitext(os.fsdecode(path))[1].lower()
-    return suffix in SUPPORTED_SUFFIXES
-
-
-def sniff_format(head: bytes) -> str | None:
-    """Identify a supported format from the first bytes of a file.
-
-    Returns ``"png"``, ``"jpeg"``, ``"bmp"``, ``"tiff"``, ``"dicom"`` (``"DICM"`` at offset
-    128, or a preamble-less dataset: see :func:`_bare_dicom`) or ``None``.  Pass at least 132
-    bytes to recognise DICOM.
-    """
-    head = bytes(head[:_HEAD_BYTES])
-    if head.startswith(b"\x89PNG\r\n\x1a\n"):
-        return "png"
-    if head.startswith(b"\xff\xd8\xff"):
-        return "jpeg"
-    if head[:4] in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"):
-        return "tiff"
-    if head[128:132] == b"DICM" or _bare_dicom(head):
-        return "dicom"
-    if head.startswith(b"BM") and len(head) >= 18:
-        (dib_size,) = struct.unpack_from("<I", head, 14)
-        if dib_size in _BMP_DIB_SIZES:
-            return "bmp"
-    return None
-
-
-# Value representations of DICOM (PS3.5 6.2): an explicit-VR data set has one of these after its first tag.
-_DICOM_VRS = frozenset(
-    b"AE AS AT CS DA DS DT FD FL IS LO LT OB OD OF OL OV OW PN SH SL SQ SS ST SV TM UC UI UL UN UR US UT UV".split()
-)
-
-
-def _bare_dicom(head: bytes) -> bool:
-    """A DICOM data set without the 128-byte preamble and ``DICM`` (older PACS exports, ACR-NEMA style):
-    the file starts with a little-endian tag of the file meta (0002,00xx) or identifying (0008,00xx) group,
-    then an explicit VR or an implicit length that fits in the file; the next element is checked the same
-    way. A cheap structural check: pydicom decides when the file is read."""
-    pos = 0
-    for _ in range(2):
-        if len(head) < pos + 8:
-            return False
-        group, elem = struct.unpack_from("<HH", head, pos)
-        if group not in (0x0002, 0x0008) or elem > 0x0FFF:
-            return False
-        if head[pos + 4 : pos + 6] in _DICOM_VRS:
-            vr = head[pos + 4 : pos + 6]
-            if vr in (
-                b"OB",
-                b"OD",
-                b"OF",
-                b"OL",
-                b"OV",
-                b"OW",
-                b"SQ",
-                b"SV",
-                b"UC",
-                b"UN",
-                b"UR",
-                b"UT",
-                b"UV",
-            ):
-                (length,) = struct.unpack_from("<I", head, pos + 8) if len(head) >= pos + 12 else (1 << 32,)
-                pos += 12 + length
-            else:
-                (length,) = struct.unpack_from("<H", head, pos + 6)
-                pos += 8 + length
-        else:
-            (length,) = struct.unpack_from("<I", head, pos + 4)
-            if length > 1024:  # an implicit-VR value of these groups is short (a UID, a date, a code)
-                return False
-            pos += 8 + length
-        if pos >= len(head):
-            return True  # the first element fills what was read: nothing contradicts it
-    return True
-
-
-_OTHER_FORMATS: tuple[tuple[Callable[[bytes], bool], str], ...] = (
-    (lambda h: h[:6] in (b"GIF87a", b"GIF89a"), "GIF"),
-    (lambda h: h[:4] == b"RIFF" and h[8:12] == b"WEBP", "WebP"),
-    (lambda h: h[4:12] in (b"ftypavif", b"ftypavis"), "AVIF"),
-    (lambda h: h[4:8] == b"ftyp" and h[8:12] in (b"heic", b"heix", b"mif1", b"msf1"), "HEIF"),
-    (lambda h: h.startswith(b"\x00\x00\x00\x0cjP  \r\n\x87\n") or h.startswith(b"\xffO\xffQ"), "JPEG 2000"),
-    (lambda h: h.startswith(b"%PDF"), "PDF"),
-    (lambda h: h.startswith(b"PK\x03\x04"), "ZIP archive"),
-    (lambda h: h.startswith(b"\x1f\x8b"), "gzip data"),
-    (lambda h: h.startswith(b"\x93NUMPY"), "NumPy .npy array"),
-    (lambda h: h[344:348] in (b"n+1\x00", b"ni1\x00"), "NIfTI volume"),
-)
-
-
-def _looks_like_text(head: bytes) -> bool:
-    sample = head[:4096]
-    try:
-        text = codecs.getincrementaldecoder("utf-8")().decode(sample, final=False)
-    except UnicodeDecodeError:
-        return False
-    if not text.strip():
-        return bool(text)  # whitespace only still counts as text
-    allowed = {"\t", "\n", "\r", "\f", "\ufeff"}
-    return all(ch.isprintable() or ch in allowed for ch in text)
-
-
-#: The reason for a file whose content is text (list files are told apart from images by it).
-TEXT_REASON = "not an image (content looks like text)"
-
-
-def sniff_file(path: str | os.PathLike[str]) -> tuple[str | None, str]:
-    """``(format, "")`` from a file's first bytes (see :func:`sniff_format`), or ``(None, why)``: why it is
-    not an image (:data:`TEXT_REASON` for text) or cannot be opened. Only regular files are opened (a FIFO
-    would block). Never raises for OS problems."""
-    name = os.fsdecode(path)
-    try:
-        st = os.stat(path)
-        if not stat.S_ISREG(st.st_mode):
-            return None, "is a directory" if stat.S_ISDIR(st.st_mode) else "not a regular file"
-        with open(path, "rb") as fh:
-            head = fh.read(_HEAD_BYTES)
-    except OSError as exc:
-        return None, f"cannot open file ({exc.strerror or exc})"
-    except ValueError as exc:  # e.g. an embedded NUL byte
-        return None, f"invalid path {name!r} ({exc})"
-    if not head:
-        return None, "empty file (0 bytes)"
-    fmt = sniff_format(head)
-    return (fmt, "") if fmt is not None else (None, _unrecognised_reason(head))
-
-
-def _unrecognised_reason(head: bytes) -> str:
-    for test, label in _OTHER_FORMATS:
-        if test(head):
-            return f"unsupported image format ({label}); supported are PNG, JPEG, BMP, TIFF and DICOM"
-    if _looks_like_text(head):
-        return TEXT_REASON
-    return f"not an image (unrecognised content starting with 0x{head[:8].hex()})"
 
 
 # --------------------------------------------------------------------------------------------
@@ -340,15 +183,15 @@ def image_info(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Header information without decoding the pixels.
 
     Returns ``{"format", "width", "height", "bits", "mode"}``: ``format`` as from
-    :func:`sniff_format`, ``bits`` per sample (DICOM: BitsStored), ``mode`` the Pillow mode or
+    :func:`~xraydx.io_formats.sniff_format`, ``bits`` per sample (DICOM: BitsStored), ``mode`` the Pillow mode or
     the DICOM photometric interpretation.  The size limits are *not* applied here.
     """
     name, fp = _open_checked(path)
     with fp:
-        head = fp.read(_HEAD_BYTES)
+        head = fp.read(HEAD_BYTES)
         fmt = sniff_format(head)
         if fmt is None:
-            raise ImageReadError(name, _unrecognised_reason(head))
+            raise ImageReadError(name, unrecognised_reason(head))
         try:
             if fmt == "dicom":
                 fp.seek(0)
@@ -406,12 +249,12 @@ def _check_dimensions(name: str, width: int, height: int) -> None:
 
 
 def _decode(fp: BinaryIO, name: str, info: dict[str, Any] | None = None) -> np.ndarray:
-    head = fp.read(_HEAD_BYTES)
+    head = fp.read(HEAD_BYTES)
     if not head:
         raise ImageReadError(name, "empty file (0 bytes)")
     fmt = sniff_format(head)
     if fmt is None:
-        raise ImageReadError(name, _unrecognised_reason(head))
+        raise ImageReadError(name, unrecognised_reason(head))
     fp.seek(0)
     how: dict[str, Any] = {"format": fmt, "window": "none", "inverted": False}
     try:

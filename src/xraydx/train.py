@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from xraydx import mixstyle, mixup, probe
 from xraydx.acqaug import AcquisitionAugment
-from xraydx.cache import BatchBuffers, iter_batches
+from xraydx.batches import BatchBuffers, iter_batches
 from xraydx.checkpoint import save as save_checkpoint
 from xraydx.config import Config
 from xraydx.config import parse_overrides as parse_overrides  # moved to config; importable here as before

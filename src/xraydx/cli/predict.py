@@ -52,7 +52,8 @@ def add_parser(sub: SubParsers) -> None:
 def run(args: argparse.Namespace) -> int:
     from xraydx.data.inputs import refuse_inputs_as_outputs
     from xraydx.fsutil import check_output_file, check_output_folder
-    from xraydx.predict import Prediction, Predictor, done_paths, expand_inputs, write_predictions
+    from xraydx.predict import Prediction, Predictor, expand_inputs
+    from xraydx.predwrite import done_paths, write_predictions
 
     out = Path(args.out)
     if args.resume and args.format != "csv":

@@ -9,7 +9,7 @@ stderr. Nothing found is left out without a word. The rules:
   relative to the list's folder). Its content is sniffed first: an image named ``.txt`` is read as the
   image; binary content that is not an image is a problem, not 562 lines of paths.
 * A **folder** is walked recursively, sorted; names starting with ``.``, ``__MACOSX``, ``Thumbs.db`` and
-  ``desktop.ini`` are ignored. Taken: files with an image suffix (:data:`xraydx.io.SUPPORTED_SUFFIXES`),
+  ``desktop.ini`` are ignored. Taken: files with an image suffix (:data:`xraydx.io_formats.SUPPORTED_SUFFIXES`),
   and files without one (no suffix, or an all-digit one as in ``IM000001`` or a UID-named
   ``1.2.840.1234.5``) whose content is an image: DICOM with or without its preamble (PACS exports),
   PNG, JPEG, ... An extensionless file that is not an image is a problem (``not read: ...`` and why);
@@ -33,7 +33,7 @@ from pathlib import Path
 from xraydx.data.layouts import is_mask_folder
 from xraydx.data.walk import _ignored, _special_kind, extensionless, os_reason
 from xraydx.errors import UsageError, printable
-from xraydx.io import TEXT_REASON, is_image_path, sniff_file
+from xraydx.io_formats import TEXT_REASON, is_image_path, sniff_file
 
 __all__ = ["LIST_SUFFIXES", "expand_inputs", "refuse_inputs_as_outputs"]
 

@@ -59,7 +59,7 @@ from xraydx.data.records import (
 from xraydx.data.walk import _child_dir, _subdirs, _top_files, _Walker, extensionless
 from xraydx.errors import DatasetError
 from xraydx.fsutil import csv_unescape
-from xraydx.io import is_image_path, sniff_file
+from xraydx.io_formats import is_image_path, sniff_file
 
 __all__ = [
     "CSV_COLUMN_ALIASES",

@@ -30,7 +30,8 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from xraydx.config import MIB
-from xraydx.io import ImageReadError, sniff_format
+from xraydx.io import ImageReadError
+from xraydx.io_formats import sniff_format
 from xraydx.serve.errors import ApiError
 
 #: peak working bytes per pixel of xraydx.io's pipeline on top of the raw samples, by kind of image

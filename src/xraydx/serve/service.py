@@ -23,7 +23,7 @@ from xraydx.engines import PROBE_GLOB
 from xraydx.errors import CheckpointError
 from xraydx.frontal import view_reason_of_bytes
 from xraydx.fsutil import file_sha256, json_safe
-from xraydx.io import sniff_format
+from xraydx.io_formats import sniff_format
 from xraydx.ood import colourfulness_of_bytes
 from xraydx.predict import NONFINITE, Checked, Predictor, finite
 from xraydx.render import gray_png

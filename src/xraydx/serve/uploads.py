@@ -3,7 +3,7 @@
 The request body is never read unbounded: ``Content-Length`` is checked first, then bytes are counted while
 the body streams in, and the multipart parse happens in memory (nothing is spooled to disk; no client-sent
 name ever reaches the filesystem; the file name is only echoed back, sanitised by :func:`safe_filename`).
-The format is sniffed from the content (:func:`xraydx.io.sniff_format`), never taken from the name or the
+The format is sniffed from the content (:func:`xraydx.io_formats.sniff_format`), never taken from the name or the
 content type; :func:`xraydx.io.read_image_bytes` applies the pixel-count (decompression bomb), side and
 aspect limits.
 """
@@ -18,7 +18,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from xraydx.config import MIB
-from xraydx.io import ImageReadError, read_image_bytes, sniff_format
+from xraydx.io import ImageReadError, read_image_bytes
+from xraydx.io_formats import sniff_format
 from xraydx.serve.errors import ApiError
 
 if TYPE_CHECKING:  # pragma: no cover
