@@ -170,10 +170,16 @@ for s in 0 1; do   # (c): the lung field at one scale (masked, then cut to the l
     $XRAYDX crossval "${COMMON[@]}" --screen --folds "$FOLDS" "${C[@]}" --lung-mask crop_mask --name R10-X-s$s \
         --seed $s --set train.average=swa --set train.average_start=0.25 --set train.schedule=constant
 done
+for s in 0 1; do   # (d): SWA's schedule (the cosine to half the run, then held while averaging)
+    $XRAYDX crossval "${COMMON[@]}" --screen --folds "$FOLDS" "${C[@]}" --lung-mask mask --name R10-H-s$s --seed $s \
+        --set train.average=swa --set train.average_start=0.5 --set train.schedule=hold
+    $XRAYDX crossval compare "$RUNS/R7-W-s$s" "$RUNS/R10-H-s$s"
+done
 K4="$RUNS/R8-W25K-s0,$RUNS/R8-W25K-s1,$RUNS/R8-W25K-s2,$RUNS/R8-W25K-s3"
 $XRAYDX crossval compare "$K4" "$RUNS/R10-D-s0,$RUNS/R10-D-s1"
 $XRAYDX crossval compare "$K4" "$RUNS/R10-M-s0,$RUNS/R10-M-s1"
 $XRAYDX crossval compare "$K4" "$RUNS/R10-X-s0,$RUNS/R10-X-s1"
+$XRAYDX crossval compare "$K4" "$RUNS/R10-H-s0,$RUNS/R10-H-s1"
 # 4. the final training (eighth round): recipe C with dense weight averaging from a quarter of the run at a
 #    constant rate (train.average=swa, average_start=0.25, schedule=constant; steps 3g, 3h) at 224 px on
 #    everything, at three seeds (one core each; two can run in
