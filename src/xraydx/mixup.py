@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 from timm.data import Mixup
+from timm.data.mixup import mixup_target
 
 from xraydx.errors import ConfigError
 
@@ -62,10 +63,7 @@ class BatchMixup:
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """A normalised float batch and its integer labels -> the (maybe) mixed batch and soft targets."""
         if len(x) % 2:  # timm mixes pairs; an odd batch keeps its images, its targets are only smoothed
-            off = self.label_smoothing / self.n_classes
-            soft = torch.full((len(y), self.n_classes), off, device=x.device)
-            soft.scatter_(1, y.view(-1, 1), 1.0 - self.label_smoothing + off)
-            return x, soft
+            return x, mixup_target(y, self.n_classes, lam=1.0, smoothing=self.label_smoothing)
         return self.fn(x, y)
 
 
