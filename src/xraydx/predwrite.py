@@ -15,7 +15,16 @@ from typing import Any
 
 from xraydx import schema
 from xraydx.errors import UsageError
-from xraydx.fsutil import csv_unescape, csv_writer, printable_path
+from xraydx.fsutil import (
+    WRITE_ERRNOS,
+    OutputExistsError,
+    atomic_open,
+    csv_unescape,
+    csv_writer,
+    output_error,
+    printable_path,
+    refuse_overwrite,
+)
 from xraydx.predict import Prediction
 
 __all__ = ["csv_columns", "done_paths", "prediction_row", "resume_source", "write_predictions"]
@@ -55,8 +64,6 @@ def write_predictions(
     order given; return counts {"ok": n, "error": n, "not_cxr": n}.
 
     resume (CSV only): rows already in ``out`` are kept, their paths skipped by the caller."""
-    from xraydx.fsutil import WRITE_ERRNOS, atomic_open, output_error, refuse_overwrite
-
     counts = {"ok": 0, "error": 0}
     cols = csv_columns(classes, kind)
 
@@ -91,8 +98,6 @@ def write_predictions(
         # stream into <out>.partial, fsynced row by row; a rerun carries it on; renamed to <out> at the end.
         # The rows kept (of the partial file, else of <out>) are rewritten atomically first, without a last
         # row torn by a kill mid-write: that file is then predicted again (done_paths skips it too).
-        from xraydx.fsutil import OutputExistsError
-
         source = resume_source(out)
         partial = out.with_name(out.name + ".partial")
         header, kept = _complete_rows(source) if source.exists() else (None, [])
@@ -144,8 +149,6 @@ def write_predictions(
 def resume_source(out: Path) -> Path:
     """``<out>.partial`` (a killed --resume run's rows) where it exists, refused when it is older than a
     complete ``out`` (a stale partial must never beat a newer finished output); else ``out``."""
-    from xraydx.fsutil import OutputExistsError
-
     partial = out.with_name(out.name + ".partial")
     if not partial.exists():
         return out
