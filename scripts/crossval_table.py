@@ -51,6 +51,8 @@ def _recipe(run: Path, m: dict) -> str:
             text += f" {name}={t[key]}"
     if t.get("objective", "erm") != "erm":
         text += f" objective={t['objective']}"
+        if t.get("dro_groups") and t["dro_groups"] != "class_source":
+            text += f" dro_groups={t['dro_groups']}"
     if t.get("mixup"):
         text += f" mixup={t['mixup']:g} (mixup α {t.get('mixup_alpha', 0):g}, cutmix α {t.get('cutmix_alpha', 0):g})"
     if t.get("probe", "none") != "none":

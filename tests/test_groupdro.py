@@ -1,5 +1,6 @@
-"""Group DRO over (class, source) cells (``train.objective=group_dro``): the weights follow the worst cell,
-the loss is their weighted mean, a training uses it and a resumed one continues with the same weights."""
+"""Group DRO over (class, source) cells or sources (``train.objective=group_dro``, ``train.dro_groups``): the
+weights follow the worst group, the loss is their weighted mean, a training uses it and a resumed one
+continues with the same weights."""
 
 from __future__ import annotations
 
@@ -20,6 +21,16 @@ def test_group_ids_are_class_source_cells() -> None:
     ids, names = group_ids([0, 0, 1, 0, 2], ["a", "b", "a", "a", ""], ["covid", "non_covid", "normal"])
     assert names == ["covid:a", "covid:b", "non_covid:a", "normal:"]
     assert ids.tolist() == [0, 1, 2, 0, 3]
+
+
+def test_group_ids_by_source_join_a_sources_classes() -> None:
+    ids, names = group_ids(
+        [0, 0, 1, 0, 2], ["a", "b", "a", "a", ""], ["covid", "non_covid", "normal"], "source"
+    )
+    assert names == ["a", "b", ""]
+    assert ids.tolist() == [0, 1, 0, 0, 2]
+    with pytest.raises(ValueError, match="class_source or source"):
+        group_ids([0], ["a"], ["covid"], "class")
 
 
 def test_weights_move_to_the_worst_group_and_loss_is_their_weighted_mean() -> None:
@@ -58,6 +69,10 @@ def test_bad_settings_are_refused() -> None:
         cfg.train.dro_eta = eta
         with pytest.raises(ConfigError, match="dro_eta"):
             validate(cfg)
+    cfg.train.dro_eta = 0.1
+    cfg.train.dro_groups = "class"
+    with pytest.raises(ConfigError, match="train.dro_groups"):
+        validate(cfg)
     with pytest.raises(ValueError, match="groups"):
         GroupDRO(2, 0.1, torch.device("cpu")).load_state([0.5, 0.25, 0.25])
 
@@ -79,7 +94,7 @@ def test_training_with_group_dro_saves_its_weights_and_resume_continues_from_the
 
     full = run_training(cfg(tmp_path / "a"), progress=False)  # type: ignore[arg-type]
     log = (full / "train.log").read_text()
-    assert "Group DRO over" in log and "heaviest cells" in log
+    assert "Group DRO over" in log and "(class, source) cells" in log and "heaviest groups" in log
     q_full = _q(full)
     n_cells = len({(r["label"], r["source"]) for r in _manifest_rows(full) if r["split"] == "train"})
     assert len(q_full) == n_cells and sum(q_full) == pytest.approx(1.0)
@@ -88,6 +103,22 @@ def test_training_with_group_dro_saves_its_weights_and_resume_continues_from_the
     run = kill_in_validation(monkeypatch, cfg(tmp_path / "b"), epoch=2)
     assert run_training(None, resume=run, progress=False) == run
     assert _q(run) == pytest.approx(q_full, abs=1e-12)  # same weights as the uninterrupted run
+
+
+def test_group_dro_over_sources_has_one_weight_per_train_source(tmp_path: Path, sample_dir: Path) -> None:
+    from xraydx.train import run_training
+
+    cfg = tiny_config(
+        sample_dir, tmp_path, epochs=1, objective="group_dro", dro_eta=0.5, dro_groups="source",
+        balance="class_source",
+    )  # fmt: skip
+    run = run_training(cfg, progress=False)  # type: ignore[arg-type]
+    sources = sorted({r["source"] for r in _manifest_rows(run) if r["split"] == "train"})
+    assert len(sources) >= 2
+    assert f"Group DRO over {len(sources)} sources" in (run / "train.log").read_text()
+    q = _q(run)
+    assert len(q) == len(sources) and sum(q) == pytest.approx(1.0)
+    assert max(q) > 1.0 / len(sources) + 1e-3
 
 
 def _manifest_rows(run: Path) -> list[dict[str, str]]:

@@ -21,6 +21,7 @@ from xraydx.constants import (
     AUGMENT_PRESETS,
     AVERAGE_MODES,
     BALANCE_MODES,
+    DRO_GROUPS,
     ENGINES,
     INTENSITY_MODES,
     LUNG_MASK_MODES,
@@ -73,6 +74,7 @@ class TrainConfig:
     acquisition: float = 0.0  # 0-1: strength of the acquisition-cue augmentation (xraydx.acqaug); 0 = off
     objective: str = "erm"  # erm (mean loss) | group_dro (worst (class, source) cell; xraydx.groupdro)
     dro_eta: float = 0.1  # Group DRO step size of the group weights (> 0)
+    dro_groups: str = "class_source"  # Group DRO's groups: class_source (cells) | source (each source whole)
     mixstyle: float = 0.0  # 0-1: probability per batch of MixStyle (xraydx.mixstyle); 0 = off
     mixstyle_alpha: float = 0.1  # MixStyle's Beta(alpha, alpha) mixing weights (> 0)
     mixup: float = 0.0  # 0-1: probability per batch of Mixup / CutMix (xraydx.mixup, timm's); 0 = off
@@ -204,6 +206,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.pretrained": PRETRAINED_MODES,
     "train.balance": BALANCE_MODES,
     "train.objective": OBJECTIVES,
+    "train.dro_groups": DRO_GROUPS,
     "train.probe": PROBE_MODES,
     "train.average": AVERAGE_MODES,
     "train.schedule": SCHEDULES,

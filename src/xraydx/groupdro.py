@@ -9,9 +9,12 @@ step after every batch::
     q_g <- q_g * exp(eta * loss_g)   for every group g present in the batch;   q <- q / sum(q)
     loss = sum_g q_g * loss_g / sum_{g in batch} q_g
 
-Here a group is one (class, source) cell of the train split: "COVID-19 from ieee8023", "normal from
-Shenzhen", ... A model that does well on average by reading one collection's look, and badly on the cells
-where that look is absent, is penalised on exactly those cells. ``eta`` is ``train.dro_eta``.
+By default (``train.dro_groups=class_source``) a group is one (class, source) cell of the train split:
+"COVID-19 from ieee8023", "normal from Shenzhen", ... A model that does well on average by reading one
+collection's look, and badly on the cells where that look is absent, is penalised on exactly those cells.
+With ``train.dro_groups=source`` a group is one source whole, as in the paper's domains: the weights then
+follow the collection the model does worst on, whatever its classes, and there are fewer groups (each with
+more images per batch, so its mean loss is less noisy). ``eta`` is ``train.dro_eta``.
 
 The weights are kept identical on every rank (the per-group losses are summed over ranks before the update)
 and are saved with the train state, so ``--resume`` continues with the same ``q``.
@@ -28,16 +31,21 @@ __all__ = ["GroupDRO", "group_ids"]
 
 
 def group_ids(
-    labels: Sequence[int], sources: Sequence[str], class_names: Sequence[str]
+    labels: Sequence[int], sources: Sequence[str], class_names: Sequence[str], by: str = "class_source"
 ) -> tuple[torch.Tensor, list[str]]:
-    """One integer per record for its (class, source) cell, and the cells' names (``"class:source"``;
-    records without a source share one source, ``""``)."""
+    """One integer per record for its group, and the groups' names, in order of first appearance.
+
+    ``by="class_source"``: (class, source) cells, named ``"class:source"``; ``by="source"``: sources,
+    named by the source. Records without a source share one source, ``""``."""
+    if by not in ("class_source", "source"):
+        raise ValueError(f"Group DRO groups are class_source or source; got {by!r}")
     names: dict[tuple[int, str], int] = {}
     ids = []
     for y, s in zip(labels, sources, strict=True):
-        ids.append(names.setdefault((int(y), s or ""), len(names)))
+        key = (int(y) if by == "class_source" else -1, s or "")
+        ids.append(names.setdefault(key, len(names)))
     order = sorted(names, key=names.__getitem__)
-    return torch.tensor(ids, dtype=torch.long), [f"{class_names[y]}:{s}" for y, s in order]
+    return torch.tensor(ids, dtype=torch.long), [s if y < 0 else f"{class_names[y]}:{s}" for y, s in order]
 
 
 class GroupDRO:

@@ -283,11 +283,11 @@ def setup(cfg: Config, d: Dist, device: torch.device, resume: Path | None, progr
                 acquisition, weight, adversary=adversary, sources=sources, source_names=source_names,
                 total_steps=total_steps)  # fmt: skip
     if cfg.train.objective == "group_dro":
-        t.groups, t.group_names = group_ids(tr.labels.tolist(), [r.source for r in tr.records], CLASSES)
+        by = cfg.train.dro_groups
+        t.groups, t.group_names = group_ids(tr.labels.tolist(), [r.source for r in tr.records], CLASSES, by)
         t.dro = GroupDRO(len(t.group_names), cfg.train.dro_eta, device, distributed=d.active)
-        log(
-            f"objective: Group DRO over {len(t.group_names)} (class, source) cells, step size {cfg.train.dro_eta}"
-        )
+        kind = "(class, source) cells" if by == "class_source" else "sources"
+        log(f"objective: Group DRO over {len(t.group_names)} {kind}, step size {cfg.train.dro_eta}")
     t.mix = mixup.from_config(cfg.train, len(CLASSES))
     if t.mix is not None:
         log(f"batch mixing: {t.mix.describe()}")
@@ -487,7 +487,7 @@ def end_epoch(
                 "rows": t.rows, "stopped": stopped}  # fmt: skip
         if t.dro is not None:
             info["dro_q"] = t.dro.state()
-            t.log(f"Group DRO: heaviest cells {t.dro.top(t.group_names)}")
+            t.log(f"Group DRO: heaviest groups {t.dro.top(t.group_names)}")
         if t.adversary is not None:  # for --resume only: checkpoints hold the classifier alone
             save_checkpoint(
                 t.ckdir / ADVERSARY_FILE, t.adversary.adversary, {"kind": "adversary", "epoch": epoch}
