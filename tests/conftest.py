@@ -76,6 +76,23 @@ def kill_in_validation(monkeypatch: pytest.MonkeyPatch, cfg: object, epoch: int)
     return Path(cfg.runs_dir) / cfg.name  # type: ignore[attr-defined]
 
 
+def one_source_manifest(sample_dir: Path, out: Path) -> Path:
+    """The bundled sample as a manifest (absolute paths) in which every image has one source, ``onesite``:
+    for the options that need two or more training sources."""
+    import csv
+
+    with (sample_dir / "manifest.csv").open(newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    for r in rows:
+        r["source"] = "onesite"
+        r["path"] = str(sample_dir / r["path"])
+    with out.open("w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(rows[0]), quoting=csv.QUOTE_ALL)
+        w.writeheader()
+        w.writerows(rows)
+    return out
+
+
 def epoch_rows(run: Path) -> list[dict[str, str]]:
     """A training run's log.csv rows without the timings (two runs that trained alike compare equal)."""
     import csv

@@ -4,14 +4,13 @@ plain classifiers) and a resumed one continues with the head's saved weights."""
 
 from __future__ import annotations
 
-import csv
 import math
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import kill_in_validation, tiny_config
+from conftest import kill_in_validation, one_source_manifest, tiny_config
 from xraydx.checkpoint import load_tensors
 from xraydx.config import Config, validate
 from xraydx.dann import WithAdversary, grad_reverse, ramp, source_ids
@@ -60,16 +59,7 @@ def test_bad_settings_are_refused(tmp_path: Path, sample_dir: Path) -> None:
             validate(cfg)
     from xraydx.train import run_training
 
-    one = tmp_path / "one.csv"  # the sample as one source: nothing to be adversarial about
-    rows = (sample_dir / "manifest.csv").read_text().splitlines()
-    head = rows[0].split(",")
-    out = [rows[0]]
-    for line in rows[1:]:
-        cells = next(csv.reader([line]))
-        cells[head.index("source")] = "onesite"
-        cells[head.index("path")] = str(sample_dir / cells[head.index("path")])
-        out.append(",".join(f'"{c}"' for c in cells))
-    one.write_text("\n".join(out) + "\n")
+    one = one_source_manifest(sample_dir, tmp_path / "one.csv")  # nothing to be adversarial about
     with pytest.raises(ConfigError, match="two or more sources"):
         run_training(tiny_config(one, tmp_path / "runs", epochs=1, adversary=0.3), progress=False)  # type: ignore[arg-type]
 

@@ -81,6 +81,7 @@ class TrainConfig:
     mixup_alpha: float = 0.2  # Mixup's Beta(alpha, alpha); 0 = CutMix only
     cutmix_alpha: float = 0.0  # CutMix's Beta(alpha, alpha); 0 = Mixup only (both > 0: one or the other)
     adversary: float = 0.0  # >0: weight of the source head behind a gradient reversal (xraydx.dann); 0 = off
+    align: float = 0.0  # >0: weight of the alignment of each class across sources (xraydx.align); 0 = off
     probe: str = "none"  # none | lp-ft (linear probe, then fine-tune all) | lp (probe, then the head alone); xraydx.probe
     average: str = "none"  # none | swa (mean of the weights after every step) | ema; xraydx.weightavg
     average_start: float = 0.5  # share of the run's steps before the averaging begins, in [0, 1)
@@ -240,6 +241,7 @@ RANGES: dict[str, tuple[float | None, bool, float | None, bool]] = {
     "train.mixup_alpha": (0.0, True, None, False),
     "train.cutmix_alpha": (0.0, True, None, False),
     "train.adversary": (0.0, True, None, False),
+    "train.align": (0.0, True, None, False),
     "train.average_start": (0.0, True, 1.0, False),
     "train.ema_decay": (0.0, False, 1.0, False),
     "data.adapt_bn": (0.0, True, 1.0, True),
@@ -284,6 +286,11 @@ def validate(cfg: Config) -> None:
     if cfg.train.mixup > 0 and cfg.train.mixup_alpha + cfg.train.cutmix_alpha <= 0:
         raise ConfigError(
             f"train.mixup={cfg.train.mixup} needs train.mixup_alpha > 0 or train.cutmix_alpha > 0; both are 0"
+        )
+    if cfg.train.align > 0 and cfg.train.adversary > 0:
+        raise ConfigError(
+            f"train.align={cfg.train.align} and train.adversary={cfg.train.adversary} cannot be combined"
+            " (each wraps the classifier for training); set one of them to 0"
         )
     if not cfg.model.name.strip():
         raise ConfigError("model.name must name a timm architecture (e.g. mobilenetv2_100); got ''")

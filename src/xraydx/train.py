@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from xraydx import mixstyle, mixup, probe
 from xraydx.acqaug import AcquisitionAugment
+from xraydx.align import WithFeatures, align_sources, class_source_scatter
 from xraydx.batches import BatchBuffers, iter_batches
 from xraydx.checkpoint import save as save_checkpoint
 from xraydx.config import Config
@@ -256,7 +257,11 @@ def setup(cfg: Config, d: Dist, device: torch.device, resume: Path | None, progr
         if cfg.train.adversary > 0
         else (None, None, [])
     )
-    train_model: nn.Module = adversary if adversary is not None else model
+    if cfg.train.align > 0:
+        sources, source_names = align_sources(cfg, [r.source for r in tr.records], log)
+    train_model: nn.Module = (
+        adversary if adversary is not None else WithFeatures(model) if cfg.train.align > 0 else model
+    )
     if d.active:
         train_model = nn.parallel.DistributedDataParallel(
             train_model, device_ids=[device.index] if device.type == "cuda" else None
@@ -372,7 +377,7 @@ def train_one_epoch(t: Trainer, epoch: int, progress: bool) -> torch.Tensor:
     if cfg.train.probe == "lp":
         probe.hold_statistics(t.model)
     loss_sum, correct, seen, pos = 0.0, 0, 0, 0
-    adv_right, adv_counts = 0, torch.zeros(len(t.source_names), dtype=torch.long)
+    adv_right, adv_counts, align_sum = 0, torch.zeros(len(t.source_names), dtype=torch.long), 0.0
     # one batch gathered ahead in a thread; pinned memory + non_blocking copies on CUDA; on a CPU into
     # reused buffers (each batch is augmented into a new tensor before the next is asked for)
     batches = tqdm(
@@ -395,17 +400,21 @@ def train_one_epoch(t: Trainer, epoch: int, progress: bool) -> torch.Tensor:
             t.adversary.coeff = ramp(cfg.train.adversary, t.sched.last_epoch / max(1, t.total_steps))
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
             out = t.train_model(x)
-            logits, adv = out if t.adversary is not None else (out, None)
+            logits, extra = out if isinstance(out, tuple) else (out, None)
             per = F.cross_entropy(
                 logits.float(), target, weight=t.class_weight, label_smoothing=smoothing,
                 reduction="none" if t.dro is not None else "mean",
             )  # fmt: skip
             loss = per if t.dro is None else t.dro.loss(per, t.groups[batch_idx])
-            if adv is not None and t.sources is not None:  # the source head, through the gradient reversal
-                sb = t.sources[batch_idx]
-                loss = loss + F.cross_entropy(adv.float(), sb.to(device))
-                adv_right += int((adv.detach().argmax(1).cpu() == sb).sum())
+            if t.adversary is not None and extra is not None and t.sources is not None:  # the source head
+                sb = t.sources[batch_idx]  # (through the gradient reversal)
+                loss = loss + F.cross_entropy(extra.float(), sb.to(device))
+                adv_right += int((extra.detach().argmax(1).cpu() == sb).sum())
                 adv_counts += torch.bincount(sb, minlength=len(t.source_names))
+            elif extra is not None and t.sources is not None:  # train.align: each class across sources
+                penalty = class_source_scatter(extra, yb, t.sources[batch_idx])
+                loss = loss + cfg.train.align * penalty
+                align_sum += float(penalty.detach()) * len(yb)
             pos += len(yb)
         t.opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -419,6 +428,10 @@ def train_one_epoch(t: Trainer, epoch: int, progress: bool) -> torch.Tensor:
         batches.set_postfix(loss=f"{loss_sum / seen:.3f}")
     if t.adversary is not None and seen:
         t.log(t.adversary.report(epoch, adv_right, adv_counts))
+    if cfg.train.align > 0 and seen:
+        t.log(
+            f"epoch {epoch}: class-within-source scatter share {align_sum / seen:.4f} (train.align, this rank)"
+        )
     stats = torch.tensor([loss_sum, correct, seen], dtype=torch.float64)
     if t.d.active:
         dist.all_reduce(stats)
