@@ -180,6 +180,17 @@ $XRAYDX crossval compare "$K4" "$RUNS/R10-D-s0,$RUNS/R10-D-s1"
 $XRAYDX crossval compare "$K4" "$RUNS/R10-M-s0,$RUNS/R10-M-s1"
 $XRAYDX crossval compare "$K4" "$RUNS/R10-X-s0,$RUNS/R10-X-s1"
 $XRAYDX crossval compare "$K4" "$RUNS/R10-H-s0,$RUNS/R10-H-s1"
+# 3k. eleventh round: Group DRO over sources, and the alignment of each class across sources, each on the
+#     shipped recipe, two seeds each, against the shipped recipe's four seeds
+for s in 0 1; do
+    $XRAYDX crossval "${COMMON[@]}" --screen --folds "$FOLDS" "${C[@]}" --lung-mask mask --name R11-S-s$s --seed $s \
+        --set train.average=swa --set train.average_start=0.25 --set train.schedule=constant \
+        --set train.objective=group_dro --set train.dro_eta=0.1 --set train.dro_groups=source
+    $XRAYDX crossval "${COMMON[@]}" --screen --folds "$FOLDS" "${C[@]}" --lung-mask mask --name R11-A-s$s --seed $s \
+        --set train.average=swa --set train.average_start=0.25 --set train.schedule=constant --set train.align=1.0
+done
+$XRAYDX crossval compare "$K4" "$RUNS/R11-S-s0,$RUNS/R11-S-s1"
+$XRAYDX crossval compare "$K4" "$RUNS/R11-A-s0,$RUNS/R11-A-s1"
 # 4. the final training (eighth round): recipe C with dense weight averaging from a quarter of the run at a
 #    constant rate (train.average=swa, average_start=0.25, schedule=constant; steps 3g, 3h) at 224 px on
 #    everything, at three seeds (one core each; two can run in
