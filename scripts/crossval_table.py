@@ -46,7 +46,12 @@ def _recipe(run: Path, m: dict) -> str:
         f"{r['model']} {r['image_size']}px lung={r['lung_mask']} {r['intensity']} aug={r['augment']}"
         f" balance={r['balance']} acquisition={r['acquisition']} {r['epochs']}×{r['epoch_size'] or 'all'}"
     )
-    for key, name in (("mixstyle", "mixstyle"), ("adversary", "adversary"), ("align", "align")):
+    for key, name in (
+        ("mixstyle", "mixstyle"),
+        ("adversary", "adversary"),
+        ("align", "align"),
+        ("sam", "sam"),
+    ):
         if t.get(key):
             text += f" {name}={t[key]}"
     if t.get("objective", "erm") != "erm":

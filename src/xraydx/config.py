@@ -82,6 +82,9 @@ class TrainConfig:
     cutmix_alpha: float = 0.0  # CutMix's Beta(alpha, alpha); 0 = Mixup only (both > 0: one or the other)
     adversary: float = 0.0  # >0: weight of the source head behind a gradient reversal (xraydx.dann); 0 = off
     align: float = 0.0  # >0: weight of the alignment of each class across sources (xraydx.align); 0 = off
+    sam: float = (
+        0.0  # >0: sharpness-aware minimisation's radius rho (xraydx.sam; two passes per step); 0 = off
+    )
     probe: str = "none"  # none | lp-ft (linear probe, then fine-tune all) | lp (probe, then the head alone); xraydx.probe
     average: str = "none"  # none | swa (mean of the weights after every step) | ema; xraydx.weightavg
     average_start: float = 0.5  # share of the run's steps before the averaging begins, in [0, 1)
@@ -242,6 +245,7 @@ RANGES: dict[str, tuple[float | None, bool, float | None, bool]] = {
     "train.cutmix_alpha": (0.0, True, None, False),
     "train.adversary": (0.0, True, None, False),
     "train.align": (0.0, True, None, False),
+    "train.sam": (0.0, True, None, False),
     "train.average_start": (0.0, True, 1.0, False),
     "train.ema_decay": (0.0, False, 1.0, False),
     "data.adapt_bn": (0.0, True, 1.0, True),

@@ -489,7 +489,7 @@ def _recipe(cfg: Config) -> dict[str, Any]:
         "dro_groups": cfg.train.dro_groups if cfg.train.objective == "group_dro" else None, "tta": cfg.data.tta,
         "adapt_bn": cfg.data.adapt_bn, "adapt_bn_layers": cfg.data.adapt_bn_layers,
         "mixstyle": cfg.train.mixstyle, "adversary": cfg.train.adversary,
-        "align": cfg.train.align, "probe": cfg.train.probe,
+        "align": cfg.train.align, "sam": cfg.train.sam, "probe": cfg.train.probe,
         "average": cfg.train.average, "average_start": cfg.train.average_start,
         "schedule": cfg.train.schedule, "mixup": cfg.train.mixup, "mixup_alpha": cfg.train.mixup_alpha,
         "cutmix_alpha": cfg.train.cutmix_alpha,

@@ -60,27 +60,18 @@ class GroupDRO:
         self.distributed = distributed
         self.q = torch.full((n_groups,), 1.0 / n_groups, dtype=torch.float64, device=device)
 
-    def loss(self, per_sample: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
-        """The robust loss of one batch (``per_sample``: unreduced losses; ``groups``: their cell ids);
-        updates ``q`` from this batch's per-group mean losses first, as in the paper's algorithm."""
+    def loss(self, per_sample: torch.Tensor, groups: torch.Tensor, update: bool = True) -> torch.Tensor:
+        """The robust loss of one batch (``per_sample``: unreduced losses; ``groups``: their group ids);
+        updates ``q`` from this batch's per-group mean losses first, as in the paper's algorithm
+        (``update=False``: with the weights as they are, for a second pass over the same batch)."""
         n = self.q.numel()
         groups = groups.to(per_sample.device)
         sums = torch.zeros(n, dtype=per_sample.dtype, device=per_sample.device).index_add_(
             0, groups, per_sample
         )
         counts = torch.bincount(groups, minlength=n).to(per_sample.dtype)
-        with torch.no_grad():
-            g_sums, g_counts = sums.detach().double(), counts.double()
-            if self.distributed:
-                stacked = torch.stack([g_sums, g_counts]).to(self.q.device)
-                dist.all_reduce(stacked)
-                g_sums, g_counts = stacked[0], stacked[1]
-            present = g_counts.to(self.q.device) > 0
-            means = torch.where(
-                present, g_sums.to(self.q.device) / g_counts.to(self.q.device).clamp(min=1), 0.0
-            )
-            self.q = self.q * torch.exp(self.eta * means * present)
-            self.q = self.q / self.q.sum()
+        if update:
+            self._update(sums, counts)
         local = counts > 0
         mean_loss = sums / counts.clamp(min=1)
         w = self.q.to(per_sample.device, per_sample.dtype) * local
@@ -88,6 +79,19 @@ class GroupDRO:
         if not total > 0:  # cannot happen for a non-empty batch; kept finite for an empty one
             return per_sample.sum() * 0.0
         return (w * mean_loss).sum() / total
+
+    @torch.no_grad()
+    def _update(self, sums: torch.Tensor, counts: torch.Tensor) -> None:
+        """The exponentiated-gradient step from one batch's per-group loss sums and counts (over all ranks)."""
+        g_sums, g_counts = sums.detach().double(), counts.double()
+        if self.distributed:
+            stacked = torch.stack([g_sums, g_counts]).to(self.q.device)
+            dist.all_reduce(stacked)
+            g_sums, g_counts = stacked[0], stacked[1]
+        present = g_counts.to(self.q.device) > 0
+        means = torch.where(present, g_sums.to(self.q.device) / g_counts.to(self.q.device).clamp(min=1), 0.0)
+        self.q = self.q * torch.exp(self.eta * means * present)
+        self.q = self.q / self.q.sum()
 
     def state(self) -> list[float]:
         """``q`` as plain floats (JSON, for the train state)."""

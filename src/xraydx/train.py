@@ -47,6 +47,7 @@ from xraydx.optim import make_optimizer, save_train_state, write_log
 from xraydx.predict import batch_logits
 from xraydx.resume import resume_where_it_stopped
 from xraydx.runchecks import best_on_disk, check_leaks, new_run_dir, refuse_divergence
+from xraydx.sam import SAM
 from xraydx.trainset import SplitData, build_meta, epoch_order, load_split, sampling_weights
 from xraydx.transforms import AugmentSpec, BatchAugment, Preprocessing
 from xraydx.weightavg import BN_IMAGES, RAW_FILE, WeightAverage
@@ -103,6 +104,7 @@ class Trainer:
     source_names: list[str] = field(default_factory=list)
     average: WeightAverage | None = None  # train.average: the running average of the weights
     mix: mixup.BatchMixup | None = None  # train.mixup: Mixup / CutMix of each batch
+    sam: SAM | None = None  # train.sam: sharpness-aware minimisation's second pass
     total_steps: int = 0
     start_epoch: int = 1
     best_f1: float = -1.0
@@ -294,6 +296,9 @@ def setup(cfg: Config, d: Dist, device: torch.device, resume: Path | None, progr
         kind = "(class, source) cells" if by == "class_source" else "sources"
         log(f"objective: Group DRO over {len(t.group_names)} {kind}, step size {cfg.train.dro_eta}")
     t.mix = mixup.from_config(cfg.train, len(CLASSES))
+    if cfg.train.sam > 0:
+        t.sam = SAM(t.train_model.parameters(), cfg.train.sam)
+        log(f"sharpness-aware minimisation (xraydx.sam): radius {cfg.train.sam}, two passes per step")
     if t.mix is not None:
         log(f"batch mixing: {t.mix.describe()}")
     if cfg.train.average != "none":
@@ -398,26 +403,21 @@ def train_one_epoch(t: Trainer, epoch: int, progress: bool) -> torch.Tensor:
         batch_idx = np.sort(order[pos : pos + len(yb)])  # the batch's records, as iter_batches gathers them
         if t.adversary is not None:
             t.adversary.coeff = ramp(cfg.train.adversary, t.sched.last_epoch / max(1, t.total_steps))
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-            out = t.train_model(x)
-            logits, extra = out if isinstance(out, tuple) else (out, None)
-            per = F.cross_entropy(
-                logits.float(), target, weight=t.class_weight, label_smoothing=smoothing,
-                reduction="none" if t.dro is not None else "mean",
-            )  # fmt: skip
-            loss = per if t.dro is None else t.dro.loss(per, t.groups[batch_idx])
-            if t.adversary is not None and extra is not None and t.sources is not None:  # the source head
-                sb = t.sources[batch_idx]  # (through the gradient reversal)
-                loss = loss + F.cross_entropy(extra.float(), sb.to(device))
-                adv_right += int((extra.detach().argmax(1).cpu() == sb).sum())
-                adv_counts += torch.bincount(sb, minlength=len(t.source_names))
-            elif extra is not None and t.sources is not None:  # train.align: each class across sources
-                penalty = class_source_scatter(extra, yb, t.sources[batch_idx])
-                loss = loss + cfg.train.align * penalty
-                align_sum += float(penalty.detach()) * len(yb)
-            pos += len(yb)
+        loss, logits, extra, penalty = batch_loss(t, x, target, yb, batch_idx, smoothing, use_amp)
+        if t.adversary is not None and extra is not None and t.sources is not None:
+            sb = t.sources[batch_idx]
+            adv_right += int((extra.detach().argmax(1).cpu() == sb).sum())
+            adv_counts += torch.bincount(sb, minlength=len(t.source_names))
+        align_sum += float(penalty) * len(yb)
+        pos += len(yb)
         t.opt.zero_grad(set_to_none=True)
         loss.backward()
+        if t.sam is not None:  # train.sam: the gradient again at the worst nearby weights, then back
+            t.sam.ascend()
+            with t.sam.second_pass(t.model):
+                t.opt.zero_grad(set_to_none=True)
+                batch_loss(t, x, target, yb, batch_idx, smoothing, use_amp, second=True)[0].backward()
+            t.sam.descend()
         t.opt.step()
         t.sched.step()
         if t.average is not None:
@@ -436,6 +436,37 @@ def train_one_epoch(t: Trainer, epoch: int, progress: bool) -> torch.Tensor:
     if t.d.active:
         dist.all_reduce(stats)
     return stats
+
+
+def batch_loss(
+    t: Trainer,
+    x: torch.Tensor,
+    target: torch.Tensor,
+    yb: torch.Tensor,
+    batch_idx: np.ndarray,
+    smoothing: float,
+    use_amp: bool,
+    second: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, float]:
+    """One batch's training loss: (loss, class logits, the wrapper's second output or None, the alignment
+    penalty's value). ``second``: SAM's perturbed pass (Group DRO's weights are not updated again)."""
+    cfg, device = t.cfg, t.device
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+        out = t.train_model(x)
+        logits, extra = out if isinstance(out, tuple) else (out, None)
+        per = F.cross_entropy(
+            logits.float(), target, weight=t.class_weight, label_smoothing=smoothing,
+            reduction="none" if t.dro is not None else "mean",
+        )  # fmt: skip
+        loss = per if t.dro is None else t.dro.loss(per, t.groups[batch_idx], update=not second)
+        penalty = 0.0
+        if t.adversary is not None and extra is not None and t.sources is not None:  # the source head,
+            loss = loss + F.cross_entropy(extra.float(), t.sources[batch_idx].to(device))  # reversed
+        elif extra is not None and t.sources is not None:  # train.align: each class across sources
+            pen = class_source_scatter(extra, yb, t.sources[batch_idx])
+            loss = loss + cfg.train.align * pen
+            penalty = float(pen.detach())
+    return loss, logits, extra, penalty
 
 
 def evaluated_model(t: Trainer, epoch: int) -> nn.Module:
