@@ -296,11 +296,11 @@ def setup(cfg: Config, d: Dist, device: torch.device, resume: Path | None, progr
         kind = "(class, source) cells" if by == "class_source" else "sources"
         log(f"objective: Group DRO over {len(t.group_names)} {kind}, step size {cfg.train.dro_eta}")
     t.mix = mixup.from_config(cfg.train, len(CLASSES))
+    if t.mix is not None:
+        log(f"batch mixing: {t.mix.describe()}")
     if cfg.train.sam > 0:
         t.sam = SAM(t.train_model.parameters(), cfg.train.sam)
         log(f"sharpness-aware minimisation (xraydx.sam): radius {cfg.train.sam}, two passes per step")
-    if t.mix is not None:
-        log(f"batch mixing: {t.mix.describe()}")
     if cfg.train.average != "none":
         t.average = WeightAverage(model, cfg.train.average, average_step, cfg.train.ema_decay)
         log(
