@@ -193,8 +193,13 @@ for s in 0 1; do   # (c): sharpness-aware minimisation
     $XRAYDX crossval "${COMMON[@]}" --screen --folds "$FOLDS" "${C[@]}" --lung-mask mask --name R11-M-s$s --seed $s \
         --set train.average=swa --set train.average_start=0.25 --set train.schedule=constant --set train.sam=0.05
 done
+for s in 0 1; do   # (d): the alignment at three times the weight
+    $XRAYDX crossval "${COMMON[@]}" --screen --folds "$FOLDS" "${C[@]}" --lung-mask mask --name R11-A3-s$s --seed $s \
+        --set train.average=swa --set train.average_start=0.25 --set train.schedule=constant --set train.align=3.0
+done
 $XRAYDX crossval compare "$K4" "$RUNS/R11-S-s0,$RUNS/R11-S-s1"
 $XRAYDX crossval compare "$K4" "$RUNS/R11-M-s0,$RUNS/R11-M-s1"
+$XRAYDX crossval compare "$K4" "$RUNS/R11-A3-s0,$RUNS/R11-A3-s1"
 $XRAYDX crossval compare "$K4" "$RUNS/R11-A-s0,$RUNS/R11-A-s1"
 # 4. the final training (eighth round): recipe C with dense weight averaging from a quarter of the run at a
 #    constant rate (train.average=swa, average_start=0.25, schedule=constant; steps 3g, 3h) at 224 px on
