@@ -33,8 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from xraydx.dann import source_ids
-from xraydx.errors import ConfigError
+from xraydx.dann import train_source_ids
 
 __all__ = ["WithFeatures", "align_sources", "class_source_scatter"]
 
@@ -84,12 +83,7 @@ def align_sources(
 ) -> tuple[torch.Tensor, list[str]]:
     """``train.align``: each train record's source id and the sources' names; a ConfigError where the
     train split has fewer than two sources (nothing to align)."""
-    ids, names = source_ids(sources)
-    if len(names) < 2:
-        raise ConfigError(
-            f"train.align needs two or more sources in the train split; {cfg.data.path} gives "
-            f"{names[0] or 'no source'} only (a manifest's 'source' column names them)"
-        )
+    ids, names = train_source_ids(cfg, sources, "train.align")
     log(
         f"alignment of each class across {len(names)} train sources (xraydx.align: the between-source"
         f" scatter within classes over the total, on the pooled features), weight {cfg.train.align}"

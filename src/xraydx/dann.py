@@ -31,7 +31,7 @@ from torch import nn
 
 from xraydx.errors import ConfigError
 
-__all__ = ["WithAdversary", "grad_reverse", "ramp", "source_head", "source_ids"]
+__all__ = ["WithAdversary", "grad_reverse", "ramp", "source_head", "source_ids", "train_source_ids"]
 
 
 class _GradReverse(torch.autograd.Function):
@@ -62,6 +62,18 @@ def source_ids(sources: Sequence[str]) -> tuple[torch.Tensor, list[str]]:
     names = sorted({s or "" for s in sources})
     index = {n: i for i, n in enumerate(names)}
     return torch.tensor([index[s or ""] for s in sources], dtype=torch.long), names
+
+
+def train_source_ids(cfg: Any, sources: Sequence[str], option: str) -> tuple[torch.Tensor, list[str]]:
+    """:func:`source_ids` of the train split for ``option`` (a training option that works across sources);
+    a ConfigError where the split has fewer than two sources."""
+    ids, names = source_ids(sources)
+    if len(names) < 2:
+        raise ConfigError(
+            f"{option} needs two or more sources in the train split; {cfg.data.path} gives "
+            f"{names[0] or 'no source'} only (a manifest's 'source' column names them)"
+        )
+    return ids, names
 
 
 def _feature_width(model: nn.Module, in_chans: int, size: int) -> int:
@@ -123,12 +135,7 @@ def source_head(
 ) -> tuple[WithAdversary, torch.Tensor, list[str]]:
     """``train.adversary``: the classifier wrapped with its source head, each train record's source id and
     the sources' names; a ConfigError where the train split has fewer than two sources."""
-    ids, names = source_ids(sources)
-    if len(names) < 2:
-        raise ConfigError(
-            f"train.adversary needs two or more sources in the train split; {cfg.data.path} gives "
-            f"{names[0] or 'no source'} only (a manifest's 'source' column names them)"
-        )
+    ids, names = train_source_ids(cfg, sources, "train.adversary")
     wrapped = WithAdversary(model, len(names), in_chans=cfg.model.in_chans, size=size).to(device)
     log(
         f"source-adversarial head (gradient reversal, xraydx.dann) over {len(names)} train sources"

@@ -465,7 +465,7 @@ def batch_loss(
         elif extra is not None and t.sources is not None:  # train.align: each class across sources
             pen = class_source_scatter(extra, yb, t.sources[batch_idx])
             loss = loss + cfg.train.align * pen
-            penalty = float(pen.detach())
+            penalty = 0.0 if second else float(pen.detach())  # (a host sync: first pass only)
     return loss, logits, extra, penalty
 
 
