@@ -51,6 +51,19 @@ def test_source_ids_and_the_head_on_a_timm_model() -> None:
         WithAdversary(model, 1, in_chans=1, size=32)
 
 
+def test_both_heads_see_the_same_pooled_features_under_dropout() -> None:
+    """In training mode the class logits come from the very features the source head is given: one
+    pooling, one dropout mask (pooling twice would draw two masks and let the heads see different images)."""
+    torch.manual_seed(0)
+    model = create_model("test_resnet", 3, in_chans=1, pretrained="none", drop_rate=0.5)
+    wrapped = WithAdversary(model, 3, in_chans=1, size=32).train()
+    seen: list[torch.Tensor] = []
+    wrapped.adversary[0].register_forward_hook(lambda _m, inp, _out: seen.append(inp[0].detach()))
+    logits, _ = wrapped(torch.randn(4, 1, 32, 32))
+    assert len(seen) == 1 and (seen[0] == 0).any()  # dropout was drawn
+    assert torch.allclose(logits, model.get_classifier()(seen[0]), atol=1e-6)
+
+
 def test_bad_settings_are_refused(tmp_path: Path, sample_dir: Path) -> None:
     cfg = Config()
     for w in (-0.1, float("nan"), float("inf")):

@@ -101,8 +101,10 @@ class WithAdversary(nn.Module):
         super().__init__()
         if n_sources < 2:
             raise ValueError(f"a source-adversarial head needs two or more training sources; got {n_sources}")
-        if not (hasattr(model, "forward_features") and hasattr(model, "forward_head")):
-            raise ValueError("a source-adversarial head needs a timm model (forward_features / forward_head)")
+        if not all(hasattr(model, a) for a in ("forward_features", "forward_head", "get_classifier")):
+            raise ValueError(
+                "a source-adversarial head needs a timm model (forward_features / forward_head / get_classifier)"
+            )
         width = _feature_width(model, in_chans, size)
         self.model = model
         self.adversary = nn.Sequential(
@@ -111,9 +113,9 @@ class WithAdversary(nn.Module):
         self.coeff = 0.0
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        feats = self.model.forward_features(x)  # type: ignore[operator]
-        logits = self.model.forward_head(feats)  # type: ignore[operator]
-        pooled = self.model.forward_head(feats, pre_logits=True)  # type: ignore[operator]
+        # pooled once: the class head and the source head see the same features (one dropout mask)
+        pooled = self.model.forward_head(self.model.forward_features(x), pre_logits=True)  # type: ignore[operator]
+        logits = self.model.get_classifier()(pooled)  # type: ignore[operator]
         return logits, self.adversary(grad_reverse(pooled, self.coeff))
 
     def report(self, epoch: int, right: int, counts: torch.Tensor) -> str:

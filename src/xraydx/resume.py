@@ -25,7 +25,7 @@ from xraydx.optim import load_train_state
 from xraydx.weightavg import RAW_FILE
 
 if TYPE_CHECKING:
-    from xraydx.train import Trainer
+    from xraydx.step import Trainer
 
 __all__ = ["resume_where_it_stopped"]
 
