@@ -201,6 +201,20 @@ $XRAYDX crossval compare "$K4" "$RUNS/R11-S-s0,$RUNS/R11-S-s1"
 $XRAYDX crossval compare "$K4" "$RUNS/R11-M-s0,$RUNS/R11-M-s1"
 $XRAYDX crossval compare "$K4" "$RUNS/R11-A3-s0,$RUNS/R11-A3-s1"
 $XRAYDX crossval compare "$K4" "$RUNS/R11-A-s0,$RUNS/R11-A-s1"
+# 3l. twelfth round: (a) the alignment's seeds 2 and 3, a fresh test of the eleventh round's two-seed pass;
+#     (b) the alignment with sharpness-aware minimisation, two seeds
+for s in 2 3; do
+    $XRAYDX crossval "${COMMON[@]}" --screen --folds "$FOLDS" "${C[@]}" --lung-mask mask --name R11-A-s$s --seed $s \
+        --set train.average=swa --set train.average_start=0.25 --set train.schedule=constant --set train.align=1.0
+done
+for s in 0 1; do
+    $XRAYDX crossval "${COMMON[@]}" --screen --folds "$FOLDS" "${C[@]}" --lung-mask mask --name R12-AM-s$s --seed $s \
+        --set train.average=swa --set train.average_start=0.25 --set train.schedule=constant --set train.align=1.0 \
+        --set train.sam=0.05
+done
+$XRAYDX crossval compare "$K4" "$RUNS/R11-A-s2,$RUNS/R11-A-s3"
+$XRAYDX crossval compare "$K4" "$RUNS/R11-A-s0,$RUNS/R11-A-s1,$RUNS/R11-A-s2,$RUNS/R11-A-s3"
+$XRAYDX crossval compare "$K4" "$RUNS/R12-AM-s0,$RUNS/R12-AM-s1"
 # 4. the final training (eighth round): recipe C with dense weight averaging from a quarter of the run at a
 #    constant rate (train.average=swa, average_start=0.25, schedule=constant; steps 3g, 3h) at 224 px on
 #    everything, at three seeds (one core each; two can run in
