@@ -41,7 +41,7 @@ __all__ = ["Trainer", "batch_loss", "train_one_epoch", "training_input", "traini
 
 @dataclass
 class Trainer:
-    """Everything one training run holds between epochs (built by :func:`setup`)."""
+    """Everything one training run holds between epochs (built by :func:`xraydx.train.setup`)."""
 
     cfg: Config
     d: Dist
