@@ -215,6 +215,10 @@ done
 $XRAYDX crossval compare "$K4" "$RUNS/R11-A-s2,$RUNS/R11-A-s3"
 $XRAYDX crossval compare "$K4" "$RUNS/R11-A-s0,$RUNS/R11-A-s1,$RUNS/R11-A-s2,$RUNS/R11-A-s3"
 $XRAYDX crossval compare "$K4" "$RUNS/R12-AM-s0,$RUNS/R12-AM-s1"
+for s in 4 5; do   # (c): the shipped recipe's fifth and sixth seeds, for the baseline
+    $XRAYDX crossval "${COMMON[@]}" --screen --folds "$FOLDS" "${C[@]}" --lung-mask mask --name R8-W25K-s$s --seed $s \
+        --set train.average=swa --set train.average_start=0.25 --set train.schedule=constant
+done
 # 4. the final training (eighth round): recipe C with dense weight averaging from a quarter of the run at a
 #    constant rate (train.average=swa, average_start=0.25, schedule=constant; steps 3g, 3h) at 224 px on
 #    everything, at three seeds (one core each; two can run in
