@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from xraydx.dann import train_source_ids
+from xraydx.dann import logits_and_pooled, require_timm_parts, train_source_ids
 
 __all__ = ["WithFeatures", "align_sources", "class_source_scatter"]
 
@@ -43,15 +43,11 @@ class WithFeatures(nn.Module):
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
-        if not all(hasattr(model, a) for a in ("forward_features", "forward_head", "get_classifier")):
-            raise ValueError(
-                "train.align needs a timm model (forward_features / forward_head / get_classifier)"
-            )
+        require_timm_parts(model, "train.align")
         self.model = model
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        pooled = self.model.forward_head(self.model.forward_features(x), pre_logits=True)  # type: ignore[operator]
-        return self.model.get_classifier()(pooled), pooled  # type: ignore[operator]
+        return logits_and_pooled(self.model, x)
 
 
 def class_source_scatter(feats: torch.Tensor, labels: torch.Tensor, sources: torch.Tensor) -> torch.Tensor:

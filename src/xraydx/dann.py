@@ -31,7 +31,10 @@ from torch import nn
 
 from xraydx.errors import ConfigError
 
-__all__ = ["WithAdversary", "grad_reverse", "ramp", "source_head", "source_ids", "train_source_ids"]
+__all__ = [
+    "WithAdversary", "grad_reverse", "logits_and_pooled", "ramp", "require_timm_parts", "source_head", "source_ids",
+    "train_source_ids",
+]  # fmt: skip
 
 
 class _GradReverse(torch.autograd.Function):
@@ -76,6 +79,20 @@ def train_source_ids(cfg: Any, sources: Sequence[str], option: str) -> tuple[tor
     return ids, names
 
 
+def require_timm_parts(model: nn.Module, what: str) -> None:
+    """ValueError unless ``model`` has timm's forward_features / forward_head / get_classifier (``what``
+    names the option that needs them)."""
+    if not all(hasattr(model, a) for a in ("forward_features", "forward_head", "get_classifier")):
+        raise ValueError(f"{what} needs a timm model (forward_features / forward_head / get_classifier)")
+
+
+def logits_and_pooled(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A timm model's class logits and the pooled features they are computed from: pooled once, so both
+    come from one dropout mask."""
+    pooled = model.forward_head(model.forward_features(x), pre_logits=True)  # type: ignore[operator]
+    return model.get_classifier()(pooled), pooled  # type: ignore[operator]
+
+
 def _feature_width(model: nn.Module, in_chans: int, size: int) -> int:
     """Width of ``forward_head(..., pre_logits=True)`` (probed once on a tiny input, in eval mode)."""
     was = model.training
@@ -101,10 +118,7 @@ class WithAdversary(nn.Module):
         super().__init__()
         if n_sources < 2:
             raise ValueError(f"a source-adversarial head needs two or more training sources; got {n_sources}")
-        if not all(hasattr(model, a) for a in ("forward_features", "forward_head", "get_classifier")):
-            raise ValueError(
-                "a source-adversarial head needs a timm model (forward_features / forward_head / get_classifier)"
-            )
+        require_timm_parts(model, "a source-adversarial head")
         width = _feature_width(model, in_chans, size)
         self.model = model
         self.adversary = nn.Sequential(
@@ -113,9 +127,7 @@ class WithAdversary(nn.Module):
         self.coeff = 0.0
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        # pooled once: the class head and the source head see the same features (one dropout mask)
-        pooled = self.model.forward_head(self.model.forward_features(x), pre_logits=True)  # type: ignore[operator]
-        logits = self.model.get_classifier()(pooled)  # type: ignore[operator]
+        logits, pooled = logits_and_pooled(self.model, x)  # the class and source heads see one dropout mask
         return logits, self.adversary(grad_reverse(pooled, self.coeff))
 
     def report(self, epoch: int, right: int, counts: torch.Tensor) -> str:
