@@ -15,7 +15,14 @@ from conftest import CV_TINY as TINY
 from conftest import tiny_config
 from xraydx.cli import main
 from xraydx.crossval import fold_manifest, parse_folds, run_crossval
-from xraydx.crossval_metrics import flag_summary, shift_summary, shift_threshold, summarize, wilson
+from xraydx.crossval_metrics import (
+    flag_summary,
+    shift_summary,
+    shift_threshold,
+    summarize,
+    training_coverage,
+    wilson,
+)
 from xraydx.data import CLASSES, discover
 from xraydx.errors import UsageError
 
@@ -70,6 +77,51 @@ def test_summary_is_consistent_with_the_pooled_predictions(cv_run: Path) -> None
     assert set(sf["honest"]["per_source"]) == {"kermany", "nihcxr8"}
     assert 0.0 <= sf["honest"]["coverage"] <= 1.0
     assert (cv_run / "report.html").read_text().count("<table") >= 4
+
+
+def test_what_each_fold_model_learned_each_class_from(cv_run: Path) -> None:
+    """Counted from the manifest each fold's own training run wrote, independently of the summary."""
+    m = json.loads((cv_run / "metrics.json").read_text())
+    pooled = _rows(cv_run / "predictions.csv")
+    one_source_images = 0
+    for fold, v in m["per_fold"].items():
+        train = [r for r in _rows(cv_run / "folds" / fold / "manifest.csv") if r["split"] == "train"]
+        for c in CLASSES:
+            by_source: dict[str, int] = {}
+            for r in train:
+                if r["label"] == c:
+                    by_source[r["source"]] = by_source.get(r["source"], 0) + 1
+            got = v["trained_on"][c]
+            assert got["by_source"] == by_source and got["n"] == sum(by_source.values())
+            assert got["one_source"] == (max(by_source.values()) / sum(by_source.values()) >= 0.9)
+            if got["one_source"]:
+                one_source_images += sum(r["fold"] == fold and r["label"] == c for r in pooled)
+        held = {r["source"] for r in pooled if r["fold"] == fold}
+        assert not held & {s for c in CLASSES for s in v["trained_on"][c]["by_source"]}
+    o = m["one_source"]
+    assert o["of"] == len(pooled) and o["n"] == one_source_images
+    right = [r["prediction"] == r["label"] for r in pooled]
+    assert o["recall"] is None or 0.0 <= o["recall"] <= 1.0
+    assert o["n"] == 0 or o["recall"] * o["n"] + (o["recall_rest"] or 0) * (
+        o["of"] - o["n"]
+    ) == pytest.approx(sum(right))
+    log = (cv_run / "crossval.log").read_text()
+    assert ("learned from one source" in log) == (o["n"] > 0)
+    assert "held-out classes learned from one source" in (cv_run / "report.html").read_text()
+
+
+def test_training_coverage_counts_and_the_one_source_share() -> None:
+    train = [("covid", "a")] * 9 + [("covid", "b")] + [("normal", "a")] * 8 + [("normal", "b")] * 2
+    cov = training_coverage(train, CLASSES)
+    assert cov["covid"] == {
+        "n": 10,
+        "by_source": {"a": 9, "b": 1},
+        "top_source": "a",
+        "top_share": 0.9,
+        "one_source": True,
+    }
+    assert cov["normal"]["one_source"] is False and cov["normal"]["top_share"] == 0.8
+    assert cov["non_covid"]["n"] == 0 and cov["non_covid"]["one_source"] is True  # never trained on
 
 
 def test_resume_trains_only_the_missing_fold_and_gives_the_same_pooled_predictions(

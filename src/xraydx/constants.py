@@ -98,3 +98,8 @@ def checkpoint_or_default(given: str | Path | None) -> Path:
 
 #: resamples of the paired bootstrap of `xraydx crossval compare` (xraydx.crossval_compare)
 COMPARE_RESAMPLES = 1000
+
+#: a class a crossval fold's model learned with at least this share of its training images from one source
+#: counts as learned from one source (xraydx.crossval_metrics.training_coverage): its held-out recall measures
+#: the transfer from that one hospital, not from a mixture
+ONE_SOURCE_SHARE = 0.9

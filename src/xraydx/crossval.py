@@ -49,7 +49,7 @@ from pathlib import Path
 from typing import Any
 
 from xraydx.config import Config, validate
-from xraydx.crossval_metrics import summarize
+from xraydx.crossval_metrics import fold_training_coverage, in_source_test, one_source_lines, summarize
 from xraydx.data import CLASSES, Manifest, discover
 from xraydx.errors import DatasetError, OutputExistsError, UsageError
 from xraydx.fsutil import atomic_write_json, csv_unescape, printable_path
@@ -437,8 +437,14 @@ class CrossVal:
             w = CsvDictWriter(fh, fieldnames=list(rows[0]) if rows else ["path"])
             w.writeheader()
             w.writerows(rows)
-        in_source = {f.name: _in_source_test(self.trained_run(f)) for f in self.folds}
-        summary = summarize(rows, CLASSES, folds=[f.name for f in self.folds], in_source=in_source)
+        in_source = {f.name: in_source_test(self.trained_run(f)) for f in self.folds}
+        coverage = {  # what each fold model learned each class from: its training run's fold manifest
+            f.name: fold_training_coverage(self.trained_run(f).parent / f"{f.name}.csv", CLASSES)
+            for f in self.folds
+        }
+        summary = summarize(
+            rows, CLASSES, folds=[f.name for f in self.folds], in_source=in_source, coverage=coverage
+        )
         summary["recipe"] = {"data": self.cfg.data.path, "config": "config.yaml", **_recipe(self.cfg)}
         if self.trained_from is not None:
             summary["recipe"]["trained_from"] = str(self.trained_from)
@@ -452,6 +458,8 @@ class CrossVal:
             f"[{p['ci']['balanced_accuracy'][0]:.3f}-{p['ci']['balanced_accuracy'][1]:.3f}], "
             f"macro-F1 {p['macro_f1']:.3f}; errors flagged {summary['flag']['errors_flagged']:.0%}"
         )
+        for line in one_source_lines(summary):
+            self.log(line)
         self.log(f"run folder: {self.run}")
         return summary
 
@@ -466,18 +474,6 @@ def _discover(cfg: Config) -> Manifest:
         cfg.data.path, val_fraction=cfg.data.val_fraction, test_fraction=cfg.data.test_fraction,
         seed=cfg.data.split_seed,
     )  # fmt: skip
-
-
-def _in_source_test(run: Path) -> dict[str, Any] | None:
-    """The fold run's own test split (its training sources' held-back patients), as its metrics.json has it."""
-    try:
-        m = json.loads((run / "metrics.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    t = m.get("test")
-    if not t:
-        return None
-    return {"n": t["n"], "macro_f1": t["macro_f1"], "balanced_accuracy": t.get("balanced_accuracy")}
 
 
 def _recipe(cfg: Config) -> dict[str, Any]:

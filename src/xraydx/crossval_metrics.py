@@ -7,16 +7,25 @@ gives the zero-width 1.000–1.000), cells with n < 30 marked; per-fold figures;
 on out-of-source images: the share of errors it catches, the accuracy of what it lets through, the
 coverage–accuracy curve, and the threshold that would flag a target share of the out-of-source errors
 (``oos_threshold``; what ``train.abstention_threshold`` can take for a model shipped to new sites).
+
+What each fold's model learned each class from (:func:`training_coverage`, from the fold manifests): where
+one source gives nearly all of a class's training images, that class's held-out recall measures how one
+hospital's images transfer, and the summary counts the held-out images so judged (``one_source``).
 """
 
 from __future__ import annotations
 
+import csv
+import json
 import warnings
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from xraydx.constants import ONE_SOURCE_SHARE
 from xraydx.metrics import (
     SMALL_N,
     compute_metrics,
@@ -32,7 +41,9 @@ __all__ = [
     "recall_cells",
     "shift_summary",
     "shift_threshold",
+    "one_source_lines",
     "summarize",
+    "training_coverage",
     "wilson",
 ]
 
@@ -163,15 +174,93 @@ def flag_summary(a: dict[str, np.ndarray], target: float = 0.5) -> dict[str, Any
     return out
 
 
+def training_coverage(
+    train: Iterable[tuple[str, str]], classes: Sequence[str], share: float = ONE_SOURCE_SHARE
+) -> dict[str, Any]:
+    """Per class: a fold model's training images of that class by source (``train``: (label, source) of
+    each), the largest source's share, and ``one_source`` where that share is ≥ ``share`` (or none)."""
+    counts: dict[str, Counter[str]] = {c: Counter() for c in classes}
+    for label, source in train:
+        if label in counts:
+            counts[label][source or "(no source)"] += 1
+    out: dict[str, Any] = {}
+    for c in classes:
+        n = sum(counts[c].values())
+        top = counts[c].most_common(1)
+        out[c] = {
+            "n": n,
+            "by_source": dict(counts[c].most_common()),
+            "top_source": top[0][0] if top else None,
+            "top_share": top[0][1] / n if n else None,
+            "one_source": not n or top[0][1] / n >= share,
+        }
+    return out
+
+
+def fold_training_coverage(manifest_csv: Path, classes: Sequence[str]) -> dict[str, Any] | None:
+    """:func:`training_coverage` of a crossval fold manifest's train split; None where it cannot be read."""
+    try:
+        with open(manifest_csv, encoding="utf-8", newline="") as fh:
+            train = [
+                (r["label"], r.get("source") or "") for r in csv.DictReader(fh) if r.get("split") == "train"
+            ]
+    except (OSError, KeyError, ValueError, csv.Error):
+        return None
+    return training_coverage(train, classes) if train else None
+
+
+def in_source_test(run: Path) -> dict[str, Any] | None:
+    """A fold run's own test split (its training sources' held-back patients), as its metrics.json has it."""
+    try:
+        m = json.loads((run / "metrics.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    t = m.get("test")
+    if not t:
+        return None
+    return {"n": t["n"], "macro_f1": t["macro_f1"], "balanced_accuracy": t.get("balanced_accuracy")}
+
+
+def _one_source(
+    a: dict[str, np.ndarray], pred: np.ndarray, classes: Sequence[str], coverage: Mapping[str, Any]
+) -> dict[str, Any] | None:
+    """The held-out images whose class their fold's model learned from one source, and the recall there
+    against the rest (None where no fold's coverage is known)."""
+    known = np.array([f in coverage and coverage[f] is not None for f in a["fold"]])
+    if not known.any():
+        return None
+    one = np.array(
+        [
+            bool(k and coverage[f][classes[c]]["one_source"])
+            for k, f, c in zip(known, a["fold"], a["y"], strict=True)
+        ]
+    )
+    right = pred == a["y"]
+    cells = sorted({f"{f}: {classes[c]}" for f, c in zip(a["fold"][one], a["y"][one], strict=True)})
+    rest = known & ~one
+    return {
+        "n": int(one.sum()),
+        "of": int(known.sum()),
+        "share": float(one.sum() / known.sum()),
+        "recall": float(right[one].mean()) if one.any() else None,
+        "recall_rest": float(right[rest].mean()) if rest.any() else None,
+        "cells": cells,
+        "threshold": ONE_SOURCE_SHARE,
+    }
+
+
 def summarize(
     rows: Sequence[dict[str, str]],
     classes: Sequence[str],
     *,
     folds: Sequence[str],
     in_source: dict[str, Any] | None = None,
+    coverage: Mapping[str, Any] | None = None,
     n_boot: int = 1000,
     seed: int = 0,
 ) -> dict[str, Any]:
+    """The crossval's numbers (module docstring); ``coverage``: per fold, :func:`training_coverage` of its
+    model's training images (None or absent where unknown)."""
     a = _arrays(rows, classes)
     y, p = a["y"], a["p"]
     if len(y) == 0:
@@ -206,6 +295,7 @@ def summarize(
             "balanced_accuracy": float(np.mean(recalls)),
             "recall": recall_cells(y[sel], pred[sel], classes),
             "in_source_test": (in_source or {}).get(f),
+            "trained_on": (coverage or {}).get(f),
         }
     return {
         "what": "leave-source-out crossval: every image predicted by the fold model that never saw its source",
@@ -215,6 +305,30 @@ def summarize(
         "pooled": pooled,
         "per_source": per_source,
         "per_fold": per_fold,
+        "one_source": _one_source(a, pred, classes, coverage or {}),
         "flag": flag_summary(a),
         "shift_flag": shift_summary(a),
     }
+
+
+def one_source_lines(summary: Mapping[str, Any]) -> list[str]:
+    """The log's lines on held-out classes their fold's model learned from one source (empty if none)."""
+    lines = []
+    for f, v in summary["per_fold"].items():
+        cov = v.get("trained_on") or {}
+        for c, cell in v["recall"].items():
+            t = cov.get(c)
+            if t and t["one_source"] and cell["n"]:
+                lines.append(
+                    f"fold {f}: its {cell['n']:,} {c} images are judged by a model that learned {c} from one"
+                    f" source: {t['top_source']} ({t['by_source'].get(t['top_source'], 0):,} of {t['n']:,}"
+                    " training images)"
+                )
+    o = summary.get("one_source")
+    if o and o["n"]:
+        lines.append(
+            f"{o['n']:,} of {o['of']:,} held-out images ({o['share']:.0%}) are of a class their fold's model"
+            f" learned from one source; recall {o['recall']:.3f} there, "
+            + (f"{o['recall_rest']:.3f} on the rest" if o["recall_rest"] is not None else "no other images")
+        )
+    return lines

@@ -298,6 +298,16 @@ def _in_source(members: Sequence[Member], folds: Sequence[str]) -> dict[str, Any
     return out
 
 
+def _coverage(members: Sequence[Member], folds: Sequence[str]) -> dict[str, Any]:
+    """Per fold: what its models learned each class from, where every member's summary says the same."""
+    out: dict[str, Any] = {}
+    for f in folds:
+        got = [((m.metrics or {}).get("per_fold", {}).get(f) or {}).get("trained_on") for m in members]
+        if got[0] and all(g == got[0] for g in got):
+            out[f] = got[0]
+    return out
+
+
 def _member_summary(m: Member) -> dict[str, Any]:
     mt = m.metrics or {}
     pooled, flag = mt.get("pooled") or {}, mt.get("flag") or {}
@@ -372,7 +382,13 @@ def combine(runs: Sequence[Path | str], name: str, runs_dir: Path | str = "runs"
         say(f"member {m.name}: {_shown(m.run)}, {len(m.rows)} images")
     rows = combine_rows(members)
     folds = [Fold(i + 1, tuple(s)).name for i, s in enumerate(members[0].folds)]
-    summary = summarize(rows, members[0].classes, folds=folds, in_source=_in_source(members, folds))
+    summary = summarize(
+        rows,
+        members[0].classes,
+        folds=folds,
+        in_source=_in_source(members, folds),
+        coverage=_coverage(members, folds),
+    )
     summary["what"] = (
         "ensemble of leave-source-out crossvals: every image predicted by each member's fold model that never"
         " saw its source, the members' probabilities averaged"

@@ -32,6 +32,31 @@ def _copies_note(left_out: Any) -> str:
     )
 
 
+def _one_source_cell(v: dict[str, Any]) -> str:
+    """A fold's held-out classes that its model learned from one source, with that source's share."""
+    cov = v.get("trained_on")
+    if not cov:
+        return "—"
+    got = [
+        f"{esc(c)} ({esc(str(cov[c]['top_source']))} {cov[c]['top_share']:.0%})"
+        for c in v["recall"]
+        if c in cov and cov[c]["one_source"] and cov[c]["top_share"] is not None
+    ]
+    return ", ".join(got) or "none"
+
+
+def _one_source_note(o: dict[str, Any] | None) -> str:
+    if not o or not o["n"]:
+        return ""
+    rest = fmt(o["recall_rest"]) if o["recall_rest"] is not None else "—"
+    return (
+        f"<p class=warn>{o['n']:,} of {o['of']:,} held-out images ({o['share']:.0%}) are of a class their fold's"
+        f" model learned from one source (≥ {o['threshold']:.0%} of that class's training images): their"
+        " recall measures how that one hospital's images transfer, not how a mixture of hospitals does."
+        f" Recall {fmt(o['recall'])} on them, {rest} on the rest.</p>"
+    )
+
+
 def crossval_page(s: dict[str, Any], title: str, extra: str = "") -> str:
     """The page of a leave-source-out crossval (xraydx.crossval_metrics.summarize's output); ``extra``: more
     HTML at its end (an ensemble's section)."""
@@ -80,17 +105,25 @@ def crossval_page(s: dict[str, Any], title: str, extra: str = "") -> str:
         ),  # fmt: skip
         "<h2>Per fold</h2>",
         table(
-            ["fold", "n held out", "balanced accuracy (held-out)", "in-source test macro-F1"],
+            [
+                "fold",
+                "n held out",
+                "balanced accuracy (held-out)",
+                "in-source test macro-F1",
+                "held-out classes learned from one source",
+            ],
             [
                 [
                     esc(f),
                     str(v["n"]),
                     fmt(v["balanced_accuracy"]),
                     fmt((v.get("in_source_test") or {}).get("macro_f1")),
+                    _one_source_cell(v),
                 ]
                 for f, v in s["per_fold"].items()
             ],
         ),  # fmt: skip
+        _one_source_note(s.get("one_source")),
         "<h2>The uncertainty flag on out-of-source images</h2>",
         table(
             [
