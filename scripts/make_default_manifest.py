@@ -42,7 +42,7 @@ from pathlib import Path
 import numpy as np
 from sklearn.model_selection import StratifiedGroupKFold
 
-from xraydx.crossval import cross_source_copies
+from xraydx.crossval_folds import cross_source_copies
 from xraydx.data import Manifest, Record, discover
 from xraydx.fsutil import atomic_open
 

@@ -14,7 +14,8 @@ import pytest
 from conftest import CV_TINY as TINY
 from conftest import tiny_config
 from xraydx.cli import main
-from xraydx.crossval import fold_manifest, parse_folds, run_crossval
+from xraydx.crossval import run_crossval
+from xraydx.crossval_folds import fold_manifest, parse_folds
 from xraydx.crossval_metrics import (
     flag_summary,
     shift_summary,
@@ -272,7 +273,8 @@ def test_copies_of_held_out_images_in_other_sources_are_left_out_of_the_fold(
 
     from PIL import Image
 
-    from xraydx.crossval import CrossVal, Fold, cross_source_copies
+    from xraydx.crossval import CrossVal
+    from xraydx.crossval_folds import Fold, cross_source_copies
     from xraydx.io import read_image
 
     manifest = discover(sample_dir)

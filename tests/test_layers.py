@@ -37,7 +37,7 @@ LAYERS: dict[str, int] = {
     # L3: inference and its parts
     "engines": 3, "onnxio": 3, "predict": 3, "predwrite": 3, "explain": 3, "ood": 3, "metrics": 3, "abstention": 3, "calibration": 3, "optim": 3, "groupdro": 3, "mixstyle": 3, "mixup": 3, "dann": 3, "align": 3, "sam": 3, "shift": 3, "bnadapt": 3, "probe": 3, "weightavg": 3, "shiftfit": 4,
     # L4: the stages
-    "train": 4, "step": 4, "trainset": 4, "resume": 4, "runchecks": 4, "segment_train": 4, "evaluate": 4, "audit": 4, "export": 4, "report": 4, "report_crossval": 4, "crossval": 4, "crossval_metrics": 4, "ensemble": 4, "crossval_compare": 4, "train_ensemble": 4, "finish": 4,
+    "train": 4, "step": 4, "trainset": 4, "resume": 4, "runchecks": 4, "segment_train": 4, "evaluate": 4, "audit": 4, "export": 4, "report": 4, "report_crossval": 4, "crossval": 4, "crossval_folds": 4, "crossval_metrics": 4, "ensemble": 4, "crossval_compare": 4, "train_ensemble": 4, "finish": 4,
     # L5: the front ends
     "serve": 5, "cli": 5, "dicom": 5, "__main__": 5,
 }  # fmt: skip

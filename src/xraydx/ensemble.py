@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 
 from xraydx.constants import NOT_FRONTAL_FLAG, UNCERTAIN_FLAG
-from xraydx.crossval import Fold
+from xraydx.crossval_folds import Fold
 from xraydx.crossval_metrics import summarize
 from xraydx.errors import OutputExistsError, UsageError
 from xraydx.fsutil import (
