@@ -31,7 +31,7 @@ LAYERS: dict[str, int] = {
     # L0: no xraydx imports beyond L0
     "": 0, "errors": 0, "constants": 0, "config": 0, "fsutil": 0, "device": 0, "schema": 0, "ahead": 0,
     # L1: files and images
-    "io": 1, "io_formats": 1, "pixels": 1, "frontal": 1, "data": 1, "transforms": 1, "fastaug": 1, "acqaug": 1, "tta": 1, "cache": 1, "batches": 1, "checkpoint": 1, "render": 1,
+    "io": 1, "io_formats": 1, "pixels": 1, "frontal": 1, "data": 1, "transforms": 1, "fastaug": 1, "acqaug": 1, "ampmix": 1, "tta": 1, "cache": 1, "batches": 1, "checkpoint": 1, "render": 1,
     # L2: networks
     "models": 2, "segment": 2,
     # L3: inference and its parts

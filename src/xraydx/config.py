@@ -77,6 +77,9 @@ class TrainConfig:
     dro_groups: str = "class_source"  # Group DRO's groups: class_source (cells) | source (each source whole)
     mixstyle: float = 0.0  # 0-1: probability per batch of MixStyle (xraydx.mixstyle); 0 = off
     mixstyle_alpha: float = 0.1  # MixStyle's Beta(alpha, alpha) mixing weights (> 0)
+    ampmix: float = (
+        0.0  # 0-1: probability per image of Fourier amplitude mixing across sources (xraydx.ampmix); 0 = off
+    )
     mixup: float = 0.0  # 0-1: probability per batch of Mixup / CutMix (xraydx.mixup, timm's); 0 = off
     mixup_alpha: float = 0.2  # Mixup's Beta(alpha, alpha); 0 = CutMix only
     cutmix_alpha: float = 0.0  # CutMix's Beta(alpha, alpha); 0 = Mixup only (both > 0: one or the other)
@@ -240,6 +243,7 @@ RANGES: dict[str, tuple[float | None, bool, float | None, bool]] = {
     "train.dro_eta": (0.0, False, None, False),
     "train.mixstyle": (0.0, True, 1.0, True),
     "train.mixstyle_alpha": (0.0, False, None, False),
+    "train.ampmix": (0.0, True, 1.0, True),
     "train.mixup": (0.0, True, 1.0, True),
     "train.mixup_alpha": (0.0, True, None, False),
     "train.cutmix_alpha": (0.0, True, None, False),

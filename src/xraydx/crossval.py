@@ -400,7 +400,7 @@ def _recipe(cfg: Config) -> dict[str, Any]:
         "mixstyle": cfg.train.mixstyle, "adversary": cfg.train.adversary,
         "align": cfg.train.align, "sam": cfg.train.sam, "probe": cfg.train.probe,
         "average": cfg.train.average, "average_start": cfg.train.average_start,
-        "schedule": cfg.train.schedule, "mixup": cfg.train.mixup, "mixup_alpha": cfg.train.mixup_alpha,
+        "schedule": cfg.train.schedule, "mixup": cfg.train.mixup, "ampmix": cfg.train.ampmix, "mixup_alpha": cfg.train.mixup_alpha,
         "cutmix_alpha": cfg.train.cutmix_alpha,
     }  # fmt: skip
 

@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from xraydx import mixup, probe
 from xraydx.acqaug import AcquisitionAugment
 from xraydx.align import class_source_scatter
+from xraydx.ampmix import AmplitudeMix
 from xraydx.batches import BatchBuffers, iter_batches
 from xraydx.config import Config
 from xraydx.dann import WithAdversary, ramp
@@ -67,6 +68,8 @@ class Trainer:
     average: WeightAverage | None = None  # train.average: the running average of the weights
     mix: mixup.BatchMixup | None = None  # train.mixup: Mixup / CutMix of each batch
     sam: SAM | None = None  # train.sam: sharpness-aware minimisation's second pass
+    ampmix: AmplitudeMix | None = None  # train.ampmix: Fourier amplitude mixing across sources
+    mix_sources: torch.Tensor | None = None  # the source id of each train record (for train.ampmix)
     total_steps: int = 0
     start_epoch: int = 1
     best_f1: float = -1.0
@@ -132,13 +135,15 @@ def train_one_epoch(t: Trainer, epoch: int, progress: bool) -> torch.Tensor:
     # with train.mixup the targets are soft and carry the label smoothing themselves
     smoothing = cfg.train.label_smoothing if t.mix is None else 0.0
     for xb, yb in batches:
+        batch_idx = np.sort(order[pos : pos + len(yb)])  # the batch's records, as iter_batches gathers them
+        if t.ampmix is not None and t.mix_sources is not None:  # another source's look, before the rest
+            xb = t.ampmix(xb, t.mix_sources[batch_idx], gen)
         x = training_input(xb, gen, spec, t.augment, t.acquisition)
         target = yb
         if t.mix is not None:
             x, target = t.mix(x, yb)
         if device.type == "cuda" and cfg.train.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        batch_idx = np.sort(order[pos : pos + len(yb)])  # the batch's records, as iter_batches gathers them
         if t.adversary is not None:
             t.adversary.coeff = ramp(cfg.train.adversary, t.sched.last_epoch / max(1, t.total_steps))
         loss, logits, extra, penalty = batch_loss(t, x, target, yb, batch_idx, smoothing, use_amp)

@@ -25,11 +25,12 @@ from tqdm.auto import tqdm
 from xraydx import mixstyle, mixup, probe
 from xraydx.acqaug import AcquisitionAugment
 from xraydx.align import WithFeatures, align_sources
+from xraydx.ampmix import AmplitudeMix
 from xraydx.checkpoint import save as save_checkpoint
 from xraydx.config import Config
 from xraydx.config import parse_overrides as parse_overrides  # moved to config; importable here as before
 from xraydx.config import validate as validate_config
-from xraydx.dann import source_head
+from xraydx.dann import source_head, train_source_ids
 from xraydx.data import CLASSES, Manifest, Record, discover, hold_out_source
 from xraydx.data.membership import resume_manifest
 from xraydx.device import Dist, available_cpus, broadcast_obj, init_distributed
@@ -257,6 +258,10 @@ def setup(cfg: Config, d: Dist, device: torch.device, resume: Path | None, progr
     t.mix = mixup.from_config(cfg.train, len(CLASSES))
     if t.mix is not None:
         log(f"batch mixing: {t.mix.describe()}")
+    if cfg.train.ampmix > 0:
+        t.ampmix = AmplitudeMix(cfg.train.ampmix)
+        t.mix_sources, _ = train_source_ids(cfg, [r.source for r in tr.records], "train.ampmix")
+        log(t.ampmix.describe())
     if cfg.train.sam > 0:
         t.sam = SAM(t.train_model.parameters(), cfg.train.sam)
         log(f"sharpness-aware minimisation (xraydx.sam): radius {cfg.train.sam}, two passes per step")
