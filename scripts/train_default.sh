@@ -219,6 +219,21 @@ for s in 4 5; do   # (c): the shipped recipe's fifth and sixth seeds, for the ba
     $XRAYDX crossval "${COMMON[@]}" --screen --folds "$FOLDS" "${C[@]}" --lung-mask mask --name R8-W25K-s$s --seed $s \
         --set train.average=swa --set train.average_start=0.25 --set train.schedule=constant
 done
+# 3m. thirteenth round (docs/generalisation.md): (a) SAM's fresh seeds 2 and 3; (b) class offsets chosen out of
+#     source, nested by fold (no training); (c) Fourier amplitude mixing across sources, four seeds
+K6="$RUNS/R8-W25K-s0,$RUNS/R8-W25K-s1,$RUNS/R8-W25K-s2,$RUNS/R8-W25K-s3,$RUNS/R8-W25K-s4,$RUNS/R8-W25K-s5"
+for s in 2 3; do
+    $XRAYDX crossval "${COMMON[@]}" --screen --folds "$FOLDS" "${C[@]}" --lung-mask mask --name R11-M-s$s --seed $s \
+        --set train.average=swa --set train.average_start=0.25 --set train.schedule=constant --set train.sam=0.05
+done
+$XRAYDX crossval compare "$K6" "$RUNS/R11-M-s2,$RUNS/R11-M-s3"
+python scripts/class_offsets.py "$RUNS"/R8-W25K-s{0,1,2,3,4,5} "$RUNS/R8-KKK" --out "$RUNS/off"
+$XRAYDX crossval compare "$RUNS/R8-KKK" "$RUNS/off/R8-KKK-offsets"
+for s in 0 1 2 3; do
+    $XRAYDX crossval "${COMMON[@]}" --screen --folds "$FOLDS" "${C[@]}" --lung-mask mask --name R13-F-s$s --seed $s \
+        --set train.average=swa --set train.average_start=0.25 --set train.schedule=constant --set train.ampmix=0.5
+done
+$XRAYDX crossval compare "$K6" "$RUNS/R13-F-s0,$RUNS/R13-F-s1,$RUNS/R13-F-s2,$RUNS/R13-F-s3"
 # 4. the final training (eighth round): recipe C with dense weight averaging from a quarter of the run at a
 #    constant rate (train.average=swa, average_start=0.25, schedule=constant; steps 3g, 3h) at 224 px on
 #    everything, at three seeds (one core each; two can run in
