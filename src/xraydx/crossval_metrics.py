@@ -38,10 +38,12 @@ from xraydx.metrics import (
 __all__ = [
     "SMALL_N",
     "flag_summary",
+    "fold_training_coverage",
+    "in_source_test",
+    "one_source_lines",
     "recall_cells",
     "shift_summary",
     "shift_threshold",
-    "one_source_lines",
     "summarize",
     "training_coverage",
     "wilson",
