@@ -76,6 +76,29 @@ def kill_in_validation(monkeypatch: pytest.MonkeyPatch, cfg: object, epoch: int)
     return Path(cfg.runs_dir) / cfg.name  # type: ignore[attr-defined]
 
 
+def refused_on_one_source(sample_dir: Path, tmp: Path, match: str, **train: object) -> None:
+    """Training with ``train`` settings on the sample with one source is refused: ConfigError matching
+    ``match`` (for the options that work across sources)."""
+    from xraydx.errors import ConfigError
+    from xraydx.train import run_training
+
+    one = one_source_manifest(sample_dir, tmp / "one.csv")
+    with pytest.raises(ConfigError, match=match):
+        run_training(tiny_config(one, tmp / "runs", epochs=1, **train), progress=False)  # type: ignore[arg-type]
+
+
+def plain_and_with(sample_dir: Path, tmp: Path, **train: object) -> tuple[Path, Path]:
+    """Two one-epoch class x source balanced runs on the sample, the same seed and draws: without and with
+    ``train`` settings (their run folders)."""
+    from xraydx.train import run_training
+
+    plain = run_training(tiny_config(sample_dir, tmp / "a", epochs=1, balance="class_source"), progress=False)  # type: ignore[arg-type]
+    run = run_training(
+        tiny_config(sample_dir, tmp / "b", epochs=1, balance="class_source", **train), progress=False
+    )  # type: ignore[arg-type]
+    return plain, run
+
+
 def one_source_manifest(sample_dir: Path, out: Path) -> Path:
     """The bundled sample as a manifest (absolute paths) in which every image has one source, ``onesite``:
     for the options that need two or more training sources."""

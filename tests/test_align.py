@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import epoch_rows, one_source_manifest, tiny_config
+from conftest import epoch_rows, plain_and_with, refused_on_one_source
 from xraydx.align import WithFeatures, class_source_scatter
 from xraydx.config import Config, validate
 from xraydx.errors import ConfigError
@@ -84,25 +84,13 @@ def test_bad_settings_are_refused(tmp_path: Path, sample_dir: Path) -> None:
     cfg.train.align, cfg.train.adversary = 1.0, 0.5
     with pytest.raises(ConfigError, match="cannot be combined"):
         validate(cfg)
-    from xraydx.train import run_training
-
-    one = one_source_manifest(sample_dir, tmp_path / "one.csv")
-    with pytest.raises(ConfigError, match="train.align needs two or more sources"):
-        run_training(tiny_config(one, tmp_path / "runs", epochs=1, align=1.0), progress=False)  # type: ignore[arg-type]
+    refused_on_one_source(sample_dir, tmp_path, "train.align needs two or more sources", align=1.0)
 
 
 def test_training_with_alignment_logs_it_and_keeps_checkpoints_plain(
     tmp_path: Path, sample_dir: Path
 ) -> None:
-    from xraydx.train import run_training
-
-    plain = run_training(
-        tiny_config(sample_dir, tmp_path / "a", epochs=1, balance="class_source"), progress=False
-    )  # type: ignore[arg-type]
-    run = run_training(
-        tiny_config(sample_dir, tmp_path / "b", epochs=1, balance="class_source", align=5.0),  # type: ignore[arg-type]
-        progress=False,
-    )
+    plain, run = plain_and_with(sample_dir, tmp_path, align=5.0)
     log = (run / "train.log").read_text()
     assert "alignment of each class across" in log and "class-within-source scatter share" in log
     share = float(log.split("class-within-source scatter share ")[1].split()[0])

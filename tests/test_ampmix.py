@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import epoch_rows, one_source_manifest, sample_images, tiny_config
+from conftest import epoch_rows, plain_and_with, refused_on_one_source, sample_images
 from xraydx.ampmix import AmplitudeMix, mix_amplitude, partners
 from xraydx.config import Config, validate
 from xraydx.errors import ConfigError
@@ -74,24 +74,12 @@ def test_bad_settings_are_refused(tmp_path: Path, sample_dir: Path) -> None:
         cfg.train.ampmix = p
         with pytest.raises(ConfigError, match="train.ampmix"):
             validate(cfg)
-    from xraydx.train import run_training
-
-    one = one_source_manifest(sample_dir, tmp_path / "one.csv")
-    with pytest.raises(ConfigError, match="train.ampmix needs two or more sources"):
-        run_training(tiny_config(one, tmp_path / "runs", epochs=1, ampmix=1.0), progress=False)  # type: ignore[arg-type]
+    refused_on_one_source(sample_dir, tmp_path, "train.ampmix needs two or more sources", ampmix=1.0)
 
 
 def test_training_with_amplitude_mixing_logs_it_and_trains_differently(
     tmp_path: Path, sample_dir: Path
 ) -> None:
-    from xraydx.train import run_training
-
-    plain = run_training(
-        tiny_config(sample_dir, tmp_path / "a", epochs=1, balance="class_source"), progress=False
-    )  # type: ignore[arg-type]
-    run = run_training(
-        tiny_config(sample_dir, tmp_path / "b", epochs=1, balance="class_source", ampmix=1.0),  # type: ignore[arg-type]
-        progress=False,
-    )
+    plain, run = plain_and_with(sample_dir, tmp_path, ampmix=1.0)
     assert "Fourier amplitude mixing across sources" in (run / "train.log").read_text()
     assert epoch_rows(run)[0]["train_loss"] != epoch_rows(plain)[0]["train_loss"]
