@@ -6,6 +6,7 @@ import atexit
 import os
 import shutil
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -74,6 +75,19 @@ def kill_in_validation(monkeypatch: pytest.MonkeyPatch, cfg: object, epoch: int)
         run_training(cfg, progress=False)  # type: ignore[arg-type]
     monkeypatch.setattr(train_mod, "eval_logits", real)
     return Path(cfg.runs_dir) / cfg.name  # type: ignore[attr-defined]
+
+
+def refused_values(sample_dir: Path, key: str, values: Sequence[float]) -> None:
+    """``validate`` refuses each of ``values`` for ``train.<key>``, naming the setting."""
+    from xraydx.config import Config, validate
+    from xraydx.errors import ConfigError
+
+    cfg = Config()
+    cfg.data.path = str(sample_dir)
+    for v in values:
+        setattr(cfg.train, key, v)
+        with pytest.raises(ConfigError, match=f"train.{key}"):
+            validate(cfg)
 
 
 def refused_on_one_source(sample_dir: Path, tmp: Path, match: str, **train: object) -> None:
