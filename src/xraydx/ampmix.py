@@ -77,9 +77,10 @@ class AmplitudeMix:
             return batch.clone()
         lam = torch.rand(len(batch), generator=gen) * self.eta
         idx = torch.nonzero(chosen).flatten()
-        x = batch[:, 0].float()
         dev = batch.device
-        mixed = mix_amplitude(x[idx.to(dev)], x[pick[idx].to(dev)], lam[idx].to(dev))
+        own, other = idx.to(dev), pick[idx].to(dev)
+        x = batch[:, 0].float()
+        mixed = mix_amplitude(x[own], x[other], lam[idx].to(dev))
         out = batch.clone()
-        out[idx.to(dev), 0] = mixed.round_().clamp_(0, 255).to(torch.uint8)
+        out[own, 0] = mixed.round_().clamp_(0, 255).to(torch.uint8)
         return out

@@ -63,13 +63,12 @@ class Trainer:
     groups: torch.Tensor | None = None  # the (class, source) cell of each train record
     group_names: list[str] = field(default_factory=list)
     adversary: WithAdversary | None = None  # train.adversary > 0: the classifier with its source head
-    sources: torch.Tensor | None = None  # the source id of each train record (for the source head)
+    sources: torch.Tensor | None = None  # the source id of each train record (adversary, align, ampmix)
     source_names: list[str] = field(default_factory=list)
     average: WeightAverage | None = None  # train.average: the running average of the weights
     mix: mixup.BatchMixup | None = None  # train.mixup: Mixup / CutMix of each batch
     sam: SAM | None = None  # train.sam: sharpness-aware minimisation's second pass
     ampmix: AmplitudeMix | None = None  # train.ampmix: Fourier amplitude mixing across sources
-    mix_sources: torch.Tensor | None = None  # the source id of each train record (for train.ampmix)
     total_steps: int = 0
     start_epoch: int = 1
     best_f1: float = -1.0
@@ -136,8 +135,8 @@ def train_one_epoch(t: Trainer, epoch: int, progress: bool) -> torch.Tensor:
     smoothing = cfg.train.label_smoothing if t.mix is None else 0.0
     for xb, yb in batches:
         batch_idx = np.sort(order[pos : pos + len(yb)])  # the batch's records, as iter_batches gathers them
-        if t.ampmix is not None and t.mix_sources is not None:  # another source's look, before the rest
-            xb = t.ampmix(xb, t.mix_sources[batch_idx], gen)
+        if t.ampmix is not None and t.sources is not None:  # another source's look, before the rest
+            xb = t.ampmix(xb, t.sources[batch_idx], gen)
         x = training_input(xb, gen, spec, t.augment, t.acquisition)
         target = yb
         if t.mix is not None:

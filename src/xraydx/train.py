@@ -221,6 +221,8 @@ def setup(cfg: Config, d: Dist, device: torch.device, resume: Path | None, progr
     )
     if cfg.train.align > 0:
         sources, source_names = align_sources(cfg, [r.source for r in tr.records], log)
+    if cfg.train.ampmix > 0 and sources is None:  # the same ids, where no other option made them
+        sources, source_names = train_source_ids(cfg, [r.source for r in tr.records], "train.ampmix")
     train_model: nn.Module = (
         adversary if adversary is not None else WithFeatures(model) if cfg.train.align > 0 else model
     )
@@ -260,7 +262,6 @@ def setup(cfg: Config, d: Dist, device: torch.device, resume: Path | None, progr
         log(f"batch mixing: {t.mix.describe()}")
     if cfg.train.ampmix > 0:
         t.ampmix = AmplitudeMix(cfg.train.ampmix)
-        t.mix_sources, _ = train_source_ids(cfg, [r.source for r in tr.records], "train.ampmix")
         log(t.ampmix.describe())
     if cfg.train.sam > 0:
         t.sam = SAM(t.train_model.parameters(), cfg.train.sam)
